@@ -1,0 +1,222 @@
+// The math of every activation, written once: a small functor per activation with
+//   forward(x)     -> f(x)
+//   backward(x, g) -> g * f'(x)   (from the saved input x)
+// The functors are plain scalar code usable on the host (where the CPU loops vectorise them) and
+// on the device. T is the compute type: float (also for float16/bfloat16 data) or double.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define FO_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define FO_HD __attribute__((always_inline)) inline
+#else
+#define FO_HD inline
+#endif
+
+namespace fastops {
+
+// ---------------------------------------------------------------------------------------------
+// Branch-free float math that the CPU vectoriser can turn into SIMD code (libm calls would stay
+// scalar). Double keeps the libm functions: it is the precision used by gradcheck.
+
+FO_HD float fo_bits_to_float(int32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __int_as_float(b);
+#else
+  return __builtin_bit_cast(float, b);
+#endif
+}
+FO_HD int32_t fo_float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_int(f);
+#else
+  return __builtin_bit_cast(int32_t, f);
+#endif
+}
+
+// exp(x), about 1 ulp: Cody-Waite range reduction and a degree-6 polynomial (Cephes expf).
+FO_HD float fo_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  const float xc = x < -87.0f ? -87.0f : (x > 88.5f ? 88.5f : x);
+  const float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = xc - k * 0.693359375f + k * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const float scaled = fo_bits_to_float(fo_float_to_bits(y) + (static_cast<int32_t>(k) << 23));
+  // Saturate like expf; NaN falls through both comparisons and is returned as is.
+  return x < -87.0f ? 0.0f : (x > 88.5f ? INFINITY : (x != x ? x : scaled));
+#endif
+}
+FO_HD double fo_exp(double x) { return exp(x); }
+
+// tanh(x): odd polynomial near 0 (Cephes tanhf), 1 - 2 / (exp(2|x|) + 1) elsewhere.
+FO_HD float fo_tanh(float x) {
+#if defined(__CUDA_ARCH__)
+  return tanhf(x);
+#else
+  const float ax = x < 0.0f ? -x : x;
+  const float z = x * x;
+  float p = -5.70498872745e-3f;
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  const float small = p * z * x + x;
+  const float big_abs = 1.0f - 2.0f / (fo_exp(2.0f * ax) + 1.0f);
+  const float big = x < 0.0f ? -big_abs : big_abs;
+  return ax < 0.625f ? small : big;
+#endif
+}
+FO_HD double fo_tanh(double x) { return tanh(x); }
+
+// erfc(x) with relative error below 1.2e-7 everywhere (Numerical Recipes' Chebyshev fit), so
+// the tails of the normal CDF stay accurate in relative terms.
+FO_HD float fo_erfc(float x) {
+#if defined(__CUDA_ARCH__)
+  return erfcf(x);
+#else
+  const float z = x < 0.0f ? -x : x;
+  const float t = 1.0f / (1.0f + 0.5f * z);
+  float p = 0.17087277f;
+  p = p * t - 0.82215223f;
+  p = p * t + 1.48851587f;
+  p = p * t - 1.13520398f;
+  p = p * t + 0.27886807f;
+  p = p * t - 0.18628806f;
+  p = p * t + 0.09678418f;
+  p = p * t + 0.37409196f;
+  p = p * t + 1.00002368f;
+  p = p * t - 1.26551223f;
+  const float r = t * fo_exp(p - z * z);
+  return x < 0.0f ? 2.0f - r : r;
+#endif
+}
+FO_HD double fo_erfc(double x) { return erfc(x); }
+
+// ---------------------------------------------------------------------------------------------
+// The activations. Parameters are stored as float (the compute type of every dtype but double,
+// where they are read back exactly as given when they are representable).
+
+struct Relu {
+  template <class T> FO_HD T forward(T x) const { return x <= T(0) ? T(0) : x; }  // keeps NaN
+  template <class T> FO_HD T backward(T x, T g) const { return x > T(0) ? g : T(0); }
+};
+
+struct Elu {
+  double alpha;
+  template <class T> FO_HD T forward(T x) const {
+    return x > T(0) ? x : T(alpha) * (fo_exp(x) - T(1));
+  }
+  template <class T> FO_HD T backward(T x, T g) const {
+    return x > T(0) ? g : g * T(alpha) * fo_exp(x);
+  }
+};
+
+// GELU with approximate='none': x * Phi(x), Phi the standard normal CDF.
+struct Gelu {
+  template <class T> FO_HD T forward(T x) const {
+    return x * T(0.5) * fo_erfc(-x * T(0.70710678118654752440));
+  }
+  template <class T> FO_HD T backward(T x, T g) const {
+    const T cdf = T(0.5) * fo_erfc(-x * T(0.70710678118654752440));
+    const T pdf = T(0.39894228040143267794) * fo_exp(T(-0.5) * x * x);
+    return g * (cdf + x * pdf);
+  }
+};
+
+// GELU with approximate='tanh'.
+struct GeluTanh {
+  template <class T> FO_HD T forward(T x) const {
+    const T inner = T(0.79788456080286535588) * (x + T(0.044715) * x * x * x);
+    return T(0.5) * x * (T(1) + fo_tanh(inner));
+  }
+  template <class T> FO_HD T backward(T x, T g) const {
+    const T x2 = x * x;
+    const T inner = T(0.79788456080286535588) * (x + T(0.044715) * x2 * x);
+    const T t = fo_tanh(inner);
+    const T dinner = T(0.79788456080286535588) * (T(1) + T(3 * 0.044715) * x2);
+    return g * (T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * dinner);
+  }
+};
+
+struct Hardtanh {
+  double min_val, max_val;
+  template <class T> FO_HD T forward(T x) const {
+    return x < T(min_val) ? T(min_val) : (x > T(max_val) ? T(max_val) : x);  // keeps NaN
+  }
+  template <class T> FO_HD T backward(T x, T g) const {
+    return (x > T(min_val) && x < T(max_val)) ? g : T(0);
+  }
+};
+
+struct LeakyRelu {
+  double negative_slope;
+  template <class T> FO_HD T forward(T x) const { return x > T(0) ? x : x * T(negative_slope); }
+  template <class T> FO_HD T backward(T x, T g) const {
+    return x > T(0) ? g : g * T(negative_slope);
+  }
+};
+
+struct Sigmoid {
+  template <class T> FO_HD T forward(T x) const { return T(1) / (T(1) + fo_exp(-x)); }
+  template <class T> FO_HD T backward(T x, T g) const {
+    const T s = T(1) / (T(1) + fo_exp(-x));
+    return g * s * (T(1) - s);
+  }
+};
+
+struct Tanh {
+  template <class T> FO_HD T forward(T x) const { return fo_tanh(x); }
+  template <class T> FO_HD T backward(T x, T g) const {
+    const T t = fo_tanh(x);
+    return g * (T(1) - t * t);
+  }
+};
+
+struct Hardshrink {
+  double lambd;
+  template <class T> FO_HD T forward(T x) const {
+    return (x >= T(-lambd) && x <= T(lambd)) ? T(0) : x;  // keeps NaN
+  }
+  template <class T> FO_HD T backward(T x, T g) const {
+    return (x >= T(-lambd) && x <= T(lambd)) ? T(0) : g;
+  }
+};
+
+// PReLU: the slope comes per element (per channel) from a weight tensor.
+struct Prelu {
+  template <class T> FO_HD T forward(T x, T w) const { return x > T(0) ? x : w * x; }
+  template <class T> FO_HD T backward(T x, T w, T g) const { return x > T(0) ? g : w * g; }
+  // contribution of one element to d loss / d weight
+  template <class T> FO_HD T weight_grad(T x, T g) const { return x > T(0) ? T(0) : x * g; }
+};
+
+// The pointwise activations, one line each:
+//   X(op name, extra schema arguments, the same as C++ parameters, functor built from them)
+// The C++ parameters are always named a and b, so the fused linear+activation op, which takes
+// (a, b) for every activation, builds its functor from the same expression.
+#define FASTOPS_POINTWISE_ACTIVATIONS(X)                                                     \
+  X(relu, "", (), (Relu{}))                                                                 \
+  X(elu, ", float alpha", (, double a), (Elu{a}))                                           \
+  X(gelu, "", (), (Gelu{}))                                                                 \
+  X(gelu_tanh, "", (), (GeluTanh{}))                                                        \
+  X(hardtanh, ", float min_val, float max_val", (, double a, double b), (Hardtanh{a, b}))   \
+  X(leaky_relu, ", float negative_slope", (, double a), (LeakyRelu{a}))                     \
+  X(sigmoid, "", (), (Sigmoid{}))                                                           \
+  X(tanh, "", (), (Tanh{}))                                                                 \
+  X(hardshrink, ", float lambd", (, double a), (Hardshrink{a}))
+
+#define FO_UNPAREN(...) __VA_ARGS__
+
+}  // namespace fastops

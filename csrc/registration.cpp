@@ -1,0 +1,95 @@
+// Every fastops op schema, in one place. Kernels are registered per dispatch key in cpu/ and
+// cuda/; the fake (meta) kernels and the autograd formulas live in the Python package.
+//
+// reduction follows at::Reduction: 0 none, 1 mean, 2 sum.
+#include <torch/library.h>
+
+#include "activations.h"
+#include "cpu/cpu_common.h"
+
+#ifdef FASTOPS_PYTHON_MODULE
+#include <Python.h>
+
+// Importing fastops._C loads this library, which runs the registrations below. (The CMake build
+// makes a plain shared library for C++ users, without this.)
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
+                               nullptr,               nullptr, nullptr, nullptr};
+  return PyModule_Create(&module);
+}
+#endif
+
+TORCH_LIBRARY(fastops, m) {
+  // linear: y = x W^T + b over the last dim of x. backward returns (grad_input, grad_weight,
+  // grad_bias); an entry whose output_mask is false comes back as an empty tensor.
+  m.def("linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
+  m.def(
+      "linear_backward(Tensor grad_output, Tensor input, Tensor weight, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)");
+
+  // Fused linear + activation: activation is a pointwise activation name below, "prelu" (slope
+  // from act_weight) or "maxout" (pool size int(a), over the output features). a and b are the
+  // activation's parameters in schema order. Returns (output, pre-activation); the
+  // pre-activation is saved for backward and is empty when save_preact is false.
+  m.def(
+      "linear_act(Tensor input, Tensor weight, Tensor? bias, str activation, float a, float b, "
+      "Tensor? act_weight, bool save_preact) -> (Tensor, Tensor)");
+  // Returns (grad_input, grad_weight, grad_bias, grad_act_weight), empty where output_mask is
+  // false.
+  m.def(
+      "linear_act_backward(Tensor grad_output, Tensor input, Tensor weight, Tensor preact, "
+      "str activation, float a, float b, Tensor? act_weight, bool[4] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+
+  // Pointwise activations: NAME(Tensor self, params) and NAME_backward(grad_output, self,
+  // params), the backward taking the forward's input.
+#define FO_DEF_ACTIVATION(name, schema_params, cpp_params, make)                           \
+  m.def(#name "(Tensor self" schema_params ") -> Tensor");                                \
+  m.def(#name "_backward(Tensor grad_output, Tensor self" schema_params ") -> Tensor");
+  FASTOPS_POINTWISE_ACTIVATIONS(FO_DEF_ACTIVATION)
+#undef FO_DEF_ACTIVATION
+
+  // PReLU: weight of 1 or C (= self.size(1)) slopes. backward returns (grad_self, grad_weight).
+  m.def("prelu(Tensor self, Tensor weight) -> Tensor");
+  m.def(
+      "prelu_backward(Tensor grad_output, Tensor self, Tensor weight) -> (Tensor, Tensor)");
+
+  // Maxout over dim 1: output channel j is the max of input channels j*k .. j*k+k-1.
+  m.def("maxout(Tensor self, int pool_size) -> Tensor");
+  m.def("maxout_backward(Tensor grad_output, Tensor self, int pool_size) -> Tensor");
+
+  // log_softmax over dim; backward takes the forward's output.
+  m.def("log_softmax(Tensor self, int dim) -> Tensor");
+  m.def("log_softmax_backward(Tensor grad_output, Tensor output, int dim) -> Tensor");
+
+  // nll_loss on log-probabilities self of shape (N, C), (N, C, d1..dk) or (C,). Returns
+  // (loss, total_weight); total_weight is the sum of the weights of the non-ignored targets.
+  m.def(
+      "nll_loss(Tensor self, Tensor target, Tensor? weight, int reduction, int ignore_index) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "nll_loss_backward(Tensor grad_output, Tensor self, Tensor target, Tensor? weight, "
+      "int reduction, int ignore_index, Tensor total_weight) -> Tensor");
+
+  // Fused log_softmax + nll_loss on logits. Returns (loss, lse, total_weight): lse is the
+  // float32 (float64 for float64 input) log-sum-exp of every row, the only value saved for
+  // backward besides the inputs.
+  m.def(
+      "cross_entropy(Tensor self, Tensor target, Tensor? weight, int reduction, "
+      "int ignore_index, float label_smoothing) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "cross_entropy_backward(Tensor grad_output, Tensor self, Tensor target, Tensor? weight, "
+      "int reduction, int ignore_index, float label_smoothing, Tensor lse, Tensor total_weight) "
+      "-> Tensor");
+
+  // Mean squared error. backward returns (grad_self, grad_target).
+  m.def("mse_loss(Tensor self, Tensor target, int reduction) -> Tensor");
+  m.def(
+      "mse_loss_backward(Tensor grad_output, Tensor self, Tensor target, int reduction) "
+      "-> (Tensor, Tensor)");
+
+  // The CPU instruction set the kernels run with: "avx512", "avx2" or "baseline".
+  m.def("cpu_isa() -> str", [] {
+    return std::string(fastops::cpu::isa_name(fastops::cpu::cpu_isa()));
+  });
+}
