@@ -1,0 +1,151 @@
+"""Autograd formulas and fake kernels of the activations.
+
+Every pointwise activation is one row of POINTWISE: its op name in torch.ops.fastops and its
+parameters. The autograd.Function classes are made from the rows; PReLU (a weight with its own
+gradient) and Maxout (changes the shape) are written out below. Each Function's formula is also
+registered on its op, so torch.ops.fastops.* are differentiable by themselves.
+"""
+
+import torch
+
+from fastops.ops._autograd import register_autograd
+
+__all__ = [
+    "POINTWISE", "ReLUFunction", "ELUFunction", "GELUFunction", "GELUTanhFunction",
+    "HardtanhFunction", "LeakyReLUFunction", "SigmoidFunction", "TanhFunction",
+    "HardshrinkFunction", "PReLUFunction", "MaxoutFunction",
+]
+
+# op name -> (autograd.Function class name, parameter names in schema order)
+POINTWISE = {
+    "relu": ("ReLUFunction", ()),
+    "elu": ("ELUFunction", ("alpha",)),
+    "gelu": ("GELUFunction", ()),
+    "gelu_tanh": ("GELUTanhFunction", ()),
+    "hardtanh": ("HardtanhFunction", ("min_val", "max_val")),
+    "leaky_relu": ("LeakyReLUFunction", ("negative_slope",)),
+    "sigmoid": ("SigmoidFunction", ()),
+    "tanh": ("TanhFunction", ()),
+    "hardshrink": ("HardshrinkFunction", ("lambd",)),
+}
+
+
+def _contiguous_like(t, shape=None):
+    return t.new_empty(t.shape if shape is None else shape)
+
+
+def _make_pointwise(op_name, class_name, params):
+    forward_op = getattr(torch.ops.fastops, op_name)
+    backward_op = getattr(torch.ops.fastops, op_name + "_backward")
+
+    torch.library.register_fake(f"fastops::{op_name}")(
+        lambda self, *args: _contiguous_like(self))
+    torch.library.register_fake(f"fastops::{op_name}_backward")(
+        lambda grad_output, self, *args: _contiguous_like(self))
+
+    def forward(input, *args):
+        return forward_op(input, *args)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.args = inputs[1:]
+
+    def backward(ctx, grad_output):
+        (input,) = ctx.saved_tensors
+        grad_input = None
+        if ctx.needs_input_grad[0] and grad_output is not None:
+            grad_input = backward_op(grad_output, input, *ctx.args)
+        return (grad_input,) + (None,) * len(ctx.args)
+
+    doc = (f"fastops.{op_name} with its own backward. apply(input"
+           + "".join(f", {p}" for p in params) + ")")
+    cls = type(class_name, (torch.autograd.Function,), {
+        "__doc__": doc,
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+    })
+    return register_autograd(f"fastops::{op_name}", cls)
+
+
+
+for _op, (_cls, _params) in POINTWISE.items():
+    globals()[_cls] = _make_pointwise(_op, _cls, _params)
+
+
+@torch.library.register_fake("fastops::prelu")
+def _prelu_fake(self, weight):
+    return _contiguous_like(self)
+
+
+@torch.library.register_fake("fastops::prelu_backward")
+def _prelu_backward_fake(grad_output, self, weight):
+    return _contiguous_like(self), _contiguous_like(weight)
+
+
+class PReLUFunction(torch.autograd.Function):
+    """fastops.prelu with its own backward. apply(input, weight); weight has 1 or C elements,
+    C = input.size(1)."""
+
+    @staticmethod
+    def forward(input, weight):
+        return torch.ops.fastops.prelu(input, weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if grad_output is None or not any(ctx.needs_input_grad):
+            return None, None
+        input, weight = ctx.saved_tensors
+        grad_input, grad_weight = torch.ops.fastops.prelu_backward(grad_output, input, weight)
+        return (grad_input if ctx.needs_input_grad[0] else None,
+                grad_weight if ctx.needs_input_grad[1] else None)
+
+
+def _maxout_shape(self, pool_size):
+    shape = list(self.shape)
+    torch._check(self.dim() >= 2, lambda: "fastops.maxout: expected at least 2 dims (N, C, ...)")
+    torch._check(pool_size >= 1, lambda: f"fastops.maxout: pool_size must be positive, got {pool_size}")
+    torch._check(shape[1] % pool_size == 0, lambda: (
+        f"fastops.maxout: the number of channels (dim 1) must be divisible by pool_size, "
+        f"got {shape[1]} channels and pool_size {pool_size}"))
+    shape[1] = shape[1] // pool_size
+    return shape
+
+
+@torch.library.register_fake("fastops::maxout")
+def _maxout_fake(self, pool_size):
+    return self.new_empty(_maxout_shape(self, pool_size))
+
+
+@torch.library.register_fake("fastops::maxout_backward")
+def _maxout_backward_fake(grad_output, self, pool_size):
+    return _contiguous_like(self)
+
+
+class MaxoutFunction(torch.autograd.Function):
+    """fastops.maxout with its own backward. apply(input, pool_size): output channel j is the
+    max of input channels j*k .. j*k+k-1 (dim 1); the gradient goes to the max."""
+
+    @staticmethod
+    def forward(input, pool_size):
+        return torch.ops.fastops.maxout(input, pool_size)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.pool_size = inputs[1]
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if grad_output is None or not ctx.needs_input_grad[0]:
+            return None, None
+        (input,) = ctx.saved_tensors
+        return torch.ops.fastops.maxout_backward(grad_output, input, ctx.pool_size), None
+
+
+register_autograd("fastops::prelu", PReLUFunction)
+register_autograd("fastops::maxout", MaxoutFunction)
