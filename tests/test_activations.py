@@ -1,0 +1,241 @@
+"""Every activation held against its torch.nn.functional twin: values and gradients in four
+dtypes, gradcheck in float64, awkward shapes and layouts, NaN/inf, determinism, bad inputs."""
+
+from typing import Callable, NamedTuple
+
+import pytest
+import torch
+import torch.nn.functional as TF
+from conftest import DEVICES, tol
+
+import fastops
+import fastops.functional as F
+
+
+def torch_maxout(x, pool_size):
+    n, c = x.shape[:2]
+    return x.reshape(n, c // pool_size, pool_size, *x.shape[2:]).max(dim=2).values
+
+
+class Row(NamedTuple):
+    fastops_fn: Callable
+    torch_fn: Callable
+    kwargs: dict
+    op: str  # the op in torch.ops.fastops
+    op_params: tuple  # its parameters after the tensors
+
+
+# One row per activation and option.
+ACTIVATIONS = {
+    "relu": Row(F.relu, TF.relu, {}, "relu", ()),
+    "elu": Row(F.elu, TF.elu, {}, "elu", (1.0,)),
+    "elu_alpha": Row(F.elu, TF.elu, {"alpha": 0.3}, "elu", (0.3,)),
+    "gelu": Row(F.gelu, TF.gelu, {}, "gelu", ()),
+    "gelu_tanh": Row(F.gelu, TF.gelu, {"approximate": "tanh"}, "gelu_tanh", ()),
+    "hardtanh": Row(F.hardtanh, TF.hardtanh, {}, "hardtanh", (-1.0, 1.0)),
+    "hardtanh_range": Row(F.hardtanh, TF.hardtanh, {"min_val": -0.5, "max_val": 2.0},
+                          "hardtanh", (-0.5, 2.0)),
+    "leaky_relu": Row(F.leaky_relu, TF.leaky_relu, {}, "leaky_relu", (0.01,)),
+    "leaky_relu_slope": Row(F.leaky_relu, TF.leaky_relu, {"negative_slope": 0.2},
+                            "leaky_relu", (0.2,)),
+    "sigmoid": Row(F.sigmoid, torch.sigmoid, {}, "sigmoid", ()),
+    "tanh": Row(F.tanh, torch.tanh, {}, "tanh", ()),
+    "hardshrink": Row(F.hardshrink, TF.hardshrink, {}, "hardshrink", (0.5,)),
+    "hardshrink_lambd": Row(F.hardshrink, TF.hardshrink, {"lambd": 1.5}, "hardshrink", (1.5,)),
+    "prelu_shared": Row(F.prelu, TF.prelu, {"weight": "shared"}, "prelu", ()),
+    "prelu_channels": Row(F.prelu, TF.prelu, {"weight": "channels"}, "prelu", ()),
+    "maxout": Row(F.maxout, torch_maxout, {"pool_size": 3}, "maxout", (3,)),
+}
+NAMES = list(ACTIVATIONS)
+
+
+def make_args(name, shape, dtype, device, requires_grad=False, gen=None):
+    """(fastops args, torch args): input first, then the weight or the options."""
+    kwargs = ACTIVATIONS[name].kwargs
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+    x = x.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+    kwargs = dict(kwargs)
+    if "weight" in kwargs:
+        n = 1 if kwargs.pop("weight") == "shared" or len(shape) < 2 else shape[1]
+        w = (torch.rand(n, generator=gen, dtype=torch.float64) * 0.5 + 0.1)
+        w = w.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+        return (x, w), {}
+    return (x,), kwargs
+
+
+def shape_for(name, shape):
+    """Maxout needs dim 1 divisible by its pool size."""
+    if name == "maxout":
+        return (shape[0], 3 * shape[1], *shape[2:]) if len(shape) >= 2 else (2, 6)
+    return shape
+
+
+def run_both(name, args, kwargs):
+    row = ACTIVATIONS[name]
+    return row.fastops_fn(*args, **kwargs), row.torch_fn(*args, **kwargs)
+
+
+def check_values_and_grads(name, shape, dtype, device):
+    """Against torch run in float64 on the same (rounded) inputs: fastops computes 16-bit types
+    in float32 and rounds once, so it must sit within the dtype's tolerance of the exact value
+    (torch itself is compared in test_bf16_error_close_to_torch)."""
+    gen = torch.Generator().manual_seed(0)
+    args, kwargs = make_args(name, shape_for(name, shape), dtype, device, True, gen)
+    exact_args = tuple(a.detach().double().requires_grad_(True) for a in args)
+    out, _ = run_both(name, args, kwargs)
+    exact = ACTIVATIONS[name].torch_fn(*exact_args, **kwargs)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), exact, **tol(dtype))
+    grad = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(device, dtype)
+    got = torch.autograd.grad(out, args, grad)
+    want = torch.autograd.grad(exact, exact_args, grad.double())
+    for g, w in zip(got, want):
+        assert g.dtype == dtype
+        t = tol(dtype)
+        if g.shape != args[0].shape:  # a weight gradient summed over many elements
+            t = dict(atol=t["atol"] * 10, rtol=t["rtol"] * 10)
+        torch.testing.assert_close(g.double(), w, **t)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_values_and_grads(name, device, dtype):
+    check_values_and_grads(name, (9, 41, 34), dtype, device)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("shape", [(7, 13), (3, 5, 2, 3), (1, 1), (4, 1000)], ids=str)
+def test_odd_shapes(name, shape, device):
+    check_values_and_grads(name, shape, torch.float32, device)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gradcheck(name, device):
+    gen = torch.Generator().manual_seed(1)
+    args, kwargs = make_args(name, shape_for(name, (3, 4, 5)), torch.float64, device, True, gen)
+    fo = ACTIVATIONS[name].fastops_fn
+    # keep inputs away from the kinks, where finite differences are meaningless
+    with torch.no_grad():
+        x = args[0]
+        x.add_(torch.where(x.abs() < 0.05, 0.1, 0.0))
+        for k in (-1.0, 1.0, -0.5, 2.0, -1.5, 1.5):
+            x.add_(torch.where((x - k).abs() < 0.05, 0.1, 0.0))
+    assert torch.autograd.gradcheck(lambda *a: fo(*a, **kwargs), args, fast_mode=True)
+    assert torch.autograd.gradgradcheck is not None
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_empty(name, device):
+    args, kwargs = make_args(name, shape_for(name, (0, 4)), torch.float32, device, True)
+    out, ref = run_both(name, args, kwargs)
+    assert out.shape == ref.shape
+    out.sum().backward()
+    assert args[0].grad.shape == args[0].shape
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "maxout" and "channels" not in n])
+def test_zero_dim(name, device):
+    args, kwargs = make_args(name, (), torch.float32, device, True)
+    out, ref = run_both(name, args, kwargs)
+    torch.testing.assert_close(out, ref)
+    assert out.shape == ()
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("layout", ["transposed", "strided", "offset"])
+def test_non_contiguous(name, layout, device):
+    gen = torch.Generator().manual_seed(2)
+    (x, *rest), kwargs = make_args(name, shape_for(name, (6, 40)), torch.float32, device,
+                                   False, gen)
+    if layout == "transposed":
+        base = torch.randn(x.shape[1], x.shape[0], generator=gen).to(device)
+        x = base.t()
+    elif layout == "strided":
+        base = torch.randn(x.shape[0], x.shape[1] * 2, generator=gen).to(device)
+        x = base[:, ::2]
+    else:  # a view whose storage starts at an odd offset (misaligned for vector loads)
+        base = torch.randn(x.numel() + 1, generator=gen).to(device)
+        x = base[1:].view(x.shape)
+    x.requires_grad_(True)
+    args = (x, *rest)
+    check = [a.detach().clone().requires_grad_(True) for a in args]
+    out, _ = run_both(name, args, kwargs)
+    ref = ACTIVATIONS[name].torch_fn(*check, **kwargs)
+    torch.testing.assert_close(out, ref)
+    g = torch.randn(out.shape, generator=gen).to(device).t().contiguous().t()  # strided grad
+    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0],
+                               torch.autograd.grad(ref, check[0], g)[0])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_nan_inf(name, device):
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, 1e4, -1e4],
+                           device=device)
+    x = special.repeat(3, 3).reshape(3, 18)
+    args, kwargs = make_args(name, x.shape, torch.float32, device)
+    args = (x, *args[1:])
+    out, _ = run_both(name, args, kwargs)
+    # float64 torch as the reference: float32 torch gives NaN for gelu(+inf), float64 gives inf
+    ref = ACTIVATIONS[name].torch_fn(*(a.double() for a in args), **kwargs)
+    torch.testing.assert_close(out.double(), ref, equal_nan=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_error_close_to_torch(name, device):
+    """bf16 error against a float32 reference no worse than about twice torch's own."""
+    gen = torch.Generator().manual_seed(3)
+    args, kwargs = make_args(name, shape_for(name, (64, 96)), torch.bfloat16, device, False, gen)
+    out, ref = run_both(name, args, kwargs)
+    exact = ACTIVATIONS[name].torch_fn(*(a.float() for a in args), **kwargs)
+    ours = (out.float() - exact).abs().max().item()
+    theirs = (ref.float() - exact).abs().max().item()
+    assert ours <= 2 * theirs + 1e-6
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deterministic_backward(name, device):
+    gen = torch.Generator().manual_seed(4)
+    args, kwargs = make_args(name, shape_for(name, (300, 257)), torch.float32, device, True, gen)
+    fo = ACTIVATIONS[name].fastops_fn
+    grads = [torch.autograd.grad(fo(*args, **kwargs).sum(), args) for _ in range(2)]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_opcheck(name, device):
+    gen = torch.Generator().manual_seed(5)
+    args, kwargs = make_args(name, shape_for(name, (5, 6)), torch.float32, device, True, gen)
+    row = ACTIVATIONS[name]
+    op = getattr(torch.ops.fastops, row.op)
+    torch.library.opcheck(op, (*args, *row.op_params))
+
+
+def test_bad_inputs():
+    with pytest.raises(TypeError, match="floating-point"):
+        F.relu(torch.arange(4))
+    with pytest.raises(RuntimeError, match="num_parameters must be 1 or the number of channels"):
+        F.prelu(torch.randn(2, 3, 4), torch.ones(4))
+    with pytest.raises(TypeError, match="dtype"):
+        F.prelu(torch.randn(2, 3), torch.ones(3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="divisible by pool_size"):
+        F.maxout(torch.randn(2, 5), 2)
+    with pytest.raises(RuntimeError, match="pool_size must be positive"):
+        F.maxout(torch.randn(2, 4), 0)
+    with pytest.raises(RuntimeError, match="at least 2 dims"):
+        F.maxout(torch.randn(4), 2)
+    with pytest.raises(ValueError, match="approximate"):
+        F.gelu(torch.randn(3), approximate="fast")
+    with pytest.raises(RuntimeError, match="shape"):
+        torch.ops.fastops.relu_backward(torch.randn(3), torch.randn(4))
+    # the process survives and keeps working
+    torch.testing.assert_close(F.relu(torch.tensor([-1.0, 2.0])), torch.tensor([0.0, 2.0]))
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU")
+def test_wrong_device():
+    with pytest.raises(RuntimeError, match="device"):
+        F.prelu(torch.randn(2, 3, device="cuda"), torch.ones(3))
+
+
+def test_isa_reported():
+    assert fastops.cpu_isa() in ("avx512", "avx2", "baseline")
