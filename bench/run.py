@@ -1,0 +1,269 @@
+"""Benchmark harness: every fastops op against torch eager and torch.compile, forward, backward
+and forward+backward, at a small and a large size.
+
+    python -m bench.run                      # all ops, CPU, float32, writes bench/results/<device>.csv
+    python -m bench.run --ops elu,gelu --sizes large --no-compile
+    python -m bench.run --device cuda --dtype bfloat16
+
+Each row reports the median time (p20/p80 beside it), the achieved GB/s (bytes that must move)
+or GFLOP/s, that figure as a fraction of the ceiling measured at the start of the same run
+(copy bandwidth, torch.matmul throughput), and the speed-up of fastops over each peer
+(peer time / fastops time, measured in the same run). Times always synchronise the device.
+The ceiling of each row is in its `ceiling` column (GB/s or GFLOP/s, matching `metric`).
+"""
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as TF
+from torch.utils import benchmark
+
+import fastops
+import fastops.functional as F
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+@dataclass
+class Case:
+    """inputs: the tensors to differentiate (first) and then other arguments; fastops/torch: the
+    two implementations, called as fn(*inputs); work(mode): bytes or flops per call."""
+    kernel: str
+    size: str
+    shape: str
+    inputs: list
+    fastops: Callable
+    torch: Callable
+    work: Callable
+    unit: str  # "GB/s" or "GFLOP/s"
+
+
+# ------------------------------------------------------------------------------------------
+# The cases. Elementwise bytes: forward reads x and writes y; backward reads x and grad_y and
+# writes grad_x.
+
+ELEMENTWISE = {
+    "relu": (F.relu, TF.relu, {}),
+    "elu": (F.elu, TF.elu, {}),
+    "gelu": (F.gelu, TF.gelu, {}),
+    "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"),
+                  lambda x: TF.gelu(x, approximate="tanh"), {}),
+    "hardtanh": (F.hardtanh, TF.hardtanh, {}),
+    "leaky_relu": (F.leaky_relu, TF.leaky_relu, {}),
+    "sigmoid": (F.sigmoid, torch.sigmoid, {}),
+    "tanh": (F.tanh, torch.tanh, {}),
+    "hardshrink": (F.hardshrink, TF.hardshrink, {}),
+}
+ELEMENTWISE_SIZES = {"small": (256, 256), "large": (2048, 2048)}  # 64K and 4M elements
+
+
+def elementwise_bytes(n, es):
+    return {"fwd": 2 * n * es, "bwd": 3 * n * es, "fwd+bwd": 5 * n * es}
+
+
+def torch_maxout(x, k):
+    return x.view(x.shape[0], x.shape[1] // k, k).max(dim=2).values
+
+
+def make_cases(device, dtype, sizes):
+    es = torch.tensor([], dtype=dtype).element_size()
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape, grad=True, scale=1.0):
+        t = (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+        return t.requires_grad_(grad)
+
+    cases = []
+    for size in sizes:
+        rows, cols = ELEMENTWISE_SIZES[size]
+        n = rows * cols
+        shape = f"{rows}x{cols}"
+        for name, (fo, tf, _) in ELEMENTWISE.items():
+            b = elementwise_bytes(n, es)
+            cases.append(Case(name, size, shape, [randn(rows, cols)], fo, tf, b.get, "GB/s"))
+        w = (torch.rand(cols, generator=g) * 0.5).to(device, dtype).requires_grad_(True)
+        b = elementwise_bytes(n, es)
+        cases.append(Case("prelu", size, shape + " C=" + str(cols), [randn(rows, cols), w],
+                          F.prelu, TF.prelu, b.get, "GB/s"))
+        k = 4
+        mb = {"fwd": n * es + n // k * es, "bwd": 2 * n * es + n // k * es}
+        mb["fwd+bwd"] = mb["fwd"] + mb["bwd"]
+        cases.append(Case("maxout", size, shape + f" k={k}", [randn(rows, cols), k],
+                          F.maxout, torch_maxout, mb.get, "GB/s"))
+        mse = {"fwd": 2 * n * es, "bwd": 3 * n * es}
+        mse["fwd+bwd"] = mse["fwd"] + mse["bwd"]
+        target = randn(rows, cols, grad=False)
+        cases.append(Case("mse_loss", size, shape, [randn(rows, cols), target],
+                          F.mse_loss, TF.mse_loss, mse.get, "GB/s"))
+
+        m, kk, nn_ = {"small": (256, 256, 256), "large": (1024, 1024, 1024)}[size]
+        flops = {"fwd": 2 * m * kk * nn_, "bwd": 4 * m * kk * nn_, "fwd+bwd": 6 * m * kk * nn_}
+        lin_in = [randn(m, kk), randn(nn_, kk, scale=kk ** -0.5), randn(nn_)]
+        cases.append(Case("linear", size, f"{m}x{kk}x{nn_}", lin_in, F.linear, TF.linear,
+                          flops.get, "GFLOP/s"))
+        cases.append(Case("linear+gelu", size, f"{m}x{kk}x{nn_}", lin_in,
+                          lambda x, w, b: F.linear_act(x, w, b, "gelu"),
+                          lambda x, w, b: TF.gelu(TF.linear(x, w, b)), flops.get, "GFLOP/s"))
+
+        bsz, classes = {"small": (256, 1000), "large": (4096, 32000)}[size]
+        logits = randn(bsz, classes, scale=3.0)
+        tgt = torch.randint(0, classes, (bsz,), generator=g).to(device)
+        nb = bsz * classes * es
+        ce = {"fwd": nb, "bwd": 2 * nb, "fwd+bwd": 3 * nb}
+        cases.append(Case("cross_entropy", size, f"{bsz}x{classes}", [logits, tgt],
+                          F.cross_entropy, TF.cross_entropy, ce.get, "GB/s"))
+        cases.append(Case("log_softmax", size, f"{bsz}x{classes}", [logits, 1],
+                          F.log_softmax, TF.log_softmax,
+                          {"fwd": 2 * nb, "bwd": 3 * nb, "fwd+bwd": 5 * nb}.get, "GB/s"))
+    return cases
+
+
+# ------------------------------------------------------------------------------------------
+# Timing
+
+
+def time_fn(fn, device, min_run_time):
+    """(p20, p50, p80) seconds per call, device synchronised."""
+    if device == "cuda":
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        budget = datetime.datetime.now() + datetime.timedelta(seconds=min_run_time)
+        while len(times) < 10 or datetime.datetime.now() < budget:
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+    else:
+        m = benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(
+            min_run_time=min_run_time)
+        times = m.times
+    return tuple(float(np.percentile(times, q)) for q in (20, 50, 80))
+
+
+def step(fn, inputs, mode):
+    """The callable that one timed call runs, for a mode."""
+    diff = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if mode == "fwd":
+        def run():
+            with torch.no_grad():
+                fn(*inputs)
+        return run
+    out = fn(*inputs)
+    grad = torch.randn_like(out) if out.dim() > 0 else torch.ones_like(out)
+    if mode == "bwd":
+        return lambda: torch.autograd.grad(out, diff, grad, retain_graph=True)
+    return lambda: torch.autograd.grad(fn(*inputs), diff, grad)
+
+
+def ceilings(device, dtype, min_run_time):
+    """Measured copy bandwidth (GB/s, read + write) and torch.matmul throughput (GFLOP/s)."""
+    n = 16 * 1024 * 1024  # 64 MB of float32
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    copy_s = time_fn(lambda: dst.copy_(src), device, min_run_time)[1]
+    size = 4096 if device == "cuda" else 1024
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    mm_s = time_fn(lambda: torch.matmul(a, b), device, min_run_time)[1]
+    return 2 * n * 4 / copy_s / 1e9, 2 * size ** 3 / mm_s / 1e9
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def device_name(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name().replace(" ", "-")
+    return f"cpu-{platform.machine()}-{os.cpu_count()}cores-{fastops.cpu_isa()}"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if fastops.cuda_available() else "cpu")
+    p.add_argument("--dtype", default="float32",
+                   choices=["float32", "float64", "float16", "bfloat16"])
+    p.add_argument("--ops", default="", help="comma-separated kernel names (default: all)")
+    p.add_argument("--sizes", default="small,large")
+    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    p.add_argument("--min-run-time", type=float, default=0.3, help="seconds per measurement")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
+    p.add_argument("--out", default=None, help="CSV path (default bench/results/<device>.csv)")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    wanted = set(filter(None, args.ops.split(",")))
+    modes = args.modes.split(",")
+    cases = [c for c in make_cases(args.device, dtype, args.sizes.split(","))
+             if not wanted or c.kernel in wanted]
+    name = device_name(args.device)
+    bandwidth, matmul = ceilings(args.device, dtype, args.min_run_time)
+    print(f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"dtype {args.dtype}")
+    print(f"ceilings: copy {bandwidth:.1f} GB/s, torch.matmul {matmul:.1f} GFLOP/s\n")
+
+    providers = {"fastops": lambda c: c.fastops, "torch": lambda c: c.torch}
+    if not args.no_compile:
+        providers["compile"] = lambda c: torch.compile(c.torch, dynamic=False)
+
+    rows = []
+    header = (f"{'kernel':<14}{'size':<7}{'mode':<9}{'fastops ms':>11}{'torch ms':>10}"
+              f"{'compile ms':>11}{'vs torch':>9}{'vs comp':>8}{'achieved':>16}{'of ceil':>8}")
+    print(header)
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    for case in cases:
+        fns = {prov: make(case) for prov, make in providers.items()}
+        for mode in modes:
+            times = {}
+            for prov, fn in fns.items():
+                times[prov] = time_fn(step(fn, case.inputs, mode), args.device,
+                                      args.min_run_time)
+            ours = times["fastops"][1]
+            rate = case.work(mode) / ours / 1e9
+            ceiling = bandwidth if case.unit == "GB/s" else matmul
+            vs = {prov: times[prov][1] / ours for prov in times}
+            print(f"{case.kernel:<14}{case.size:<7}{mode:<9}{ours * 1e3:>11.3f}"
+                  f"{times['torch'][1] * 1e3:>10.3f}"
+                  f"{times['compile'][1] * 1e3 if 'compile' in times else float('nan'):>11.3f}"
+                  f"{vs['torch']:>9.2f}{vs.get('compile', float('nan')):>8.2f}"
+                  f"{rate:>10.1f} {case.unit:<7}{rate / ceiling:>7.0%}")
+            for prov, (p20, p50, p80) in times.items():
+                rows.append({
+                    "kernel": case.kernel, "provider": prov, "mode": mode, "size": case.size,
+                    "shape": case.shape, "dtype": args.dtype,
+                    "p50_ms": f"{p50 * 1e3:.4f}", "p20_ms": f"{p20 * 1e3:.4f}",
+                    "p80_ms": f"{p80 * 1e3:.4f}",
+                    "metric": case.unit, "value": f"{case.work(mode) / p50 / 1e9:.2f}",
+                    "ceiling": f"{ceiling:.2f}",
+                    "fraction_of_ceiling": f"{case.work(mode) / p50 / 1e9 / ceiling:.3f}",
+                    "fastops_speedup": f"{p50 / ours:.3f}",
+                    "device": name, "threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "timestamp": stamp,
+                })
+    out = args.out or os.path.join(RESULTS_DIR, f"{name}.csv")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
