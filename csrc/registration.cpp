@@ -82,11 +82,12 @@ TORCH_LIBRARY(fastops, m) {
       "int reduction, int ignore_index, float label_smoothing, Tensor lse, Tensor total_weight) "
       "-> Tensor");
 
-  // Mean squared error. backward returns (grad_self, grad_target).
+  // Mean squared error. backward returns (grad_self, grad_target), empty where output_mask is
+  // false.
   m.def("mse_loss(Tensor self, Tensor target, int reduction) -> Tensor");
   m.def(
-      "mse_loss_backward(Tensor grad_output, Tensor self, Tensor target, int reduction) "
-      "-> (Tensor, Tensor)");
+      "mse_loss_backward(Tensor grad_output, Tensor self, Tensor target, int reduction, "
+      "bool[2] output_mask) -> (Tensor, Tensor)");
 
   // The CPU instruction set the kernels run with: "avx512", "avx2" or "baseline".
   m.def("cpu_isa() -> str", [] {

@@ -1,0 +1,1109 @@
+// CPU kernels of the losses: log_softmax, nll_loss, cross_entropy (fused log_softmax + nll_loss,
+// hard or soft targets, class weights, ignore_index, label smoothing) and mse_loss.
+//
+// Layout: the class dim is dim 1 ((C,) inputs have no batch), so an input is viewed as (N, C, S)
+// with S the product of the spatial dims; a "row" is the C values of one (n, s). For S == 1 a
+// row is contiguous and is processed in chunks that stay in L1 (an online softmax: running max
+// and rescaled sum of exponentials, one pass over memory). For S > 1 the loops run over the
+// classes with 16 neighbouring positions s in the SIMD lanes.
+//
+// Determinism: per-row losses are summed in a fixed order (fixed blocks of rows, then the blocks
+// in order), whatever the number of threads; there are no atomics.
+#include <torch/library.h>
+
+#include <array>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "../activations.h"
+#include "cpu_common.h"
+
+namespace fastops {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+
+constexpr int kLanes = 16;          // SIMD lanes of the accumulator arrays
+constexpr int64_t kChunk = 2048;    // classes per chunk of a contiguous row (8 KB of float)
+constexpr int64_t kClassBlock = 64; // classes per block of the lane (S > 1) kernels
+constexpr int64_t kSumBlock = 4096; // rows / elements per block of a deterministic sum
+
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+template <class A>
+FO_ALWAYS_INLINE A fmax_(A a, A b) { return a > b ? a : b; }  // drops a NaN in a (max of row)
+
+template <class A>
+FO_ALWAYS_INLINE A neg_inf() { return -std::numeric_limits<A>::infinity(); }
+
+template <class A>
+FO_ALWAYS_INLINE A log_(A v) { return std::log(v); }
+
+// The running max of 16 lanes in float. GCC does not vectorise `a > b ? a : b` over an array
+// (it is not a MAX_EXPR without -ffast-math), so the max loops hold a vector-extension value.
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint16_t v16u16 __attribute__((vector_size(32)));
+typedef uint32_t v16u32 __attribute__((vector_size(64)));
+
+template <class T>
+FO_ALWAYS_INLINE v16f load16(const T* p) {
+  v16f v;
+  if constexpr (std::is_same_v<T, float>) {
+    __builtin_memcpy(&v, p, sizeof(v));
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    v16u16 h;
+    __builtin_memcpy(&h, p, sizeof(h));
+    const v16u32 w = __builtin_convertvector(h, v16u32) << 16;
+    __builtin_memcpy(&v, &w, sizeof(v));
+  } else {
+    for (int j = 0; j < 16; ++j) v[j] = static_cast<float>(p[j]);
+  }
+  return v;
+}
+
+FO_ALWAYS_INLINE v16f vmax16(v16f a, v16f b) { return a > b ? a : b; }
+
+// A contiguous tensor like x for a large output (the gradient of a big logits matrix). A fresh
+// allocation of hundreds of MB is mmapped by malloc and its first touch costs a page fault per
+// 4 KB page, several times the cost of the kernel itself; advising transparent huge pages before
+// the first touch cuts the faults 512-fold. Only an advice: without THP nothing changes.
+Tensor empty_output(const Tensor& x) {
+  Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t bytes = static_cast<uintptr_t>(out.nbytes());
+  if (bytes >= 16 * kHuge) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t b = (p + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t e = (p + bytes) & ~(kHuge - 1);
+    if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
+}
+
+// ---- shapes and checks ----------------------------------------------------------------------
+
+struct Rows {
+  int64_t N, C, S;  // input viewed as (N, C, S)
+  int64_t rows() const { return N * S; }
+};
+
+Rows class_rows(const Tensor& self, const char* op) {
+  TORCH_CHECK(self.dim() >= 1, op, ": expected self to have 1 or more dimensions ((C,), (N, C) "
+              "or (N, C, d1, ..., dk)), got a 0-d tensor");
+  if (self.dim() == 1) return {1, self.size(0), 1};
+  int64_t S = 1;
+  for (int64_t d = 2; d < self.dim(); ++d) S *= self.size(d);
+  return {self.size(0), self.size(1), S};
+}
+
+// The input's shape without the class dim: the shape of the target, of the lse and of an
+// unreduced loss.
+std::vector<int64_t> row_shape(const Tensor& self) {
+  std::vector<int64_t> s;
+  for (int64_t d = 0; d < self.dim(); ++d)
+    if (d != (self.dim() == 1 ? 0 : 1)) s.push_back(self.size(d));
+  return s;
+}
+
+at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+bool is_index_dtype(at::ScalarType t) { return t == at::kLong || t == at::kByte; }
+
+void check_target(const Tensor& self, const Tensor& target, const char* op, bool allow_soft) {
+  TORCH_CHECK(target.defined(), op, ": target is an undefined tensor");
+  check_same_device(self, target, op, "self", "target");
+  const auto tt = target.scalar_type();
+  if (allow_soft && at::isFloatingType(tt)) {
+    TORCH_CHECK_TYPE(tt == self.scalar_type(), op, ": class-probability target must have the "
+                     "dtype of self (", self.scalar_type(), "), got ", tt);
+    TORCH_CHECK(target.sizes() == self.sizes(), op, ": class-probability target must have the "
+                "shape of self ", self.sizes(), ", got ", target.sizes());
+    return;
+  }
+  TORCH_CHECK_TYPE(is_index_dtype(tt), op, ": expected target to hold class indices as int64 "
+                   "(Long) or uint8 (Byte)",
+                   allow_soft ? ", or class probabilities in the dtype of self" : "", ", got ", tt);
+  const auto expected = row_shape(self);
+  TORCH_CHECK(target.sizes() == at::IntArrayRef(expected), op, ": expected target of shape ",
+              at::IntArrayRef(expected), " (self ", self.sizes(),
+              " without its class dim), got ", target.sizes());
+}
+
+void check_weight(const Tensor& self, const c10::optional<Tensor>& weight, int64_t C,
+                  const char* op) {
+  if (!weight.has_value() || !weight->defined()) return;
+  const Tensor& w = *weight;
+  check_same_device(self, w, op, "self", "weight");
+  check_floating(w, op, "weight");
+  check_same_dtype(self, w, op, "self", "weight");
+  TORCH_CHECK(w.dim() == 1 && w.numel() == C, op, ": expected weight to be a 1-D tensor of ", C,
+              " elements (one per class), got shape ", w.sizes());
+}
+
+Tensor weight_or_undefined(const c10::optional<Tensor>& weight) {
+  if (!weight.has_value() || !weight->defined()) return Tensor();
+  return weight->contiguous();
+}
+
+// Checks every class target (ignore_index excepted) and returns the total weight, the sum of
+// the weights of the non-ignored targets (their count without weights), summed in order.
+template <class I, class T>
+double check_targets_total_weight(const I* t, int64_t n, const T* w, int64_t C,
+                                  int64_t ignore_index, const char* op) {
+  double total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t ti = static_cast<int64_t>(t[i]);
+    if (ti == ignore_index) continue;
+    TORCH_CHECK_INDEX(ti >= 0 && ti < C, op, ": target ", ti, " (at flat index ", i,
+                      ") is out of bounds: expected a class index in [0, ", C,
+                      ") or ignore_index (", ignore_index, ")");
+    total += w ? static_cast<double>(w[ti]) : 1.0;
+  }
+  return total;
+}
+
+#define FO_DISPATCH_TARGET(TT, ...)                                \
+  [&] {                                                            \
+    if ((TT) == at::kByte) {                                       \
+      using index_t = uint8_t;                                     \
+      return __VA_ARGS__();                                        \
+    } else {                                                       \
+      using index_t = int64_t;                                     \
+      return __VA_ARGS__();                                        \
+    }                                                              \
+  }()
+
+// Sum of v[0..n) in a fixed order: fixed blocks in parallel, then the blocks in order.
+template <class A>
+double deterministic_sum(const A* v, int64_t n) {
+  const int64_t nb = (n + kSumBlock - 1) / kSumBlock;
+  std::vector<double> part(nb, 0.0);
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      double s = 0;
+      const int64_t e = std::min(n, (b + 1) * kSumBlock);
+      for (int64_t i = b * kSumBlock; i < e; ++i) s += static_cast<double>(v[i]);
+      part[b] = s;
+    }
+  });
+  double s = 0;
+  for (double p : part) s += p;
+  return s;
+}
+
+void check_grad_output(const Tensor& grad_output, const Tensor& self, int64_t reduction,
+                       at::IntArrayRef unreduced_shape, const char* op) {
+  TORCH_CHECK(grad_output.defined(), op, ": grad_output is an undefined tensor");
+  check_same_device(self, grad_output, op, "self", "grad_output");
+  check_floating(grad_output, op, "grad_output");
+  if (reduction == kNone) {
+    TORCH_CHECK(grad_output.sizes() == unreduced_shape, op, ": expected grad_output of shape ",
+                unreduced_shape, " (reduction='none'), got ", grad_output.sizes());
+  } else {
+    TORCH_CHECK(grad_output.numel() == 1, op,
+                ": expected a one-element grad_output for a reduced loss, got shape ",
+                grad_output.sizes());
+  }
+}
+
+// ---- row statistics of the softmax -----------------------------------------------------------
+//
+// MODE: 0 lse only; 1 also dot = sum_c x_c; 2 also dot = sum_c w_c x_c (label smoothing);
+//       3 soft targets: a = sum_c y'_c, dot = sum_c y'_c x_c; 4 the same with w_c y'_c
+//       where y'_c = (1 - eps) y_c + eps / C.
+struct Smooth {
+  double om_eps;  // 1 - eps
+  double eps_c;   // eps / C
+};
+
+// One contiguous row of C values: x[c], y[c] (soft targets), w[c].
+template <int MODE, class T, class A>
+FO_ALWAYS_INLINE void row_stats(const T* x, const T* y, const T* w, int64_t C, A om_eps, A eps_c,
+                                A& lse, A& a_out, A& dot_out) {
+  A M = neg_inf<A>();
+  A sum = 0;
+  A dot[kLanes], aa[kLanes];
+  for (int j = 0; j < kLanes; ++j) dot[j] = 0, aa[j] = 0;
+  for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+    const int64_t len = std::min(kChunk, C - c0);
+    const T* xc = x + c0;
+    int64_t i = 0;
+    A cm = neg_inf<A>();
+    if constexpr (std::is_same_v<A, float>) {
+      v16f mx = v16f{} + neg_inf<float>();
+      for (; i + kLanes <= len; i += kLanes) mx = vmax16(load16(xc + i), mx);
+      for (int j = 0; j < kLanes; ++j) cm = fmax_(mx[j], cm);
+    } else {
+      A mx[kLanes];
+      for (int j = 0; j < kLanes; ++j) mx[j] = neg_inf<A>();
+      for (; i + kLanes <= len; i += kLanes)
+        for (int j = 0; j < kLanes; ++j) mx[j] = fmax_(static_cast<A>(xc[i + j]), mx[j]);
+      for (int j = 0; j < kLanes; ++j) cm = fmax_(mx[j], cm);
+    }
+    for (; i < len; ++i) cm = fmax_(static_cast<A>(xc[i]), cm);
+    const A nm = fmax_(cm, M);
+    // A row of -inf so far contributes nothing (and must not give exp(-inf + inf) = NaN).
+    if (nm != neg_inf<A>()) {
+      if (nm != M) sum *= fo_exp(M - nm);
+      M = nm;
+      A se[kLanes];
+      for (int j = 0; j < kLanes; ++j) se[j] = 0;
+      i = 0;
+      for (; i + kLanes <= len; i += kLanes)
+        for (int j = 0; j < kLanes; ++j) {
+          const A v = static_cast<A>(xc[i + j]);
+          se[j] += fo_exp(v - M);
+          if constexpr (MODE == 1) dot[j] += v;
+          if constexpr (MODE == 2) dot[j] += static_cast<A>(w[c0 + i + j]) * v;
+          if constexpr (MODE >= 3) {
+            A yv = static_cast<A>(y[c0 + i + j]) * om_eps + eps_c;
+            if constexpr (MODE == 4) yv *= static_cast<A>(w[c0 + i + j]);
+            aa[j] += yv;
+            dot[j] += yv * v;
+          }
+        }
+      A s = 0;
+      for (int j = 0; j < kLanes; ++j) s += se[j];
+      for (; i < len; ++i) {
+        const A v = static_cast<A>(xc[i]);
+        s += fo_exp(v - M);
+        if constexpr (MODE == 1) dot[0] += v;
+        if constexpr (MODE == 2) dot[0] += static_cast<A>(w[c0 + i]) * v;
+        if constexpr (MODE >= 3) {
+          A yv = static_cast<A>(y[c0 + i]) * om_eps + eps_c;
+          if constexpr (MODE == 4) yv *= static_cast<A>(w[c0 + i]);
+          aa[0] += yv;
+          dot[0] += yv * v;
+        }
+      }
+      sum += s;
+    } else if constexpr (MODE != 0) {
+      for (i = 0; i < len; ++i) {  // all -inf: the dot products still see the values
+        const A v = static_cast<A>(xc[i]);
+        if constexpr (MODE == 1) dot[0] += v;
+        if constexpr (MODE == 2) dot[0] += static_cast<A>(w[c0 + i]) * v;
+        if constexpr (MODE >= 3) {
+          A yv = static_cast<A>(y[c0 + i]) * om_eps + eps_c;
+          if constexpr (MODE == 4) yv *= static_cast<A>(w[c0 + i]);
+          aa[0] += yv;
+          dot[0] += yv * v;
+        }
+      }
+    }
+  }
+  lse = M + log_(sum);  // all -inf: -inf + log(0) = -inf, as torch's logsumexp
+  A d = 0, a = 0;
+  for (int j = 0; j < kLanes; ++j) d += dot[j], a += aa[j];
+  dot_out = d;
+  a_out = a;
+}
+
+// NL rows at once, the lanes being NL consecutive positions s of a (N, C, S) input (S > 1):
+// x points at (n, 0, s0), classes are S apart.
+template <int NL, int MODE, class T, class A>
+FO_ALWAYS_INLINE void lane_stats(const T* x, const T* y, const T* w, int64_t C, int64_t S,
+                                 A om_eps, A eps_c, A* lse, A* a_out, A* dot_out) {
+  A M[NL], sum[NL], dot[NL], aa[NL];
+  for (int j = 0; j < NL; ++j) M[j] = neg_inf<A>(), sum[j] = 0, dot[j] = 0, aa[j] = 0;
+  for (int64_t c0 = 0; c0 < C; c0 += kClassBlock) {
+    const int64_t c1 = std::min(C, c0 + kClassBlock);
+    A nm[NL];
+    for (int j = 0; j < NL; ++j) nm[j] = M[j];
+    if constexpr (std::is_same_v<A, float> && NL == 16) {
+      v16f mv = v16f{} + neg_inf<float>();
+      for (int64_t c = c0; c < c1; ++c) mv = vmax16(load16(x + c * S), mv);
+      for (int j = 0; j < NL; ++j) nm[j] = fmax_(mv[j], nm[j]);
+    } else {
+      for (int64_t c = c0; c < c1; ++c)
+        for (int j = 0; j < NL; ++j) nm[j] = fmax_(static_cast<A>(x[c * S + j]), nm[j]);
+    }
+    for (int j = 0; j < NL; ++j) {
+      const A sc = fo_exp(M[j] - nm[j]);
+      sum[j] = nm[j] == M[j] ? sum[j] : sum[j] * sc;
+      M[j] = nm[j];
+    }
+    for (int64_t c = c0; c < c1; ++c) {
+      A wc = 1;
+      if constexpr (MODE == 2 || MODE == 4) wc = static_cast<A>(w[c]);
+      for (int j = 0; j < NL; ++j) {
+        const A v = static_cast<A>(x[c * S + j]);
+        const A e = fo_exp(v - M[j]);
+        sum[j] += M[j] == neg_inf<A>() ? A(0) : e;
+        if constexpr (MODE == 1) dot[j] += v;
+        if constexpr (MODE == 2) dot[j] += wc * v;
+        if constexpr (MODE >= 3) {
+          A yv = static_cast<A>(y[c * S + j]) * om_eps + eps_c;
+          if constexpr (MODE == 4) yv *= wc;
+          aa[j] += yv;
+          dot[j] += yv * v;
+        }
+      }
+    }
+  }
+  for (int j = 0; j < NL; ++j) {
+    lse[j] = M[j] + log_(sum[j]);
+    dot_out[j] = dot[j];
+    a_out[j] = aa[j];
+  }
+}
+
+// ---- cross entropy ---------------------------------------------------------------------------
+
+struct CEParams {
+  Rows r;
+  int64_t reduction, ignore_index;
+  double eps;
+  bool soft, has_w;
+};
+
+int ce_mode(const CEParams& p) {
+  if (p.soft) return p.has_w ? 4 : 3;
+  if (p.eps > 0) return p.has_w ? 2 : 1;
+  return 0;
+}
+
+// Calls body.template operator()<MODE>() with the mode as a compile-time constant.
+template <class Body>
+void dispatch_mode(int mode, const Body& body) {
+  switch (mode) {
+    case 0: body(std::integral_constant<int, 0>()); break;
+    case 1: body(std::integral_constant<int, 1>()); break;
+    case 2: body(std::integral_constant<int, 2>()); break;
+    case 3: body(std::integral_constant<int, 3>()); break;
+    default: body(std::integral_constant<int, 4>()); break;
+  }
+}
+
+// The loss of one row from its statistics.
+template <int MODE, class A, class T, class I>
+FO_ALWAYS_INLINE A ce_row_loss(A lse, A a, A dot, const T* xrow, int64_t cstride, const T* w,
+                               const I* t, int64_t row, int64_t ignore_index, A om_eps, A eps_c,
+                               A wsum) {
+  if constexpr (MODE >= 3) {
+    return lse * a - dot;
+  } else {
+    const int64_t ti = static_cast<int64_t>(t[row]);
+    if (ti == ignore_index) return A(0);
+    const A wt = w ? static_cast<A>(w[ti]) : A(1);
+    const A nll = wt * (lse - static_cast<A>(xrow[ti * cstride]));
+    if constexpr (MODE == 0) return nll;
+    // eps / C * sum_c w_c (lse - x_c)
+    return om_eps * nll + eps_c * (wsum * lse - dot);
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> cross_entropy_fwd(const Tensor& self, const Tensor& target,
+                                                     const c10::optional<Tensor>& weight,
+                                                     int64_t reduction, int64_t ignore_index,
+                                                     double label_smoothing) {
+  const char* op = "fastops.cross_entropy";
+  check_floating(self, op, "self");
+  check_reduction(reduction, op);
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
+              ": label_smoothing must be in [0, 1], got ", label_smoothing);
+  const Rows r = class_rows(self, op);
+  check_target(self, target, op, /*allow_soft=*/true);
+  check_weight(self, weight, r.C, op);
+  const bool soft = at::isFloatingType(target.scalar_type());
+  const Tensor x = self.contiguous();
+  const Tensor tg = target.contiguous();
+  const Tensor w = weight_or_undefined(weight);
+  const auto rshape = row_shape(self);
+  const auto adt = acc_dtype(self.scalar_type());
+  Tensor lse = at::empty(rshape, self.options().dtype(adt));
+  Tensor loss = reduction == kNone ? at::empty(rshape, self.options())
+                                   : at::empty({}, self.options());
+  Tensor total_weight = at::empty({}, self.options().dtype(adt));
+  CEParams p{r, reduction, ignore_index, label_smoothing, soft, w.defined()};
+  const int mode = ce_mode(p);
+  const int64_t rows = r.rows();
+
+  FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* yp = soft ? tg.const_data_ptr<scalar_t>() : nullptr;
+    const A om_eps = static_cast<A>(1.0 - label_smoothing);
+    const A eps_c = r.C > 0 ? static_cast<A>(label_smoothing / r.C) : A(0);
+    A wsum = 0;
+    if (wp) {
+      double s = 0;
+      for (int64_t c = 0; c < r.C; ++c) s += static_cast<double>(wp[c]);
+      wsum = static_cast<A>(s);
+    } else {
+      wsum = static_cast<A>(r.C);
+    }
+    FO_DISPATCH_TARGET(tg.scalar_type(), [&] {
+      const index_t* tp = soft ? nullptr : tg.const_data_ptr<index_t>();
+      double tw = static_cast<double>(rows);
+      if (!soft) tw = check_targets_total_weight(tp, rows, wp, r.C, ignore_index, op);
+      total_weight.fill_(tw);
+      // Per-row losses: into the output for 'none', else into a buffer summed in order.
+      std::vector<A> buf(reduction == kNone ? 0 : rows);
+      A* lp = lse.mutable_data_ptr<A>();
+      scalar_t* outp = reduction == kNone ? loss.mutable_data_ptr<scalar_t>() : nullptr;
+      auto store = [&](int64_t row, A v) FO_INLINE_LAMBDA {
+        if (outp) outp[row] = static_cast<scalar_t>(v);
+        else buf[row] = v;
+      };
+      dispatch_mode(mode, [&](auto mode_c) {
+        constexpr int MODE = decltype(mode_c)::value;
+        if (r.S == 1) {
+          const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, r.C));
+          at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+            dispatch_isa([&]() FO_INLINE_LAMBDA {
+              for (int64_t n = b; n < e; ++n) {
+                const scalar_t* xr = xp + n * r.C;
+                A l, a, d;
+                row_stats<MODE>(xr, yp ? yp + n * r.C : yp, wp, r.C, om_eps, eps_c, l, a, d);
+                lp[n] = l;
+                store(n, ce_row_loss<MODE>(l, a, d, xr, 1, wp, tp, n, ignore_index, om_eps,
+                                           eps_c, wsum));
+              }
+            });
+          });
+        } else {
+          // Tasks: (n, block of kLanes positions s); the last block of each n may be partial.
+          const int64_t nblk = (r.S + kLanes - 1) / kLanes;
+          const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, r.C));
+          at::parallel_for(0, r.N * nblk, grain, [&](int64_t b, int64_t e) {
+            dispatch_isa([&]() FO_INLINE_LAMBDA {
+              for (int64_t task = b; task < e; ++task) {
+                const int64_t n = task / nblk, s0 = (task % nblk) * kLanes;
+                const int64_t base = n * r.C * r.S + s0;
+                const int64_t row0 = n * r.S + s0;
+                A l[kLanes], a[kLanes], d[kLanes];
+                const int64_t nl = std::min<int64_t>(kLanes, r.S - s0);
+                if (nl == kLanes) {
+                  lane_stats<kLanes, MODE>(xp + base, yp ? yp + base : yp, wp, r.C, r.S, om_eps,
+                                           eps_c, l, a, d);
+                } else {
+                  for (int64_t j = 0; j < nl; ++j)
+                    lane_stats<1, MODE>(xp + base + j, yp ? yp + base + j : yp, wp, r.C, r.S,
+                                        om_eps, eps_c, l + j, a + j, d + j);
+                }
+                for (int64_t j = 0; j < nl; ++j) {
+                  lp[row0 + j] = l[j];
+                  store(row0 + j, ce_row_loss<MODE>(l[j], a[j], d[j], xp + base + j, r.S, wp, tp,
+                                                    row0 + j, ignore_index, om_eps, eps_c, wsum));
+                }
+              }
+            });
+          });
+        }
+      });
+      if (reduction != kNone) {
+        double s = deterministic_sum(buf.data(), rows);
+        if (reduction == kMean) {
+          // Hard targets: the sum over the total weight (0 / 0 = NaN when all are ignored);
+          // soft targets: over the number of rows (NaN for an empty batch), as torch.
+          s = s / tw;
+        }
+        loss.fill_(s);
+      }
+    });
+  });
+  return {loss, lse, total_weight};
+}
+
+Tensor cross_entropy_bwd(const Tensor& grad_output, const Tensor& self, const Tensor& target,
+                         const c10::optional<Tensor>& weight, int64_t reduction,
+                         int64_t ignore_index, double label_smoothing, const Tensor& lse,
+                         const Tensor& total_weight) {
+  const char* op = "fastops.cross_entropy_backward";
+  check_floating(self, op, "self");
+  check_reduction(reduction, op);
+  const Rows r = class_rows(self, op);
+  check_target(self, target, op, /*allow_soft=*/true);
+  check_weight(self, weight, r.C, op);
+  const auto rshape = row_shape(self);
+  check_grad_output(grad_output, self, reduction, rshape, op);
+  const auto adt = acc_dtype(self.scalar_type());
+  TORCH_CHECK(lse.defined() && lse.scalar_type() == adt && lse.sizes() == at::IntArrayRef(rshape),
+              op, ": expected lse of dtype ", adt, " and shape ", at::IntArrayRef(rshape),
+              " (the second output of fastops.cross_entropy), got ", lse.scalar_type(), " ",
+              lse.sizes());
+  TORCH_CHECK(total_weight.defined() && total_weight.numel() == 1, op,
+              ": expected a one-element total_weight, got shape ", total_weight.sizes());
+  const bool soft = at::isFloatingType(target.scalar_type());
+  const Tensor x = self.contiguous();
+  const Tensor tg = target.contiguous();
+  const Tensor w = weight_or_undefined(weight);
+  const Tensor ls = lse.contiguous();
+  const Tensor g = grad_output.to(adt).contiguous();
+  Tensor gx = empty_output(x);
+  CEParams p{r, reduction, ignore_index, label_smoothing, soft, w.defined()};
+  const int mode = ce_mode(p);
+  const int64_t rows = r.rows();
+  if (x.numel() == 0) return gx;
+  const double tw = total_weight.to(at::kDouble).item<double>();
+
+  FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* yp = soft ? tg.const_data_ptr<scalar_t>() : nullptr;
+    const A* lp = ls.const_data_ptr<A>();
+    const A* gp = g.const_data_ptr<A>();
+    scalar_t* op_ = gx.mutable_data_ptr<scalar_t>();
+    const A om_eps = static_cast<A>(1.0 - label_smoothing);
+    const A eps_c = static_cast<A>(label_smoothing / r.C);
+    A wsum = 0;
+    if (wp) {
+      double s = 0;
+      for (int64_t c = 0; c < r.C; ++c) s += static_cast<double>(wp[c]);
+      wsum = static_cast<A>(s);
+    } else {
+      wsum = static_cast<A>(r.C);
+    }
+    const A gscale = reduction == kMean ? static_cast<A>(static_cast<double>(gp[0]) / tw) : gp[0];
+    FO_DISPATCH_TARGET(tg.scalar_type(), [&] {
+      const index_t* tp = soft ? nullptr : tg.const_data_ptr<index_t>();
+      if (!soft) check_targets_total_weight(tp, rows, wp, r.C, ignore_index, op);
+      dispatch_mode(mode, [&](auto mode_c) {
+        constexpr int MODE = decltype(mode_c)::value;
+        // Row coefficients: grad_c = g * (p_c * coef - cw * w_c [- y'_c w_c for soft]) and
+        // at the target class additionally - g * (1 - eps) * w_t.
+        if (r.S == 1) {
+          const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, r.C));
+          at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+            dispatch_isa([&]() FO_INLINE_LAMBDA {
+              for (int64_t n = b; n < e; ++n) {
+                const scalar_t* xr = xp + n * r.C;
+                scalar_t* gr = op_ + n * r.C;
+                const A gn = reduction == kNone ? gp[n] : gscale;
+                const A l = lp[n];
+                if constexpr (MODE >= 3) {
+                  const scalar_t* yr = yp + n * r.C;
+                  A aa[kLanes];
+                  for (int j = 0; j < kLanes; ++j) aa[j] = 0;
+                  int64_t c = 0;
+                  for (; c + kLanes <= r.C; c += kLanes)
+                    for (int j = 0; j < kLanes; ++j) {
+                      A yv = static_cast<A>(yr[c + j]) * om_eps + eps_c;
+                      if constexpr (MODE == 4) yv *= static_cast<A>(wp[c + j]);
+                      aa[j] += yv;
+                    }
+                  A a = 0;
+                  for (int j = 0; j < kLanes; ++j) a += aa[j];
+                  for (; c < r.C; ++c) {
+                    A yv = static_cast<A>(yr[c]) * om_eps + eps_c;
+                    if constexpr (MODE == 4) yv *= static_cast<A>(wp[c]);
+                    a += yv;
+                  }
+                  const A coef = gn * a;
+                  for (c = 0; c < r.C; ++c) {
+                    A yv = static_cast<A>(yr[c]) * om_eps + eps_c;
+                    if constexpr (MODE == 4) yv *= static_cast<A>(wp[c]);
+                    gr[c] = static_cast<scalar_t>(fo_exp(static_cast<A>(xr[c]) - l) * coef -
+                                                  gn * yv);
+                  }
+                } else {
+                  const int64_t ti = static_cast<int64_t>(tp[n]);
+                  if (ti == ignore_index) {
+                    for (int64_t c = 0; c < r.C; ++c) gr[c] = static_cast<scalar_t>(0);
+                    continue;
+                  }
+                  const A wt = wp ? static_cast<A>(wp[ti]) : A(1);
+                  const A coef = MODE == 0 ? gn * wt : gn * (om_eps * wt + eps_c * wsum);
+                  const A cw = gn * eps_c;
+                  for (int64_t c = 0; c < r.C; ++c) {
+                    A v = fo_exp(static_cast<A>(xr[c]) - l) * coef;
+                    if constexpr (MODE == 1) v -= cw;
+                    if constexpr (MODE == 2) v -= cw * static_cast<A>(wp[c]);
+                    gr[c] = static_cast<scalar_t>(v);
+                  }
+                  A v = fo_exp(static_cast<A>(xr[ti]) - l) * coef;
+                  if constexpr (MODE == 1) v -= cw;
+                  if constexpr (MODE == 2) v -= cw * wt;
+                  gr[ti] = static_cast<scalar_t>(v - (MODE == 0 ? gn * wt : gn * om_eps * wt));
+                }
+              }
+            });
+          });
+        } else {
+          const int64_t nblk = (r.S + kLanes - 1) / kLanes;
+          const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, r.C));
+          at::parallel_for(0, r.N * nblk, grain, [&](int64_t b, int64_t e) {
+            dispatch_isa([&]() FO_INLINE_LAMBDA {
+              for (int64_t task = b; task < e; ++task) {
+                const int64_t n = task / nblk, s0 = (task % nblk) * kLanes;
+                const int64_t nl = std::min<int64_t>(kLanes, r.S - s0);
+                const int64_t base = n * r.C * r.S + s0;
+                const int64_t row0 = n * r.S + s0;
+                // Per-lane coefficients; an ignored row gets coef = cw = 0 (and NaN-free zeros
+                // below through the select).
+                A coef[kLanes], cwl[kLanes], l[kLanes], keep[kLanes];
+                for (int j = 0; j < kLanes; ++j) coef[j] = 0, cwl[j] = 0, l[j] = 0, keep[j] = 0;
+                for (int64_t j = 0; j < nl; ++j) {
+                  const A gn = reduction == kNone ? gp[row0 + j] : gscale;
+                  l[j] = lp[row0 + j];
+                  if constexpr (MODE >= 3) {
+                    A a = 0;
+                    for (int64_t c = 0; c < r.C; ++c) {
+                      A yv = static_cast<A>(yp[base + c * r.S + j]) * om_eps + eps_c;
+                      if constexpr (MODE == 4) yv *= static_cast<A>(wp[c]);
+                      a += yv;
+                    }
+                    coef[j] = gn * a;
+                    cwl[j] = gn;
+                    keep[j] = 1;
+                  } else {
+                    const int64_t ti = static_cast<int64_t>(tp[row0 + j]);
+                    if (ti == ignore_index) continue;
+                    const A wt = wp ? static_cast<A>(wp[ti]) : A(1);
+                    coef[j] = MODE == 0 ? gn * wt : gn * (om_eps * wt + eps_c * wsum);
+                    cwl[j] = gn * eps_c;
+                    keep[j] = 1;
+                  }
+                }
+                auto body = [&](auto nl_c) FO_INLINE_LAMBDA {
+                  constexpr int NL = decltype(nl_c)::value;
+                  for (int64_t c = 0; c < r.C; ++c) {
+                    const scalar_t* xc = xp + base + c * r.S;
+                    scalar_t* gc = op_ + base + c * r.S;
+                    A wc = 1;
+                    if constexpr (MODE == 2 || MODE == 4) wc = static_cast<A>(wp[c]);
+                    for (int j = 0; j < NL; ++j) {
+                      A v = fo_exp(static_cast<A>(xc[j]) - l[j]) * coef[j];
+                      if constexpr (MODE == 1) v -= cwl[j];
+                      if constexpr (MODE == 2) v -= cwl[j] * wc;
+                      if constexpr (MODE >= 3) {
+                        A yv = static_cast<A>(yp[base + c * r.S + j]) * om_eps + eps_c;
+                        if constexpr (MODE == 4) yv *= wc;
+                        v -= cwl[j] * yv;
+                      }
+                      gc[j] = static_cast<scalar_t>(keep[j] != 0 ? v : A(0));
+                    }
+                  }
+                };
+                if (nl == kLanes) {
+                  body(std::integral_constant<int, kLanes>());
+                } else {
+                  for (int64_t c = 0; c < r.C; ++c)
+                    for (int64_t j = 0; j < nl; ++j) {
+                      A v = fo_exp(static_cast<A>(xp[base + c * r.S + j]) - l[j]) * coef[j];
+                      A wc = 1;
+                      if constexpr (MODE == 2 || MODE == 4) wc = static_cast<A>(wp[c]);
+                      if constexpr (MODE == 1) v -= cwl[j];
+                      if constexpr (MODE == 2) v -= cwl[j] * wc;
+                      if constexpr (MODE >= 3) {
+                        A yv = static_cast<A>(yp[base + c * r.S + j]) * om_eps + eps_c;
+                        if constexpr (MODE == 4) yv *= wc;
+                        v -= cwl[j] * yv;
+                      }
+                      op_[base + c * r.S + j] = static_cast<scalar_t>(keep[j] != 0 ? v : A(0));
+                    }
+                }
+                if constexpr (MODE < 3) {
+                  for (int64_t j = 0; j < nl; ++j) {  // the target class
+                    if (keep[j] == 0) continue;
+                    const int64_t ti = static_cast<int64_t>(tp[row0 + j]);
+                    const A gn = reduction == kNone ? gp[row0 + j] : gscale;
+                    const A wt = wp ? static_cast<A>(wp[ti]) : A(1);
+                    const int64_t at = base + ti * r.S + j;
+                    A v = fo_exp(static_cast<A>(xp[at]) - l[j]) * coef[j];
+                    if constexpr (MODE == 1) v -= cwl[j];
+                    if constexpr (MODE == 2) v -= cwl[j] * wt;
+                    op_[at] = static_cast<scalar_t>(v - (MODE == 0 ? gn * wt : gn * om_eps * wt));
+                  }
+                }
+              }
+            });
+          });
+        }
+      });
+    });
+  });
+  return gx;
+}
+
+// ---- nll_loss --------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> nll_loss_fwd(const Tensor& self, const Tensor& target,
+                                        const c10::optional<Tensor>& weight, int64_t reduction,
+                                        int64_t ignore_index) {
+  const char* op = "fastops.nll_loss";
+  check_floating(self, op, "self");
+  check_reduction(reduction, op);
+  const Rows r = class_rows(self, op);
+  check_target(self, target, op, /*allow_soft=*/false);
+  check_weight(self, weight, r.C, op);
+  const Tensor x = self.contiguous();
+  const Tensor tg = target.contiguous();
+  const Tensor w = weight_or_undefined(weight);
+  const auto rshape = row_shape(self);
+  const auto adt = acc_dtype(self.scalar_type());
+  Tensor loss = reduction == kNone ? at::empty(rshape, self.options())
+                                   : at::empty({}, self.options());
+  Tensor total_weight = at::empty({}, self.options().dtype(adt));
+  const int64_t rows = r.rows();
+  FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+    FO_DISPATCH_TARGET(tg.scalar_type(), [&] {
+      const index_t* tp = tg.const_data_ptr<index_t>();
+      const double tw = check_targets_total_weight(tp, rows, wp, r.C, ignore_index, op);
+      total_weight.fill_(tw);
+      std::vector<A> buf(reduction == kNone ? 0 : rows);
+      scalar_t* outp = reduction == kNone ? loss.mutable_data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, rows, kElementwiseGrain, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          const int64_t n = i / r.S, s = i % r.S;
+          const int64_t ti = static_cast<int64_t>(tp[i]);
+          A v = 0;
+          if (ti != ignore_index) {
+            const A wt = wp ? static_cast<A>(wp[ti]) : A(1);
+            v = -wt * static_cast<A>(xp[(n * r.C + ti) * r.S + s]);
+          }
+          if (outp) outp[i] = static_cast<scalar_t>(v);
+          else buf[i] = v;
+        }
+      });
+      if (reduction != kNone) {
+        double s = deterministic_sum(buf.data(), rows);
+        if (reduction == kMean) s /= tw;
+        loss.fill_(s);
+      }
+    });
+  });
+  return {loss, total_weight};
+}
+
+Tensor nll_loss_bwd(const Tensor& grad_output, const Tensor& self, const Tensor& target,
+                    const c10::optional<Tensor>& weight, int64_t reduction, int64_t ignore_index,
+                    const Tensor& total_weight) {
+  const char* op = "fastops.nll_loss_backward";
+  check_floating(self, op, "self");
+  check_reduction(reduction, op);
+  const Rows r = class_rows(self, op);
+  check_target(self, target, op, /*allow_soft=*/false);
+  check_weight(self, weight, r.C, op);
+  const auto rshape = row_shape(self);
+  check_grad_output(grad_output, self, reduction, rshape, op);
+  TORCH_CHECK(total_weight.defined() && total_weight.numel() == 1, op,
+              ": expected a one-element total_weight, got shape ", total_weight.sizes());
+  const auto adt = acc_dtype(self.scalar_type());
+  const Tensor tg = target.contiguous();
+  const Tensor w = weight_or_undefined(weight);
+  const Tensor g = grad_output.to(adt).contiguous();
+  Tensor gx = empty_output(self);
+  if (gx.numel() == 0) return gx;
+  const double tw = total_weight.to(at::kDouble).item<double>();
+  const int64_t rows = r.rows();
+  FO_DISPATCH_FLOATING(self.scalar_type(), [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+    const A* gp = g.const_data_ptr<A>();
+    scalar_t* op_ = gx.mutable_data_ptr<scalar_t>();
+    const A gscale = reduction == kMean ? static_cast<A>(static_cast<double>(gp[0]) / tw) : gp[0];
+    FO_DISPATCH_TARGET(tg.scalar_type(), [&] {
+      const index_t* tp = tg.const_data_ptr<index_t>();
+      check_targets_total_weight(tp, rows, wp, r.C, ignore_index, op);
+      // Per n: zero the (C, S) slab, then set the targets.
+      const int64_t slab = r.C * r.S;
+      at::parallel_for(0, r.N, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(1, slab)),
+                       [&](int64_t b, int64_t e) {
+        for (int64_t n = b; n < e; ++n) {
+          scalar_t* gs = op_ + n * slab;
+          std::fill(gs, gs + slab, static_cast<scalar_t>(0));
+          for (int64_t s = 0; s < r.S; ++s) {
+            const int64_t i = n * r.S + s;
+            const int64_t ti = static_cast<int64_t>(tp[i]);
+            if (ti == ignore_index) continue;
+            const A wt = wp ? static_cast<A>(wp[ti]) : A(1);
+            const A gn = reduction == kNone ? gp[i] : gscale;
+            gs[ti * r.S + s] = static_cast<scalar_t>(-wt * gn);
+          }
+        }
+      });
+    });
+  });
+  return gx;
+}
+
+// ---- log_softmax -----------------------------------------------------------------------------
+
+struct DimLayout {
+  int64_t outer, C, inner;
+};
+
+DimLayout dim_layout(const Tensor& t, int64_t& dim, const char* op) {
+  const int64_t nd = std::max<int64_t>(1, t.dim());
+  TORCH_CHECK(dim >= -nd && dim < nd, op, ": dim ", dim, " is out of range for a tensor of ",
+              t.dim(), " dimensions (expected a dim in [", -nd, ", ", nd - 1, "])");
+  if (dim < 0) dim += nd;
+  if (t.dim() == 0) return {1, 1, 1};
+  int64_t outer = 1, inner = 1;
+  for (int64_t d = 0; d < dim; ++d) outer *= t.size(d);
+  for (int64_t d = dim + 1; d < t.dim(); ++d) inner *= t.size(d);
+  return {outer, t.size(dim), inner};
+}
+
+Tensor log_softmax_fwd(const Tensor& self, int64_t dim) {
+  const char* op = "fastops.log_softmax";
+  check_floating(self, op, "self");
+  const DimLayout l = dim_layout(self, dim, op);
+  const Tensor x = self.contiguous();
+  Tensor y = empty_output(x);
+  if (x.numel() == 0) return y;
+  FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    if (l.inner == 1) {
+      at::parallel_for(0, l.outer, std::max<int64_t>(1, 65536 / l.C), [&](int64_t b, int64_t e) {
+        dispatch_isa([&]() FO_INLINE_LAMBDA {
+          for (int64_t n = b; n < e; ++n) {
+            const scalar_t* xr = xp + n * l.C;
+            scalar_t* yr = yp + n * l.C;
+            A lse, a, d;
+            row_stats<0>(xr, xr, xr, l.C, A(1), A(0), lse, a, d);
+            for (int64_t c = 0; c < l.C; ++c) yr[c] = static_cast<scalar_t>(static_cast<A>(xr[c]) - lse);
+          }
+        });
+      });
+    } else {
+      const int64_t nblk = (l.inner + kLanes - 1) / kLanes;
+      at::parallel_for(0, l.outer * nblk, std::max<int64_t>(1, 4096 / l.C), [&](int64_t b, int64_t e) {
+        dispatch_isa([&]() FO_INLINE_LAMBDA {
+          for (int64_t task = b; task < e; ++task) {
+            const int64_t n = task / nblk, s0 = (task % nblk) * kLanes;
+            const int64_t nl = std::min<int64_t>(kLanes, l.inner - s0);
+            const int64_t base = n * l.C * l.inner + s0;
+            A lse[kLanes], a[kLanes], d[kLanes];
+            if (nl == kLanes) {
+              lane_stats<kLanes, 0>(xp + base, xp, xp, l.C, l.inner, A(1), A(0), lse, a, d);
+              for (int64_t c = 0; c < l.C; ++c)
+                for (int j = 0; j < kLanes; ++j)
+                  yp[base + c * l.inner + j] =
+                      static_cast<scalar_t>(static_cast<A>(xp[base + c * l.inner + j]) - lse[j]);
+            } else {
+              for (int64_t j = 0; j < nl; ++j)
+                lane_stats<1, 0>(xp + base + j, xp, xp, l.C, l.inner, A(1), A(0), lse + j, a + j,
+                                 d + j);
+              for (int64_t c = 0; c < l.C; ++c)
+                for (int64_t j = 0; j < nl; ++j)
+                  yp[base + c * l.inner + j] =
+                      static_cast<scalar_t>(static_cast<A>(xp[base + c * l.inner + j]) - lse[j]);
+            }
+          }
+        });
+      });
+    }
+  });
+  return y;
+}
+
+// grad_input = g - exp(y) * sum(g) along dim.
+Tensor log_softmax_bwd(const Tensor& grad_output, const Tensor& output, int64_t dim) {
+  const char* op = "fastops.log_softmax_backward";
+  check_floating(output, op, "output");
+  check_floating(grad_output, op, "grad_output");
+  check_same_dtype(output, grad_output, op, "output", "grad_output");
+  check_same_device(output, grad_output, op, "output", "grad_output");
+  check_same_shape(output, grad_output, op, "output", "grad_output");
+  const DimLayout l = dim_layout(output, dim, op);
+  const Tensor y = output.contiguous();
+  const Tensor g = grad_output.contiguous();
+  Tensor gx = empty_output(y);
+  if (y.numel() == 0) return gx;
+  FO_DISPATCH_FLOATING(y.scalar_type(), [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    scalar_t* op_ = gx.mutable_data_ptr<scalar_t>();
+    if (l.inner == 1) {
+      at::parallel_for(0, l.outer, std::max<int64_t>(1, 65536 / l.C), [&](int64_t b, int64_t e) {
+        dispatch_isa([&]() FO_INLINE_LAMBDA {
+          for (int64_t n = b; n < e; ++n) {
+            const scalar_t* yr = yp + n * l.C;
+            const scalar_t* gr = gp + n * l.C;
+            scalar_t* o = op_ + n * l.C;
+            A acc[kLanes];
+            for (int j = 0; j < kLanes; ++j) acc[j] = 0;
+            int64_t c = 0;
+            for (; c + kLanes <= l.C; c += kLanes)
+              for (int j = 0; j < kLanes; ++j) acc[j] += static_cast<A>(gr[c + j]);
+            A s = 0;
+            for (int j = 0; j < kLanes; ++j) s += acc[j];
+            for (; c < l.C; ++c) s += static_cast<A>(gr[c]);
+            for (c = 0; c < l.C; ++c)
+              o[c] = static_cast<scalar_t>(static_cast<A>(gr[c]) -
+                                           fo_exp(static_cast<A>(yr[c])) * s);
+          }
+        });
+      });
+    } else {
+      at::parallel_for(0, l.outer, std::max<int64_t>(1, 65536 / (l.C * l.inner)),
+                       [&](int64_t b, int64_t e) {
+        dispatch_isa([&]() FO_INLINE_LAMBDA {
+          std::vector<A> s(l.inner);
+          for (int64_t n = b; n < e; ++n) {
+            const int64_t base = n * l.C * l.inner;
+            for (int64_t i = 0; i < l.inner; ++i) s[i] = 0;
+            for (int64_t c = 0; c < l.C; ++c)
+              for (int64_t i = 0; i < l.inner; ++i)
+                s[i] += static_cast<A>(gp[base + c * l.inner + i]);
+            for (int64_t c = 0; c < l.C; ++c)
+              for (int64_t i = 0; i < l.inner; ++i) {
+                const int64_t k = base + c * l.inner + i;
+                op_[k] = static_cast<scalar_t>(static_cast<A>(gp[k]) -
+                                               fo_exp(static_cast<A>(yp[k])) * s[i]);
+              }
+          }
+        });
+      });
+    }
+  });
+  return gx;
+}
+
+// ---- mse_loss --------------------------------------------------------------------------------
+
+void check_mse(const Tensor& self, const Tensor& target, int64_t reduction, const char* op) {
+  check_floating(self, op, "self");
+  TORCH_CHECK(target.defined(), op, ": target is an undefined tensor");
+  check_floating(target, op, "target");
+  check_same_dtype(self, target, op, "self", "target");
+  check_same_device(self, target, op, "self", "target");
+  check_same_shape(self, target, op, "self", "target");
+  check_reduction(reduction, op);
+}
+
+Tensor mse_loss_fwd(const Tensor& self, const Tensor& target, int64_t reduction) {
+  const char* op = "fastops.mse_loss";
+  check_mse(self, target, reduction, op);
+  const Tensor x = self.contiguous();
+  const Tensor y = target.contiguous();
+  const int64_t n = x.numel();
+  Tensor out = reduction == kNone ? empty_output(x)
+                                  : at::empty({}, self.options());
+  FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    if (reduction == kNone) {
+      scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
+      at::parallel_for(0, n, kElementwiseGrain, [&](int64_t b, int64_t e) {
+        dispatch_isa([&]() FO_INLINE_LAMBDA {
+          for (int64_t i = b; i < e; ++i) {
+            const A d = static_cast<A>(xp[i]) - static_cast<A>(yp[i]);
+            op_[i] = static_cast<scalar_t>(d * d);
+          }
+        });
+      });
+      return;
+    }
+    // Fixed blocks of kMseBlock elements, each summed in kLanes partial sums, then the blocks
+    // in order: the same result for any number of threads.
+    constexpr int64_t kMseBlock = 16384;
+    const int64_t nb = (n + kMseBlock - 1) / kMseBlock;
+    std::vector<A> part(nb);
+    at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+      dispatch_isa([&]() FO_INLINE_LAMBDA {
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          const int64_t s = blk * kMseBlock, e = std::min(n, s + kMseBlock);
+          A acc[kLanes];
+          for (int j = 0; j < kLanes; ++j) acc[j] = 0;
+          int64_t i = s;
+          for (; i + kLanes <= e; i += kLanes)
+            for (int j = 0; j < kLanes; ++j) {
+              const A d = static_cast<A>(xp[i + j]) - static_cast<A>(yp[i + j]);
+              acc[j] += d * d;
+            }
+          A t = 0;
+          for (int j = 0; j < kLanes; ++j) t += acc[j];
+          for (; i < e; ++i) {
+            const A d = static_cast<A>(xp[i]) - static_cast<A>(yp[i]);
+            t += d * d;
+          }
+          part[blk] = t;
+        }
+      });
+    });
+    A total = 0;
+    for (int64_t b = 0; b < nb; ++b) total += part[b];
+    if (reduction == kMean) total = n == 0 ? std::numeric_limits<A>::quiet_NaN() : total / n;
+    out.fill_(static_cast<double>(total));
+  });
+  return out;
+}
+
+std::tuple<Tensor, Tensor> mse_loss_bwd(const Tensor& grad_output, const Tensor& self,
+                                        const Tensor& target, int64_t reduction,
+                                        std::array<bool, 2> output_mask) {
+  const char* op = "fastops.mse_loss_backward";
+  check_mse(self, target, reduction, op);
+  check_grad_output(grad_output, self, reduction, self.sizes(), op);
+  const Tensor x = self.contiguous();
+  const Tensor y = target.contiguous();
+  const int64_t n = x.numel();
+  // Only the gradients asked for are written: the target rarely needs one.
+  Tensor gx = output_mask[0] ? empty_output(x) : x.new_empty({0});
+  Tensor gy = output_mask[1] ? empty_output(x) : x.new_empty({0});
+  if (n == 0) return {gx, gy};
+  FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
+    using A = acc_t<scalar_t>;
+    const Tensor g = reduction == kNone ? grad_output.to(x.scalar_type()).contiguous()
+                                        : grad_output.to(acc_dtype(x.scalar_type()));
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    scalar_t* gxp = output_mask[0] ? gx.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* gyp = output_mask[1] ? gy.mutable_data_ptr<scalar_t>() : nullptr;
+    if (reduction == kNone) {
+      const scalar_t* gp = g.const_data_ptr<scalar_t>();
+      at::parallel_for(0, n, kElementwiseGrain, [&](int64_t b, int64_t e) {
+        dispatch_isa([&]() FO_INLINE_LAMBDA {
+          for (int64_t i = b; i < e; ++i) {
+            const A v = A(2) * (static_cast<A>(xp[i]) - static_cast<A>(yp[i])) *
+                        static_cast<A>(gp[i]);
+            if (gxp) gxp[i] = static_cast<scalar_t>(v);  // loop-invariant: unswitched
+            if (gyp) gyp[i] = static_cast<scalar_t>(-v);
+          }
+        });
+      });
+    } else {
+      A scale = A(2) * g.const_data_ptr<A>()[0];
+      if (reduction == kMean) scale = static_cast<A>(static_cast<double>(scale) / n);
+      at::parallel_for(0, n, kElementwiseGrain, [&](int64_t b, int64_t e) {
+        dispatch_isa([&]() FO_INLINE_LAMBDA {
+          for (int64_t i = b; i < e; ++i) {
+            const A v = (static_cast<A>(xp[i]) - static_cast<A>(yp[i])) * scale;
+            if (gxp) gxp[i] = static_cast<scalar_t>(v);  // loop-invariant: unswitched
+            if (gyp) gyp[i] = static_cast<scalar_t>(-v);
+          }
+        });
+      });
+    }
+  });
+  return {gx, gy};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastops, CPU, m) {
+  m.impl("log_softmax", &log_softmax_fwd);
+  m.impl("log_softmax_backward", &log_softmax_bwd);
+  m.impl("nll_loss", &nll_loss_fwd);
+  m.impl("nll_loss_backward", &nll_loss_bwd);
+  m.impl("cross_entropy", &cross_entropy_fwd);
+  m.impl("cross_entropy_backward", &cross_entropy_bwd);
+  m.impl("mse_loss", &mse_loss_fwd);
+  m.impl("mse_loss_backward", &mse_loss_bwd);
+}
+
+}  // namespace cpu
+}  // namespace fastops

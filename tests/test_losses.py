@@ -1,0 +1,573 @@
+"""The losses (log_softmax, nll_loss, cross_entropy, mse_loss) held against torch: values and
+gradients in every dtype, gradcheck in float64, every option, odd and empty shapes, views,
+extreme values, determinism, bad inputs and torch.library.opcheck."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastops  # noqa: F401  (loads the ops)
+from fastops.ops import losses as L
+from tests.conftest import DTYPES, tol
+
+REDUCTIONS = ["none", "mean", "sum"]
+# (input shape, class dim size): (N, C), odd (N, C), (N, C, d1), (N, C, d1, d2), (C,)
+SHAPES = [(9, 341), (5, 7), (9, 41, 7), (3, 5, 17, 3), (341,)]
+SHAPE_IDS = ["9x341", "5x7", "9x41x7", "3x5x17x3", "C341"]
+
+
+def _class_dim(shape):
+    return 0 if len(shape) == 1 else 1
+
+
+def _target(shape, C, gen, ignore=None, frac=0.0):
+    tshape = [s for d, s in enumerate(shape) if d != _class_dim(shape)]
+    t = torch.randint(0, C, tshape, generator=gen)
+    if ignore is not None and frac > 0:
+        mask = torch.rand(tshape, generator=gen) < frac
+        t = torch.where(mask, torch.full_like(t, ignore), t)
+    return t
+
+
+def _inputs(shape, dtype, seed=0, scale=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    return x, gen
+
+
+def _ref_f64(fn, x, *args, **kwargs):
+    """torch in float64 from the same (rounded) inputs: the reference for every dtype."""
+    xr = x.detach().double().requires_grad_(True)
+    args = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a
+            for a in args]
+    kwargs = {k: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+              for k, v in kwargs.items()}
+    out = fn(xr, *args, **kwargs)
+    return out, xr
+
+
+def _check_vs_torch(fo_fn, torch_fn, x, dtype, *args, **kwargs):
+    """Values and gradients against torch in float64 from the same inputs. 16-bit dtypes pass
+    within tol(dtype) or within twice torch's own error in that dtype."""
+    xf = x.detach().clone().requires_grad_(True)
+    out = fo_fn(xf, *args, **kwargs)
+    ref, xr = _ref_f64(torch_fn, x, *args, **kwargs)
+    assert out.dtype == dtype and out.shape == ref.shape
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    out.backward(g.to(dtype))
+    ref.backward(g)
+    assert xf.grad.dtype == dtype
+    atol, rtol = tol(dtype)["atol"], tol(dtype)["rtol"]
+    out_atol = grad_atol = atol
+    if dtype in (torch.float16, torch.bfloat16):
+        xt = x.detach().clone().requires_grad_(True)
+        theirs = torch_fn(xt, *args, **kwargs)
+        theirs.backward(g.to(dtype))
+        finite = torch.isfinite(ref.detach()) & torch.isfinite(theirs.detach().double())
+        if finite.any():
+            err = (theirs.detach().double() - ref.detach())[finite].abs().max().item()
+            out_atol = max(atol, 2 * err)
+        gfin = torch.isfinite(xr.grad) & torch.isfinite(xt.grad.double())
+        if gfin.any():
+            grad_atol = max(atol, 2 * (xt.grad.double() - xr.grad)[gfin].abs().max().item())
+    torch.testing.assert_close(out.double(), ref.detach(), equal_nan=True, atol=out_atol,
+                               rtol=rtol)
+    torch.testing.assert_close(xf.grad.double(), xr.grad, equal_nan=True, atol=grad_atol,
+                               rtol=rtol)
+
+
+# ---- cross_entropy ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["now", "weight"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.15], ids=["ls0", "ls.15"])
+def test_cross_entropy_matches_torch(shape, reduction, weighted, smoothing, dtype):
+    C = shape[_class_dim(shape)]
+    x, gen = _inputs(shape, dtype)
+    t = _target(shape, C, gen, ignore=-100, frac=0.2)
+    w = None
+    if weighted:
+        w = torch.rand(C, generator=gen, dtype=torch.float64)
+        w[::3] = 0  # zero weights too
+        w = w.to(dtype)
+    _check_vs_torch(L.cross_entropy, F.cross_entropy, x, dtype, t, weight=w,
+                    reduction=reduction, label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("shape", [(9, 341), (9, 41, 7), (341,)], ids=["9x341", "9x41x7", "C"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["now", "weight"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2], ids=["ls0", "ls.2"])
+def test_cross_entropy_soft_targets(shape, reduction, weighted, smoothing, dtype):
+    C = shape[_class_dim(shape)]
+    x, gen = _inputs(shape, dtype)
+    y = torch.rand(shape, generator=gen, dtype=torch.float64).softmax(_class_dim(shape))
+    y = y.to(dtype)
+    w = torch.rand(C, generator=gen, dtype=torch.float64).to(dtype) if weighted else None
+    _check_vs_torch(L.cross_entropy, F.cross_entropy, x, dtype, y, weight=w,
+                    reduction=reduction, label_smoothing=smoothing)
+
+
+def test_cross_entropy_soft_target_grad():
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    y = torch.rand(4, 6, dtype=torch.float64).softmax(1).requires_grad_(True)
+    w = torch.rand(6, dtype=torch.float64)
+    for reduction in REDUCTIONS:
+        assert torch.autograd.gradcheck(
+            lambda a, b: L.cross_entropy(a, b, weight=w, reduction=reduction,
+                                         label_smoothing=0.1), (x, y), fast_mode=True)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cross_entropy_ignore_index(reduction):
+    x, gen = _inputs((16, 10), torch.float32)
+    t = torch.randint(0, 10, (16,), generator=gen)
+    t[::2] = 3  # an ignore_index inside the class range
+    w = torch.rand(10, generator=gen)
+    _check_vs_torch(L.cross_entropy, F.cross_entropy, x, torch.float32, t, weight=w,
+                    ignore_index=3, reduction=reduction, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy_all_ignored(smoothing, weighted):
+    x = torch.randn(4, 5, requires_grad=True)
+    t = torch.full((4,), -100)
+    w = torch.rand(5) if weighted else None
+    for reduction in REDUCTIONS:
+        ours = L.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=smoothing)
+        ref = F.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=smoothing)
+        torch.testing.assert_close(ours, ref, equal_nan=True)
+    assert torch.isnan(L.cross_entropy(x, t, weight=w)).item()
+    (g,) = torch.autograd.grad(L.cross_entropy(x, t, reduction="sum"), x)
+    assert (g == 0).all()
+
+
+def test_cross_entropy_uint8_target():
+    x = torch.randn(6, 5, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3, 4, 0], dtype=torch.uint8)
+    _check_vs_torch(L.cross_entropy, F.cross_entropy, x, torch.float32, t)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_cross_entropy_empty_batch(reduction):
+    for shape in [(0, 5), (0, 5, 3), (2, 5, 0)]:
+        x = torch.randn(shape, requires_grad=True)
+        tshape = [s for d, s in enumerate(shape) if d != 1]
+        t = torch.zeros(tshape, dtype=torch.long)
+        ours = L.cross_entropy(x, t, reduction=reduction)
+        ref = F.cross_entropy(x, t, reduction=reduction)
+        torch.testing.assert_close(ours, ref, equal_nan=True)
+        ours.sum().backward()
+        assert x.grad.shape == x.shape
+        # soft targets of an empty batch
+        y = torch.zeros(shape)
+        torch.testing.assert_close(L.cross_entropy(x, y, reduction=reduction),
+                                   F.cross_entropy(x, y, reduction=reduction), equal_nan=True)
+
+
+def test_cross_entropy_views():
+    """Non-contiguous (transposed), strided and offset (sliced) inputs and targets."""
+    base = torch.randn(40, 30, dtype=torch.float64)
+    tbase = torch.randint(0, 30, (80,))
+    views = [base.t()[:29, :], base[1:, ::1][:, 1:], base[::2, ::3], base[3:]]
+    for x in views:
+        C = x.shape[1]
+        t = tbase[1::2][:x.shape[0]] % C
+        _check_vs_torch(L.cross_entropy, F.cross_entropy, x, torch.float64, t,
+                        label_smoothing=0.1)
+    x4 = torch.randn(3, 7, 5, 4, dtype=torch.float64).permute(0, 1, 3, 2)  # (3, 7, 4, 5)
+    t4 = torch.randint(0, 7, (3, 5, 4)).transpose(1, 2)
+    _check_vs_torch(L.cross_entropy, F.cross_entropy, x4, torch.float64, t4)
+
+
+def test_cross_entropy_large_logits(dtype):
+    gen = torch.Generator().manual_seed(3)
+    x = ((torch.rand(8, 300, generator=gen) * 2 - 1) * 1e4).to(dtype)
+    t = torch.randint(0, 300, (8,), generator=gen)
+    for xs in [x, x.view(8, 30, 10)]:
+        ts = t if xs.dim() == 2 else torch.randint(0, 30, (8, 10), generator=gen)
+        xr = xs.clone().requires_grad_(True)
+        out = L.cross_entropy(xr, ts, reduction="none", label_smoothing=0.1)
+        out.sum().backward()
+        assert torch.isfinite(out).all() and torch.isfinite(xr.grad).all()
+        ref = F.cross_entropy(xs.double(), ts, reduction="none", label_smoothing=0.1)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-2 if dtype.itemsize == 2 else 1e-5,
+                                   atol=1e-2)
+
+
+def test_cross_entropy_confident_bf16():
+    """Softmax near 1 in bf16: our error against a float32 reference is at most ~2x torch's."""
+    gen = torch.Generator().manual_seed(4)
+    N, C = 64, 1000
+    t = torch.randint(0, C, (N,), generator=gen)
+    x32 = torch.randn(N, C, generator=gen)
+    x32[torch.arange(N), t] += 20.0
+    x = x32.bfloat16()
+    xf = x.float().requires_grad_(True)
+    ref = F.cross_entropy(xf, t, reduction="none")
+    (gref,) = torch.autograd.grad(ref.sum(), xf)
+    errs = {}
+    for name, fn in [("fastops", L.cross_entropy), ("torch", F.cross_entropy)]:
+        xb = x.clone().requires_grad_(True)
+        out = fn(xb, t, reduction="none")
+        (g,) = torch.autograd.grad(out.sum(), xb)
+        errs[name] = ((out.float() - ref).abs().max().item(), (g.float() - gref).abs().max().item())
+    assert errs["fastops"][0] <= 2 * errs["torch"][0] + 1e-6, errs
+    assert errs["fastops"][1] <= 2 * errs["torch"][1] + 1e-6, errs
+
+
+def test_cross_entropy_nan_inf_like_torch():
+    x = torch.randn(6, 9, dtype=torch.float64)
+    x[0, 2] = float("nan")
+    x[1, 3] = float("inf")
+    x[2, 4] = -float("inf")
+    x[3, :] = -float("inf")
+    x[4, 5] = float("-inf")
+    t = torch.tensor([1, 2, 3, 4, 5, 6])
+    for xs, ts in [(x, t), (x.t().contiguous().view(9, 6).t().unsqueeze(2).expand(6, 9, 3),
+                            t.unsqueeze(1).expand(6, 3))]:
+        xs = xs.contiguous()
+        a = xs.clone().requires_grad_(True)
+        b = xs.clone().requires_grad_(True)
+        ours = L.cross_entropy(a, ts, reduction="none")
+        ref = F.cross_entropy(b, ts, reduction="none")
+        torch.testing.assert_close(ours, ref, equal_nan=True)
+        ours.sum().backward()
+        ref.sum().backward()
+        torch.testing.assert_close(a.grad, b.grad, equal_nan=True)
+
+
+def test_cross_entropy_long_row_with_leading_neg_inf():
+    """A row whose first chunk is all -inf (C larger than one chunk) stays finite."""
+    x = torch.randn(2, 5000, dtype=torch.float64)
+    x[:, :3000] = -float("inf")
+    t = torch.tensor([4000, 4999])
+    _check_vs_torch(L.cross_entropy, F.cross_entropy, x, torch.float64, t, label_smoothing=0.0)
+
+
+def test_cross_entropy_deterministic():
+    x = torch.randn(300, 257, requires_grad=True)
+    t = torch.randint(0, 257, (300,))
+    xs = torch.randn(4, 33, 50, requires_grad=True)
+    ts = torch.randint(0, 33, (4, 50))
+    for xi, ti in [(x, t), (xs, ts)]:
+        outs, grads = [], []
+        for threads in [1, 2, 1]:
+            prev = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                out = L.cross_entropy(xi, ti, label_smoothing=0.1)
+                (g,) = torch.autograd.grad(out, xi)
+            finally:
+                torch.set_num_threads(prev)
+            outs.append(out)
+            grads.append(g)
+        assert all(torch.equal(outs[0], o) for o in outs)
+        assert all(torch.equal(grads[0], g) for g in grads)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("smoothing", [0.0, 0.3])
+def test_cross_entropy_gradcheck(reduction, smoothing):
+    gen = torch.Generator().manual_seed(5)
+    for shape in [(4, 7), (3, 5, 4), (6,)]:
+        C = shape[_class_dim(shape)]
+        x = torch.randn(shape, dtype=torch.float64, generator=gen, requires_grad=True)
+        t = _target(shape, C, gen, ignore=-100, frac=0.25)
+        w = torch.rand(C, dtype=torch.float64, generator=gen)
+        for weight in [None, w]:
+            assert torch.autograd.gradcheck(
+                lambda a: L.cross_entropy(a, t, weight=weight, reduction=reduction,
+                                          label_smoothing=smoothing), (x,), fast_mode=True)
+            y = torch.rand(shape, dtype=torch.float64, generator=gen)
+            assert torch.autograd.gradcheck(
+                lambda a: L.cross_entropy(a, y, weight=weight, reduction=reduction,
+                                          label_smoothing=smoothing), (x,), fast_mode=True)
+
+
+def test_cross_entropy_legacy_args():
+    x = torch.randn(5, 4)
+    t = torch.randint(0, 4, (5,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for sa, red in [(False, None), (None, False), (True, True)]:
+            torch.testing.assert_close(L.cross_entropy(x, t, size_average=sa, reduce=red),
+                                       F.cross_entropy(x, t, size_average=sa, reduce=red))
+
+
+def test_cross_entropy_none_grad_and_target_not_differentiable():
+    x = torch.randn(3, 4, requires_grad=True)
+    t = torch.tensor([0, 1, 2])
+    loss, lse, tw = L.CrossEntropyFunction.apply(x, t, None, 1, -100, 0.0)
+    assert not lse.requires_grad and not tw.requires_grad
+    (g,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(g, torch.autograd.grad(F.cross_entropy(x, t), x)[0])
+    # None incoming gradients give None gradients
+    from types import SimpleNamespace
+    ctx = SimpleNamespace(needs_input_grad=(True, True, False, False, False, False))
+    for fn in [L.CrossEntropyFunction, L.NLLLossFunction, L.LogSoftmaxFunction,
+               L.MSELossFunction]:
+        assert all(r is None for r in fn.backward(ctx, None))
+
+
+# ---- bad inputs ------------------------------------------------------------------------------
+
+def test_cross_entropy_bad_inputs():
+    x = torch.randn(4, 5)
+    with pytest.raises(IndexError, match=r"target 7 .*\[0, 5\)"):
+        L.cross_entropy(x, torch.tensor([0, 1, 7, 2]))
+    with pytest.raises(IndexError, match="target -3"):
+        L.cross_entropy(x, torch.tensor([0, -3, 1, 2]))
+    with pytest.raises(IndexError, match="target 5"):
+        L.cross_entropy(torch.randn(2, 5, 3), torch.tensor([[0, 1, 2], [5, 0, 0]]))
+    with pytest.raises(TypeError, match="int64"):
+        L.cross_entropy(x, torch.tensor([0, 1, 2, 3], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="weight"):
+        L.cross_entropy(x, torch.tensor([0, 1, 2, 3]), weight=torch.ones(4))
+    with pytest.raises(TypeError, match="weight"):
+        L.cross_entropy(x, torch.tensor([0, 1, 2, 3]), weight=torch.ones(5, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="target of shape"):
+        L.cross_entropy(x, torch.tensor([0, 1, 2]))
+    with pytest.raises(RuntimeError, match="shape of self"):
+        L.cross_entropy(x, torch.rand(4, 6))
+    with pytest.raises(TypeError, match="dtype of self"):
+        L.cross_entropy(x, torch.rand(4, 5, dtype=torch.float64))
+    with pytest.raises(TypeError, match="floating-point"):
+        L.cross_entropy(x.long(), torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(RuntimeError, match="0-d"):
+        torch.ops.fastops.cross_entropy(torch.tensor(1.0), torch.tensor(0), None, 1, -100, 0.0)
+    with pytest.raises(RuntimeError, match="reduction"):
+        torch.ops.fastops.cross_entropy(x, torch.tensor([0, 1, 2, 3]), None, 5, -100, 0.0)
+    with pytest.raises(ValueError):
+        L.cross_entropy(x, torch.tensor([0, 1, 2, 3]), reduction="avg")
+    # the process is fine afterwards
+    assert torch.isfinite(L.cross_entropy(x, torch.tensor([0, 1, 2, 3])))
+
+
+def test_nll_and_mse_bad_inputs():
+    x = torch.randn(4, 5)
+    with pytest.raises(IndexError, match="target 9"):
+        L.nll_loss(x, torch.tensor([0, 9, 1, 2]))
+    with pytest.raises(TypeError, match="int64"):
+        L.nll_loss(x, torch.rand(4, 5))
+    with pytest.raises(RuntimeError, match="weight"):
+        L.nll_loss(x, torch.tensor([0, 1, 1, 2]), weight=torch.ones(3))
+    with pytest.raises(RuntimeError, match="shape"):
+        torch.ops.fastops.mse_loss(x, torch.randn(5, 4), 1)
+    with pytest.raises(TypeError, match="dtype"):
+        torch.ops.fastops.mse_loss(x, x.double(), 1)
+    with pytest.raises(RuntimeError, match="dim"):
+        L.log_softmax(x, dim=2)
+    with pytest.raises(RuntimeError, match="grad_output"):
+        torch.ops.fastops.cross_entropy_backward(torch.ones(3), x, torch.tensor([0, 1, 1, 2]),
+                                                 None, 0, -100, 0.0, torch.zeros(4),
+                                                 torch.tensor(4.0))
+
+
+# ---- nll_loss --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(9, 341), (9, 41, 7), (341,)], ids=["9x341", "9x41x7", "C"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("weighted", [False, True], ids=["now", "weight"])
+def test_nll_loss_matches_torch(shape, reduction, weighted, dtype):
+    C = shape[_class_dim(shape)]
+    x, gen = _inputs(shape, dtype)
+    t = _target(shape, C, gen, ignore=-100, frac=0.2)
+    w = None
+    if weighted:
+        w = torch.rand(C, generator=gen, dtype=torch.float64)
+        w[::4] = 0
+        w = w.to(dtype)
+    _check_vs_torch(L.nll_loss, F.nll_loss, x, dtype, t, weight=w, reduction=reduction)
+
+
+def test_nll_loss_log_softmax_compose_and_gradcheck():
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(5, 6, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    t = torch.randint(0, 6, (5, 3), generator=gen)
+    t[0, 0] = 2
+    w = torch.rand(6, dtype=torch.float64, generator=gen)
+    for reduction in REDUCTIONS:
+        for weight in [None, w]:
+            ours = L.nll_loss(L.log_softmax(x, 1), t, weight=weight, reduction=reduction,
+                              ignore_index=2)
+            ref = F.nll_loss(F.log_softmax(x, 1), t, weight=weight, reduction=reduction,
+                             ignore_index=2)
+            torch.testing.assert_close(ours, ref)
+            assert torch.autograd.gradcheck(
+                lambda a: L.nll_loss(a, t, weight=weight, reduction=reduction, ignore_index=2),
+                (x,), fast_mode=True)
+    t_all = torch.full((5, 3), -100)
+    torch.testing.assert_close(L.nll_loss(x, t_all), F.nll_loss(x, t_all), equal_nan=True)
+    torch.testing.assert_close(L.nll_loss(torch.randn(0, 4), torch.zeros(0, dtype=torch.long)),
+                               F.nll_loss(torch.randn(0, 4), torch.zeros(0, dtype=torch.long)),
+                               equal_nan=True)
+
+
+# ---- log_softmax -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape,dim", [((9, 341), 1), ((9, 341), 0), ((9, 41, 7), 1),
+                                       ((9, 41, 7), -1), ((5000,), 0), ((3, 0, 4), 2),
+                                       ((), 0)])
+def test_log_softmax_matches_torch(shape, dim, dtype):
+    x, _ = _inputs(shape, dtype)
+    _check_vs_torch(L.log_softmax, F.log_softmax, x, dtype, dim)
+
+
+def test_log_softmax_gradcheck_and_options():
+    x = torch.randn(4, 5, 3, dtype=torch.float64, requires_grad=True)
+    for dim in range(3):
+        assert torch.autograd.gradcheck(lambda a: L.log_softmax(a, dim), (x,), fast_mode=True)
+    xt = torch.randn(6, 7).t()  # non-contiguous
+    torch.testing.assert_close(L.log_softmax(xt, 1), F.log_softmax(xt, 1))
+    with pytest.warns(UserWarning, match="Implicit dimension"):
+        ours = L.log_softmax(x.detach())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(ours, F.log_softmax(x.detach()))
+    xh = torch.randn(3, 4).half()
+    out = L.log_softmax(xh, 1, dtype=torch.float32)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, F.log_softmax(xh, 1, dtype=torch.float32))
+    big = torch.tensor([[1e4, -1e4, 0.0], [float("nan"), 0.0, 1.0], [float("inf"), 0.0, 1.0]])
+    torch.testing.assert_close(L.log_softmax(big, 1), F.log_softmax(big, 1), equal_nan=True)
+
+
+# ---- mse_loss --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(9, 341), (9, 41, 7), (100003,), ()], ids=["9x341", "9x41x7",
+                                                                            "odd", "0d"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_mse_loss_matches_torch(shape, reduction, dtype):
+    x, gen = _inputs(shape, dtype, scale=0.3)
+    y = (0.3 * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
+    _check_vs_torch(L.mse_loss, F.mse_loss, x, dtype, y, reduction=reduction)
+
+
+def test_mse_loss_target_grad_gradcheck_and_options():
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    for reduction in REDUCTIONS:
+        assert torch.autograd.gradcheck(lambda a, b: L.mse_loss(a, b, reduction=reduction),
+                                        (x, y), fast_mode=True)
+    # broadcasting target: torch's warning and result
+    yb = torch.randn(7, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="target size"):
+        ours = L.mse_loss(x, yb)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(ours, F.mse_loss(x, yb))
+    # element weights
+    w = torch.rand(5, 7, dtype=torch.float64)
+    for reduction in REDUCTIONS:
+        torch.testing.assert_close(L.mse_loss(x, y, reduction=reduction, weight=w),
+                                   F.mse_loss(x, y, reduction=reduction, weight=w))
+    # legacy args, empty, views, nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(L.mse_loss(x, y, size_average=False),
+                                   F.mse_loss(x, y, size_average=False))
+    e = torch.randn(0, 3)
+    for reduction in REDUCTIONS:
+        torch.testing.assert_close(L.mse_loss(e, e, reduction=reduction),
+                                   F.mse_loss(e, e, reduction=reduction), equal_nan=True)
+    a = torch.randn(20, 30)[1:, ::2]
+    b = torch.randn(30, 20).t()[1:, ::2]
+    torch.testing.assert_close(L.mse_loss(a, b), F.mse_loss(a, b))
+    n = torch.tensor([1.0, float("nan"), float("inf")])
+    torch.testing.assert_close(L.mse_loss(n, torch.zeros(3), reduction="none"),
+                               F.mse_loss(n, torch.zeros(3), reduction="none"), equal_nan=True)
+
+
+def test_mse_loss_deterministic():
+    x = torch.randn(1_000_003)
+    y = torch.randn(1_000_003)
+    vals = []
+    for threads in [1, 2]:
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            vals.append(L.mse_loss(x, y))
+        finally:
+            torch.set_num_threads(prev)
+    assert torch.equal(vals[0], vals[1])
+    torch.testing.assert_close(vals[0].double(), F.mse_loss(x.double(), y.double()),
+                               rtol=1e-6, atol=0)
+
+
+# ---- opcheck and torch.compile ---------------------------------------------------------------
+
+def _opcheck_cases():
+    x = torch.randn(4, 6, dtype=torch.float64)
+    t = torch.tensor([0, 5, -100, 2])
+    w = torch.rand(6, dtype=torch.float64)
+    x3 = torch.randn(2, 5, 3)
+    t3 = torch.randint(0, 5, (2, 3))
+    lse = torch.logsumexp(x, 1)
+    tw = torch.tensor(3.0, dtype=torch.float64)
+    ops = torch.ops.fastops
+    return [
+        (ops.log_softmax, (x, 1)),
+        (ops.log_softmax_backward, (torch.randn(4, 6, dtype=torch.float64),
+                                    torch.log_softmax(x, 1), 1)),
+        (ops.nll_loss, (x, t, w, 1, -100)),
+        (ops.nll_loss, (x3, t3, None, 0, -100)),
+        (ops.nll_loss_backward, (torch.tensor(1.0, dtype=torch.float64), x, t, w, 1, -100, tw)),
+        (ops.cross_entropy, (x, t, w, 1, -100, 0.1)),
+        (ops.cross_entropy, (x3, t3, None, 0, -100, 0.0)),
+        (ops.cross_entropy, (x, torch.rand(4, 6, dtype=torch.float64), None, 2, -100, 0.0)),
+        (ops.cross_entropy_backward, (torch.tensor(1.0, dtype=torch.float64), x, t, w, 1, -100,
+                                      0.1, lse, tw)),
+        (ops.mse_loss, (x, x * 2, 1)),
+        (ops.mse_loss, (x, x * 2, 0)),
+        (ops.mse_loss_backward, (torch.tensor(1.0, dtype=torch.float64), x, x * 2, 1,
+                                 [True, True])),
+        (ops.mse_loss_backward, (torch.tensor(1.0, dtype=torch.float64), x, x * 2, 1,
+                                 [True, False])),
+    ]
+
+
+@pytest.mark.parametrize("case", range(13))
+def test_opcheck(case):
+    op, args = _opcheck_cases()[case]
+    if not op._qualified_op_name.endswith("_backward"):  # the backward ops have no autograd
+        args = tuple(a.clone().requires_grad_(True)
+                     if isinstance(a, torch.Tensor) and a.is_floating_point() and i == 0 else a
+                     for i, a in enumerate(args))
+    torch.library.opcheck(op, args)
+
+
+def test_compile_fullgraph():
+    x = torch.randn(8, 10, requires_grad=True)
+    t = torch.randint(0, 10, (8,))
+    y = torch.randn(8, 10)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(a):
+        return (L.cross_entropy(a, t, label_smoothing=0.1) + L.mse_loss(a, y)
+                + L.nll_loss(L.log_softmax(a, 1), t))
+
+    ref = (F.cross_entropy(x, t, label_smoothing=0.1) + F.mse_loss(x, y)
+           + F.nll_loss(F.log_softmax(x, 1), t))
+    out = f(x)
+    torch.testing.assert_close(out, ref)
+    (g,) = torch.autograd.grad(out, x)
+    torch.testing.assert_close(g, torch.autograd.grad(ref, x)[0])
+
+
+def test_signatures_match_torch():
+    import inspect
+    for name in ["log_softmax", "nll_loss", "cross_entropy", "mse_loss"]:
+        ours = inspect.signature(getattr(L, name))
+        theirs = inspect.signature(getattr(F, name))
+        assert list(ours.parameters) == list(theirs.parameters), name
+        for p in theirs.parameters.values():
+            assert ours.parameters[p.name].default == p.default, (name, p.name)
+
+
+assert DTYPES  # the dtype fixture of conftest covers all four
