@@ -45,9 +45,12 @@ def pip_cuda_include_dirs():
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cu_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-    cxx = ["-O3", "-fno-trapping-math", "-Wno-psabi", "-DFASTOPS_PYTHON_MODULE"]
+    # -fopenmp: at::parallel_for is inlined into our code and runs its threads with OpenMP (the
+    # libgomp that torch already loaded); without it every kernel would run on one thread.
+    cxx = ["-O3", "-fno-trapping-math", "-Wno-psabi", "-fopenmp", "-DFASTOPS_PYTHON_MODULE"]
     kwargs = dict(name="fastops._C", py_limited_api=False,
-                  extra_compile_args={"cxx": cxx}, include_dirs=[os.path.join(HERE, "csrc")])
+                  extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"],
+                  include_dirs=[os.path.join(HERE, "csrc")])
     if want_cuda() and cu_sources:
         # sm_90 (H100/H200) natively, plus PTX that any newer GPU can JIT, unless the user says.
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
