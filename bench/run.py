@@ -261,8 +261,39 @@ def main(argv=None):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"\nwrote {out}")
+    markdown = out[:-4] + ".md" if out.endswith(".csv") else out + ".md"
+    with open(markdown, "w") as f:
+        f.write(summary_markdown(rows, name, bandwidth, matmul))
+    print(f"\nwrote {out} and {markdown}")
     return 0
+
+
+def summary_markdown(rows, name, bandwidth, matmul):
+    """The forward+backward rows as a Markdown table (for the README)."""
+    by_key = {}
+    for r in rows:
+        by_key.setdefault((r["kernel"], r["size"], r["shape"], r["mode"]), {})[r["provider"]] = r
+    lines = [f"Forward+backward, {rows[0]['dtype']}, on {name} ({rows[0]['threads']} threads, "
+             f"torch {torch.__version__}); ceilings measured in the same run: copy "
+             f"{bandwidth:.1f} GB/s, torch.matmul {matmul:.1f} GFLOP/s. Speed-up = peer time / "
+             "fastops time.", "",
+             "| kernel | shape | fastops ms | torch ms | compile ms | vs torch | vs compile "
+             "| achieved | of ceiling |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for (kernel, size, shape, mode), prov in by_key.items():
+        if mode != "fwd+bwd":
+            continue
+        ours = prov["fastops"]
+        comp = prov.get("compile")
+        lines.append(
+            f"| {kernel} | {shape} | {float(ours['p50_ms']):.3f} "
+            f"| {float(prov['torch']['p50_ms']):.3f} "
+            f"| {float(comp['p50_ms']) if comp else float('nan'):.3f} "
+            f"| {float(prov['torch']['fastops_speedup']):.2f} "
+            f"| {float(comp['fastops_speedup']) if comp else float('nan'):.2f} "
+            f"| {float(ours['value']):.1f} {ours['metric']} "
+            f"| {float(ours['fraction_of_ceiling']):.0%} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -239,3 +239,18 @@ def test_wrong_device():
 
 def test_isa_reported():
     assert fastops.cpu_isa() in ("avx512", "avx2", "baseline")
+
+
+@pytest.mark.slow
+def test_beyond_int32_elements():
+    """64-bit indexing: a tensor of more than 2^31 elements, checked at its far end."""
+    n = 2**31 + 37
+    x = torch.full((n,), -0.5, dtype=torch.bfloat16)
+    tail = torch.tensor([1.5, -2.0, 0.25, -0.75, 3.0], dtype=torch.bfloat16)
+    x[-5:] = tail
+    y = F.elu(x)
+    torch.testing.assert_close(y[-5:], TF.elu(tail))
+    torch.testing.assert_close(y[:3], TF.elu(x[:3]))
+    del y
+    g = torch.ops.fastops.elu_backward(x, x, 1.0)  # grad_output = x
+    torch.testing.assert_close(g[-5:], torch.ops.fastops.elu_backward(tail, tail, 1.0))
