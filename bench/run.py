@@ -147,8 +147,9 @@ def time_fn(fn, device, min_run_time):
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
     else:
-        m = benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(
-            min_run_time=min_run_time)
+        # Timer runs on one thread unless told otherwise
+        m = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+                            ).blocked_autorange(min_run_time=min_run_time)
         times = m.times
     return tuple(float(np.percentile(times, q)) for q in (20, 50, 80))
 

@@ -10,6 +10,8 @@ keyword arguments; ``activation_params`` turns them into the (op name, a, b) the
 
 import torch
 
+from fastops.ops._autograd import register_autograd
+
 # The functional `linear` is left out of __all__: a star import of it into fastops.ops would
 # shadow this module's name there. Import it from here (or fastops.functional).
 __all__ = [
@@ -201,6 +203,10 @@ class LinearActFunction(torch.autograd.Function):
             grad_output, input, weight, preact, ctx.activation, ctx.a, ctx.b, act_weight, mask)
         return (gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
                 None, None, None, gaw if mask[3] else None, None)
+
+
+register_autograd("fastops::linear", LinearFunction)
+register_autograd("fastops::linear_act", LinearActFunction)
 
 
 # ---- functional forms ---------------------------------------------------------------------------
