@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import fastops  # noqa: F401  (loads the ops)
 from fastops.ops import losses as L
-from tests.conftest import DTYPES, tol
+from conftest import tol
 
 REDUCTIONS = ["none", "mean", "sum"]
 # (input shape, class dim size): (N, C), odd (N, C), (N, C, d1), (N, C, d1, d2), (C,)
@@ -48,9 +48,16 @@ def _ref_f64(fn, x, *args, **kwargs):
     return out, xr
 
 
-def _check_vs_torch(fo_fn, torch_fn, x, dtype, *args, **kwargs):
-    """Values and gradients against torch in float64 from the same inputs. 16-bit dtypes pass
-    within tol(dtype) or within twice torch's own error in that dtype."""
+def _to(device, v):
+    return v.to(device) if isinstance(v, torch.Tensor) else v
+
+
+def _check_vs_torch(fo_fn, torch_fn, x, dtype, *args, device="cpu", **kwargs):
+    """Values and gradients against torch in float64 from the same inputs, on device. 16-bit
+    dtypes pass within tol(dtype) or within twice torch's own error in that dtype."""
+    x = x.to(device)
+    args = [_to(device, a) for a in args]
+    kwargs = {k: _to(device, v) for k, v in kwargs.items()}
     xf = x.detach().clone().requires_grad_(True)
     out = fo_fn(xf, *args, **kwargs)
     ref, xr = _ref_f64(torch_fn, x, *args, **kwargs)
@@ -85,7 +92,7 @@ def _check_vs_torch(fo_fn, torch_fn, x, dtype, *args, **kwargs):
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("weighted", [False, True], ids=["now", "weight"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.15], ids=["ls0", "ls.15"])
-def test_cross_entropy_matches_torch(shape, reduction, weighted, smoothing, dtype):
+def test_cross_entropy_matches_torch(shape, reduction, weighted, smoothing, dtype, device):
     C = shape[_class_dim(shape)]
     x, gen = _inputs(shape, dtype)
     t = _target(shape, C, gen, ignore=-100, frac=0.2)
@@ -95,21 +102,21 @@ def test_cross_entropy_matches_torch(shape, reduction, weighted, smoothing, dtyp
         w[::3] = 0  # zero weights too
         w = w.to(dtype)
     _check_vs_torch(L.cross_entropy, F.cross_entropy, x, dtype, t, weight=w,
-                    reduction=reduction, label_smoothing=smoothing)
+                    reduction=reduction, label_smoothing=smoothing, device=device)
 
 
 @pytest.mark.parametrize("shape", [(9, 341), (9, 41, 7), (341,)], ids=["9x341", "9x41x7", "C"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("weighted", [False, True], ids=["now", "weight"])
 @pytest.mark.parametrize("smoothing", [0.0, 0.2], ids=["ls0", "ls.2"])
-def test_cross_entropy_soft_targets(shape, reduction, weighted, smoothing, dtype):
+def test_cross_entropy_soft_targets(shape, reduction, weighted, smoothing, dtype, device):
     C = shape[_class_dim(shape)]
     x, gen = _inputs(shape, dtype)
     y = torch.rand(shape, generator=gen, dtype=torch.float64).softmax(_class_dim(shape))
     y = y.to(dtype)
     w = torch.rand(C, generator=gen, dtype=torch.float64).to(dtype) if weighted else None
     _check_vs_torch(L.cross_entropy, F.cross_entropy, x, dtype, y, weight=w,
-                    reduction=reduction, label_smoothing=smoothing)
+                    reduction=reduction, label_smoothing=smoothing, device=device)
 
 
 def test_cross_entropy_soft_target_grad():
@@ -374,7 +381,7 @@ def test_nll_and_mse_bad_inputs():
 @pytest.mark.parametrize("shape", [(9, 341), (9, 41, 7), (341,)], ids=["9x341", "9x41x7", "C"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("weighted", [False, True], ids=["now", "weight"])
-def test_nll_loss_matches_torch(shape, reduction, weighted, dtype):
+def test_nll_loss_matches_torch(shape, reduction, weighted, dtype, device):
     C = shape[_class_dim(shape)]
     x, gen = _inputs(shape, dtype)
     t = _target(shape, C, gen, ignore=-100, frac=0.2)
@@ -383,7 +390,8 @@ def test_nll_loss_matches_torch(shape, reduction, weighted, dtype):
         w = torch.rand(C, generator=gen, dtype=torch.float64)
         w[::4] = 0
         w = w.to(dtype)
-    _check_vs_torch(L.nll_loss, F.nll_loss, x, dtype, t, weight=w, reduction=reduction)
+    _check_vs_torch(L.nll_loss, F.nll_loss, x, dtype, t, weight=w, reduction=reduction,
+                    device=device)
 
 
 def test_nll_loss_log_softmax_compose_and_gradcheck():
@@ -414,9 +422,9 @@ def test_nll_loss_log_softmax_compose_and_gradcheck():
 @pytest.mark.parametrize("shape,dim", [((9, 341), 1), ((9, 341), 0), ((9, 41, 7), 1),
                                        ((9, 41, 7), -1), ((5000,), 0), ((3, 0, 4), 2),
                                        ((), 0)])
-def test_log_softmax_matches_torch(shape, dim, dtype):
+def test_log_softmax_matches_torch(shape, dim, dtype, device):
     x, _ = _inputs(shape, dtype)
-    _check_vs_torch(L.log_softmax, F.log_softmax, x, dtype, dim)
+    _check_vs_torch(L.log_softmax, F.log_softmax, x, dtype, dim, device=device)
 
 
 def test_log_softmax_gradcheck_and_options():
@@ -443,10 +451,10 @@ def test_log_softmax_gradcheck_and_options():
 @pytest.mark.parametrize("shape", [(9, 341), (9, 41, 7), (100003,), ()], ids=["9x341", "9x41x7",
                                                                             "odd", "0d"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_mse_loss_matches_torch(shape, reduction, dtype):
+def test_mse_loss_matches_torch(shape, reduction, dtype, device):
     x, gen = _inputs(shape, dtype, scale=0.3)
     y = (0.3 * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
-    _check_vs_torch(L.mse_loss, F.mse_loss, x, dtype, y, reduction=reduction)
+    _check_vs_torch(L.mse_loss, F.mse_loss, x, dtype, y, reduction=reduction, device=device)
 
 
 def test_mse_loss_target_grad_gradcheck_and_options():
@@ -569,5 +577,3 @@ def test_signatures_match_torch():
         for p in theirs.parameters.values():
             assert ours.parameters[p.name].default == p.default, (name, p.name)
 
-
-assert DTYPES  # the dtype fixture of conftest covers all four
