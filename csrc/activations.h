@@ -80,29 +80,34 @@ FO_HD float fo_tanh(float x) {
 }
 FO_HD double fo_tanh(double x) { return tanh(x); }
 
-// erfc(x) with relative error below 1.2e-7 everywhere (Numerical Recipes' Chebyshev fit), so
-// the tails of the normal CDF stay accurate in relative terms.
-FO_HD float fo_erfc(float x) {
+// The standard normal CDF Phi(x) and density phi(x) together, sharing one exp(-x^2/2): in float
+// with the erfc form of Abramowitz & Stegun 7.1.26 (absolute error below 1e-7), which needs one
+// exp and one division where erf and exp separately would need two exps.
+FO_HD void fo_normal_cdf_pdf(float x, float& cdf, float& pdf) {
 #if defined(__CUDA_ARCH__)
-  return erfcf(x);
+  cdf = normcdff(x);
+  pdf = 0.39894228040143267794f * expf(-0.5f * x * x);
 #else
-  const float z = x < 0.0f ? -x : x;
-  const float t = 1.0f / (1.0f + 0.5f * z);
-  float p = 0.17087277f;
-  p = p * t - 0.82215223f;
-  p = p * t + 1.48851587f;
-  p = p * t - 1.13520398f;
-  p = p * t + 0.27886807f;
-  p = p * t - 0.18628806f;
-  p = p * t + 0.09678418f;
-  p = p * t + 0.37409196f;
-  p = p * t + 1.00002368f;
-  p = p * t - 1.26551223f;
-  const float r = t * fo_exp(p - z * z);
-  return x < 0.0f ? 2.0f - r : r;
+  const float z = (x < 0.0f ? -x : x) * 0.70710678118654752440f;
+  const float t = 1.0f / (1.0f + 0.3275911f * z);
+  float p = 1.061405429f;
+  p = p * t - 1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t - 0.284496736f;
+  p = p * t + 0.254829592f;
+  const float e = fo_exp(-z * z);  // exp(-x^2 / 2)
+  const float tail = 0.5f * t * p * e;  // Phi(-|x|)
+  cdf = x < 0.0f ? tail : 1.0f - tail;
+  pdf = 0.39894228040143267794f * e;
 #endif
 }
-FO_HD double fo_erfc(double x) { return erfc(x); }
+FO_HD void fo_normal_cdf_pdf(double x, double& cdf, double& pdf) {
+  cdf = 0.5 * erfc(-x * 0.70710678118654752440);
+  pdf = 0.39894228040143267794 * exp(-0.5 * x * x);
+}
+
+// sigmoid(x) = 1 / (1 + exp(-x)).
+template <class T> FO_HD T fo_sigmoid(T x) { return T(1) / (T(1) + fo_exp(-x)); }
 
 // ---------------------------------------------------------------------------------------------
 // The activations. Parameters are stored as float (the compute type of every dtype but double,
@@ -126,27 +131,30 @@ struct Elu {
 // GELU with approximate='none': x * Phi(x), Phi the standard normal CDF.
 struct Gelu {
   template <class T> FO_HD T forward(T x) const {
-    return x * T(0.5) * fo_erfc(-x * T(0.70710678118654752440));
+    T cdf, pdf;
+    fo_normal_cdf_pdf(x, cdf, pdf);
+    return x * cdf;
   }
   template <class T> FO_HD T backward(T x, T g) const {
-    const T cdf = T(0.5) * fo_erfc(-x * T(0.70710678118654752440));
-    const T pdf = T(0.39894228040143267794) * fo_exp(T(-0.5) * x * x);
+    T cdf, pdf;
+    fo_normal_cdf_pdf(x, cdf, pdf);
     return g * (cdf + x * pdf);
   }
 };
 
-// GELU with approximate='tanh'.
+// GELU with approximate='tanh': 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3), computed
+// as x * sigmoid(2u), the same value without the cancellation of 1 + tanh(u) for u << 0.
 struct GeluTanh {
   template <class T> FO_HD T forward(T x) const {
-    const T inner = T(0.79788456080286535588) * (x + T(0.044715) * x * x * x);
-    return T(0.5) * x * (T(1) + fo_tanh(inner));
+    const T u2 = T(2 * 0.79788456080286535588) * (x + T(0.044715) * x * x * x);
+    return x * fo_sigmoid(u2);
   }
   template <class T> FO_HD T backward(T x, T g) const {
     const T x2 = x * x;
-    const T inner = T(0.79788456080286535588) * (x + T(0.044715) * x2 * x);
-    const T t = fo_tanh(inner);
-    const T dinner = T(0.79788456080286535588) * (T(1) + T(3 * 0.044715) * x2);
-    return g * (T(0.5) * (T(1) + t) + T(0.5) * x * (T(1) - t * t) * dinner);
+    const T u2 = T(2 * 0.79788456080286535588) * (x + T(0.044715) * x2 * x);
+    const T du2 = T(2 * 0.79788456080286535588) * (T(1) + T(3 * 0.044715) * x2);
+    const T s = fo_sigmoid(u2);
+    return g * (s + x * s * (T(1) - s) * du2);
   }
 };
 
@@ -169,9 +177,9 @@ struct LeakyRelu {
 };
 
 struct Sigmoid {
-  template <class T> FO_HD T forward(T x) const { return T(1) / (T(1) + fo_exp(-x)); }
+  template <class T> FO_HD T forward(T x) const { return fo_sigmoid(x); }
   template <class T> FO_HD T backward(T x, T g) const {
-    const T s = T(1) / (T(1) + fo_exp(-x));
+    const T s = fo_sigmoid(x);
     return g * s * (T(1) - s);
   }
 };

@@ -3,6 +3,7 @@
 // of channels) have loops of their own.
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "../activations.h"
@@ -130,7 +131,7 @@ Tensor prelu_forward(const Tensor& self, const Tensor& weight) {
 }
 
 // The weight gradient is summed in a fixed order whatever the number of threads: partial sums
-// over fixed blocks of `outer`, then the blocks in order. Deterministic without atomics.
+// per fixed block of the input, then the blocks in order. Deterministic without atomics.
 std::tuple<Tensor, Tensor> prelu_backward(const Tensor& grad_output, const Tensor& self,
                                           const Tensor& weight) {
   const char* op = "fastops.prelu_backward";
@@ -144,49 +145,68 @@ std::tuple<Tensor, Tensor> prelu_backward(const Tensor& grad_output, const Tenso
   Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
   Tensor gw = at::empty_like(w, at::MemoryFormat::Contiguous);
   const Prelu f;
-  // Rows of `inner` elements; each block holds whole rows and about kElementwiseGrain elements.
-  const int64_t rows = l.outer * l.channels;
-  const int64_t rows_per_block =
-      std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(1, l.inner));
-  const int64_t blocks = rows == 0 ? 0 : (rows + rows_per_block - 1) / rows_per_block;
+  const int64_t n = x.numel();
+  const int64_t C = l.channels;
+  // (N, C) rows: blocks of whole rows, the channel running along each row. Otherwise: blocks of
+  // kElementwiseGrain elements of the flat input, cut where the channel changes.
+  const bool row_major = l.inner == 1 && C > 1;
+  const int64_t block = row_major ? std::max<int64_t>(1, kElementwiseGrain / C) : kElementwiseGrain;
+  const int64_t extent = row_major ? l.outer : n;
+  const int64_t blocks = extent == 0 ? 0 : (extent + block - 1) / block;
   FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
-    std::vector<acc> partial(static_cast<size_t>(blocks * l.channels), acc(0));
+    std::vector<acc> partial(static_cast<size_t>(blocks * C), acc(0));
     at::parallel_for(0, blocks, 1, [&](int64_t bbegin, int64_t bend) {
       dispatch_isa([&]() FO_INLINE_LAMBDA {
         for (int64_t b = bbegin; b < bend; ++b) {
-          acc* part = partial.data() + b * l.channels;
-          const int64_t rend = std::min(rows, (b + 1) * rows_per_block);
-          for (int64_t row = b * rows_per_block; row < rend; ++row) {
-            const int64_t c = row % l.channels;
+          acc* part = partial.data() + b * C;
+          const int64_t begin = b * block, end = std::min(extent, begin + block);
+          if (row_major) {
+            for (int64_t r = begin; r < end; ++r)
+              for (int64_t c = 0; c < C; ++c) {
+                const int64_t i = r * C + c;
+                const acc xv = static_cast<acc>(xp[i]), gv = static_cast<acc>(gp[i]);
+                gxp[i] = static_cast<scalar_t>(f.backward(xv, static_cast<acc>(wp[c]), gv));
+                part[c] += f.weight_grad(xv, gv);
+              }
+            continue;
+          }
+          for (int64_t seg = begin; seg < end;) {  // runs of one channel
+            const int64_t c = (seg / l.inner) % C;
+            const int64_t seg_end = std::min(end, (seg / l.inner + 1) * l.inner);
             const acc wv = static_cast<acc>(wp[c]);
-            const scalar_t* xr = xp + row * l.inner;
-            const scalar_t* gr = gp + row * l.inner;
-            scalar_t* gxr = gxp + row * l.inner;
-            acc sum = 0;
-            for (int64_t s = 0; s < l.inner; ++s) {
-              const acc xv = static_cast<acc>(xr[s]);
-              const acc gv = static_cast<acc>(gr[s]);
-              gxr[s] = static_cast<scalar_t>(f.backward(xv, wv, gv));
-              sum += f.weight_grad(xv, gv);
+            constexpr int kLanes = 16;  // independent partial sums, so the sum vectorises
+            acc lanes[kLanes] = {};
+            int64_t i = seg;
+            for (; i + kLanes <= seg_end; i += kLanes)
+              for (int j = 0; j < kLanes; ++j) {
+                const acc xv = static_cast<acc>(xp[i + j]), gv = static_cast<acc>(gp[i + j]);
+                gxp[i + j] = static_cast<scalar_t>(f.backward(xv, wv, gv));
+                lanes[j] += f.weight_grad(xv, gv);
+              }
+            for (; i < seg_end; ++i) {
+              const acc xv = static_cast<acc>(xp[i]), gv = static_cast<acc>(gp[i]);
+              gxp[i] = static_cast<scalar_t>(f.backward(xv, wv, gv));
+              lanes[0] += f.weight_grad(xv, gv);
             }
+            acc sum = 0;
+            for (int j = 0; j < kLanes; ++j) sum += lanes[j];
             part[c] += sum;
+            seg = seg_end;
           }
         }
       });
     });
     scalar_t* gwp = gw.mutable_data_ptr<scalar_t>();
-    for (int64_t c = 0; c < l.channels; ++c) {
+    for (int64_t c = 0; c < w.numel(); ++c) {
       acc total = 0;
-      for (int64_t b = 0; b < blocks; ++b) total += partial[b * l.channels + c];
+      for (int64_t b = 0; b < blocks; ++b) total += partial[b * C + c];
       gwp[c] = static_cast<scalar_t>(total);
     }
-    if (blocks == 0)
-      for (int64_t c = 0; c < w.numel(); ++c) gwp[c] = static_cast<scalar_t>(0);
   });
   return {gx, gw};
 }
@@ -214,8 +234,12 @@ MaxoutLayout maxout_layout(const Tensor& self, int64_t pool_size, const char* op
 
 template <class T>
 FO_ALWAYS_INLINE bool maxout_takes(T candidate, T best) {
-  return candidate > best || (candidate != candidate && best == best);
+  // | and & rather than || and &&: no branches to mispredict on random data
+  return (candidate > best) | ((candidate != candidate) & (best == best));
 }
+
+// Both directions loop over the k members of a group outermost, so the innermost loop runs over
+// many groups (inner == 1: stride-k loads) or over the contiguous `inner` positions.
 
 Tensor maxout_forward(const Tensor& self, int64_t pool_size) {
   const char* op = "fastops.maxout";
@@ -228,26 +252,66 @@ Tensor maxout_forward(const Tensor& self, int64_t pool_size) {
     using acc = acc_t<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    const int64_t rows = l.outer * l.groups;
-    at::parallel_for(0, rows, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(1, l.k * l.inner)),
-                     [&](int64_t begin, int64_t end) {
+    const int64_t rows = l.outer * l.groups, k = l.k, inner = l.inner;
+    const int64_t grain = std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(1, k * inner));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       dispatch_isa([&]() FO_INLINE_LAMBDA {
-        for (int64_t row = begin; row < end; ++row) {
-          const scalar_t* xr = xp + row * l.k * l.inner;
-          scalar_t* yr = yp + row * l.inner;
-          for (int64_t s = 0; s < l.inner; ++s) {
-            acc best = static_cast<acc>(xr[s]);
-            for (int64_t j = 1; j < l.k; ++j) {
-              const acc v = static_cast<acc>(xr[j * l.inner + s]);
-              best = maxout_takes(v, best) ? v : best;
+        // the groups [begin, end), each `inner` outputs wide, as one run of outputs
+        const int64_t count = (end - begin) * inner;
+        scalar_t* yr = yp + begin * inner;
+        for (int64_t j = 0; j < k; ++j) {
+          if (inner == 1) {
+            const scalar_t* xr = xp + begin * k + j;
+            for (int64_t i = 0; i < count; ++i) {
+              const acc v = static_cast<acc>(xr[i * k]);
+              const acc best = static_cast<acc>(yr[i]);
+              yr[i] = static_cast<scalar_t>(j == 0 || maxout_takes(v, best) ? v : best);
             }
-            yr[s] = static_cast<scalar_t>(best);
+          } else {
+            for (int64_t row = begin; row < end; ++row) {
+              const scalar_t* xr = xp + (row * k + j) * inner;
+              scalar_t* yrow = yp + row * inner;
+              for (int64_t s = 0; s < inner; ++s) {
+                const acc v = static_cast<acc>(xr[s]);
+                const acc best = static_cast<acc>(yrow[s]);
+                yrow[s] = static_cast<scalar_t>(j == 0 || maxout_takes(v, best) ? v : best);
+              }
+            }
           }
         }
       });
     });
   });
   return y;
+}
+
+// One run of `count` outputs whose group members sit at x[i * si + j * sj], j < k: the
+// gradient goes to the first member equal to the group's max (NaN matching NaN). Each loop runs
+// over the outputs of the run, so it vectorises without branches (a branchy loop over the
+// members would mispredict on every comparison of random data).
+constexpr int64_t kMaxoutRun = 1024;
+
+template <class scalar_t, class acc>
+FO_ALWAYS_INLINE void maxout_backward_run(const scalar_t* x, const scalar_t* g, scalar_t* gx,
+                                          int64_t count, int64_t k, int64_t si, int64_t sj) {
+  acc best[kMaxoutRun];
+  int32_t arg[kMaxoutRun];
+  for (int64_t i = 0; i < count; ++i) best[i] = static_cast<acc>(x[i * si]);
+  for (int64_t j = 1; j < k; ++j)
+    for (int64_t i = 0; i < count; ++i) {
+      const acc v = static_cast<acc>(x[i * si + j * sj]);
+      best[i] = maxout_takes(v, best[i]) ? v : best[i];
+    }
+  for (int64_t i = 0; i < count; ++i) arg[i] = 0;
+  for (int64_t j = k - 1; j >= 0; --j)  // ends on the first match
+    for (int64_t i = 0; i < count; ++i) {
+      const acc v = static_cast<acc>(x[i * si + j * sj]);
+      const bool match = (v == best[i]) | ((v != v) & (best[i] != best[i]));
+      arg[i] = match ? static_cast<int32_t>(j) : arg[i];
+    }
+  for (int64_t j = 0; j < k; ++j)
+    for (int64_t i = 0; i < count; ++i)
+      gx[i * si + j * sj] = arg[i] == j ? g[i] : static_cast<scalar_t>(0);
 }
 
 Tensor maxout_backward(const Tensor& grad_output, const Tensor& self, int64_t pool_size) {
@@ -268,28 +332,33 @@ Tensor maxout_backward(const Tensor& grad_output, const Tensor& self, int64_t po
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
-    const int64_t rows = l.outer * l.groups;
-    at::parallel_for(0, rows, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(1, l.k * l.inner)),
-                     [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const scalar_t* xr = xp + row * l.k * l.inner;
-        const scalar_t* gr = gp + row * l.inner;
-        scalar_t* gxr = gxp + row * l.k * l.inner;
-        for (int64_t s = 0; s < l.inner; ++s) {
-          int64_t arg = 0;
-          acc best = static_cast<acc>(xr[s]);
-          for (int64_t j = 1; j < l.k; ++j) {
-            const acc v = static_cast<acc>(xr[j * l.inner + s]);
-            if (maxout_takes(v, best)) {
-              best = v;
-              arg = j;
-            }
+    const int64_t rows = l.outer * l.groups, k = l.k, inner = l.inner;
+    if (inner == 1) {  // runs of consecutive groups, members side by side
+      const int64_t runs = (rows + kMaxoutRun - 1) / kMaxoutRun;
+      at::parallel_for(0, runs, std::max<int64_t>(1, kElementwiseGrain / (k * kMaxoutRun)),
+                       [&](int64_t begin, int64_t end) {
+        dispatch_isa([&]() FO_INLINE_LAMBDA {
+          for (int64_t r = begin; r < end; ++r) {
+            const int64_t g0 = r * kMaxoutRun, count = std::min(kMaxoutRun, rows - g0);
+            maxout_backward_run<scalar_t, acc>(xp + g0 * k, gp + g0, gxp + g0 * k, count, k, k, 1);
           }
-          for (int64_t j = 0; j < l.k; ++j)
-            gxr[j * l.inner + s] = j == arg ? gr[s] : static_cast<scalar_t>(0);
-        }
-      }
-    });
+        });
+      });
+    } else {  // runs along the contiguous inner positions of one group
+      const int64_t per_row = (inner + kMaxoutRun - 1) / kMaxoutRun;
+      at::parallel_for(0, rows * per_row,
+                       std::max<int64_t>(1, kElementwiseGrain / (k * std::min(inner, kMaxoutRun))),
+                       [&](int64_t begin, int64_t end) {
+        dispatch_isa([&]() FO_INLINE_LAMBDA {
+          for (int64_t r = begin; r < end; ++r) {
+            const int64_t row = r / per_row, s0 = (r % per_row) * kMaxoutRun;
+            const int64_t count = std::min(kMaxoutRun, inner - s0);
+            maxout_backward_run<scalar_t, acc>(xp + row * k * inner + s0, gp + row * inner + s0,
+                                               gxp + row * k * inner + s0, count, k, 1, inner);
+          }
+        });
+      });
+    }
   });
   return gx;
 }
