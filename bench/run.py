@@ -220,6 +220,10 @@ def main(argv=None):
 
     providers = {"fastops": lambda c: c.fastops, "torch": lambda c: c.torch}
     if not args.no_compile:
+        # A torch function is compiled afresh for every case, size and grad mode: never fall
+        # back to eager because a cache limit was hit.
+        torch._dynamo.config.recompile_limit = 1024
+        torch._dynamo.config.accumulated_recompile_limit = 1 << 20
         providers["compile"] = lambda c: torch.compile(c.torch, dynamic=False)
 
     rows = []
@@ -228,6 +232,7 @@ def main(argv=None):
     print(header)
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     for case in cases:
+        torch._dynamo.reset()
         fns = {prov: make(case) for prov, make in providers.items()}
         for mode in modes:
             times = {}

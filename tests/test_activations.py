@@ -254,3 +254,21 @@ def test_beyond_int32_elements():
     del y
     g = torch.ops.fastops.elu_backward(x, x, 1.0)  # grad_output = x
     torch.testing.assert_close(g[-5:], torch.ops.fastops.elu_backward(tail, tail, 1.0))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_autograd_function_classes(name):
+    """The public autograd.Function classes give what the functional forms give."""
+    from fastops import ops
+    gen = torch.Generator().manual_seed(6)
+    args, kwargs = make_args(name, shape_for(name, (4, 6)), torch.float64, "cpu", True, gen)
+    row = ACTIVATIONS[name]
+    cls = {"relu": ops.ReLUFunction, "elu": ops.ELUFunction, "gelu": ops.GELUFunction,
+           "gelu_tanh": ops.GELUTanhFunction, "hardtanh": ops.HardtanhFunction,
+           "leaky_relu": ops.LeakyReLUFunction, "sigmoid": ops.SigmoidFunction,
+           "tanh": ops.TanhFunction, "hardshrink": ops.HardshrinkFunction,
+           "prelu": ops.PReLUFunction, "maxout": ops.MaxoutFunction}[row.op]
+    out = cls.apply(*args, *row.op_params)
+    torch.testing.assert_close(out, row.fastops_fn(*args, **kwargs))
+    assert torch.autograd.gradcheck(lambda *a: cls.apply(*a, *row.op_params), args,
+                                    fast_mode=True)
