@@ -202,6 +202,20 @@ struct Hardshrink {
   }
 };
 
+// torch compares hardshrink's lambd after rounding it to the input's dtype; fastops does the same
+// so float16/bfloat16 inputs next to the threshold give torch's answer. Every other functor keeps
+// its parameters as given.
+template <class scalar_t, class F> FO_HD F params_in_dtype(const F& f) { return f; }
+template <class scalar_t> FO_HD Hardshrink params_in_dtype(const Hardshrink& f) {
+  return Hardshrink{static_cast<double>(static_cast<scalar_t>(f.lambd))};
+}
+
+// Maxout's comparison: does candidate replace the current best? NaN wins, and among equal values
+// the first does, as with torch.max. | and & rather than || and &&: no branches to mispredict.
+template <class T> FO_HD bool maxout_takes(T candidate, T best) {
+  return (candidate > best) | ((candidate != candidate) & (best == best));
+}
+
 // PReLU: the slope comes per element (per channel) from a weight tensor.
 struct Prelu {
   template <class T> FO_HD T forward(T x, T w) const { return x > T(0) ? x : w * x; }

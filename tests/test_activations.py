@@ -271,3 +271,10 @@ def test_autograd_function_classes(name):
     torch.testing.assert_close(out, row.fastops_fn(*args, **kwargs))
     assert torch.autograd.gradcheck(lambda *a: cls.apply(*a, *row.op_params), args,
                                     fast_mode=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_hardshrink_threshold_in_input_dtype(dtype, device):
+    """Like torch, lambd is rounded to the input's dtype before the comparison."""
+    x = torch.tensor([0.30078, -0.30078, 0.29, 0.31, 0.3], dtype=dtype, device=device)
+    torch.testing.assert_close(F.hardshrink(x, 0.3), TF.hardshrink(x, 0.3), atol=0, rtol=0)

@@ -26,7 +26,8 @@ Tensor unary_forward(const Tensor& self, const F& f, const char* op) {
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, x.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
       dispatch_isa([&]() FO_INLINE_LAMBDA {
-        const F fl = f;  // a local copy: its parameters are then known not to alias the output
+        // a local copy: its parameters are then known not to alias the output
+        const F fl = params_in_dtype<scalar_t>(f);
         for (int64_t i = begin; i < end; ++i)
           yp[i] = static_cast<scalar_t>(fl.forward(static_cast<acc>(xp[i])));
       });
@@ -51,7 +52,7 @@ Tensor unary_backward(const Tensor& grad_output, const Tensor& self, const F& f,
     scalar_t* op_ = gx.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, x.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
       dispatch_isa([&]() FO_INLINE_LAMBDA {
-        const F fl = f;
+        const F fl = params_in_dtype<scalar_t>(f);
         for (int64_t i = begin; i < end; ++i)
           op_[i] = static_cast<scalar_t>(
               fl.backward(static_cast<acc>(xp[i]), static_cast<acc>(gp[i])));
@@ -232,11 +233,6 @@ MaxoutLayout maxout_layout(const Tensor& self, int64_t pool_size, const char* op
   return {outer, channels / pool_size, pool_size, inner};
 }
 
-template <class T>
-FO_ALWAYS_INLINE bool maxout_takes(T candidate, T best) {
-  // | and & rather than || and &&: no branches to mispredict on random data
-  return (candidate > best) | ((candidate != candidate) & (best == best));
-}
 
 // Both directions loop over the k members of a group outermost, so the innermost loop runs over
 // many groups (inner == 1: stride-k loads) or over the contiguous `inner` positions.

@@ -238,10 +238,6 @@ void with_pointwise(const std::string& name, double a, double b, const Fn& fn) {
   TORCH_CHECK(false, "fastops: unknown activation '", name, "'");
 }
 
-template <class T>
-FO_ALWAYS_INLINE bool maxout_takes(T candidate, T best) {
-  return candidate > best || (candidate != candidate && best == best);
-}
 
 // ---- forward ------------------------------------------------------------------------------------
 
