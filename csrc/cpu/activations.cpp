@@ -237,6 +237,9 @@ MaxoutLayout maxout_layout(const Tensor& self, int64_t pool_size, const char* op
 // Both directions loop over the k members of a group outermost, so the innermost loop runs over
 // many groups (inner == 1: stride-k loads) or over the contiguous `inner` positions.
 
+}  // namespace
+
+// Also the maxout of the fused linear (declared in cpu_common.h).
 Tensor maxout_forward(const Tensor& self, int64_t pool_size) {
   const char* op = "fastops.maxout";
   const MaxoutLayout l = maxout_layout(self, pool_size, op);
@@ -280,6 +283,8 @@ Tensor maxout_forward(const Tensor& self, int64_t pool_size) {
   });
   return y;
 }
+
+namespace {
 
 // One run of `count` outputs whose group members sit at x[i * si + j * sj], j < k: the
 // gradient goes to the first member equal to the group's max (NaN matching NaN). Each loop runs

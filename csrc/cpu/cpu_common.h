@@ -70,5 +70,9 @@ constexpr int64_t kElementwiseGrain = 32768;
 #define FO_DISPATCH_FLOATING(TYPE, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, "fastops", __VA_ARGS__)
 
+// Kernels one op family lends another: maxout over dim 1 (activations.cpp), which the fused
+// linear + maxout applies to its pre-activation.
+at::Tensor maxout_forward(const at::Tensor& self, int64_t pool_size);
+
 }  // namespace cpu
 }  // namespace fastops

@@ -250,12 +250,13 @@ std::tuple<Tensor, Tensor> linear_act_impl(const char* op, const Tensor& input,
                                            bool save_preact, bool plain) {
   const LinearDims d = check_linear(op, input, weight, bias);
   const Tensor x = input.reshape({d.M, d.K});  // a view whenever the batch dims allow
-  Tensor out = at::empty({d.M, act.features}, input.options());
   Tensor preact = save_preact ? at::empty({d.M, d.N}, input.options())
                               : at::empty({0}, input.options());
-  // maxout reduces z after the GEMM, so z is always written
-  Tensor z = act.kind == ActKind::maxout ? (save_preact ? preact : at::empty({d.M, d.N}, input.options()))
-                                         : out;
+  // The GEMM writes z: the output itself, or for maxout the pre-activation that the maxout
+  // kernel then reduces.
+  Tensor z = act.kind != ActKind::maxout ? at::empty({d.M, act.features}, input.options())
+             : save_preact               ? preact
+                                         : at::empty({d.M, d.N}, input.options());
 
   FO_DISPATCH_FLOATING(input.scalar_type(), [&] {
     using T = scalar_t;
@@ -280,27 +281,8 @@ std::tuple<Tensor, Tensor> linear_act_impl(const char* op, const Tensor& input,
                     BiasActEpilogue<T, Acc, PointwiseAct<F>>{zp, pp, d.N, bias_v.data(), {f}});
       });
     }
-    if (act.kind == ActKind::maxout) {
-      const int64_t k = act.pool, G = act.features, N = d.N;
-      const T* zc = z.const_data_ptr<T>();
-      T* yp = out.mutable_data_ptr<T>();
-      at::parallel_for(0, d.M, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(1, N)),
-                       [&](int64_t r0, int64_t r1) {
-        dispatch_isa([&]() FO_INLINE_LAMBDA {
-          for (int64_t m = r0; m < r1; ++m)
-            for (int64_t g = 0; g < G; ++g) {
-              const T* zr = zc + m * N + g * k;
-              Acc best = static_cast<Acc>(zr[0]);
-              for (int64_t t = 1; t < k; ++t) {
-                const Acc v = static_cast<Acc>(zr[t]);
-                best = maxout_takes(v, best) ? v : best;
-              }
-              yp[m * G + g] = static_cast<T>(best);
-            }
-        });
-      });
-    }
   });
+  const Tensor out = act.kind == ActKind::maxout ? maxout_forward(z, act.pool) : z;
   return {out.view(with_last_dim(input, act.features)),
           save_preact ? preact.view(with_last_dim(input, d.N)) : preact};
 }
