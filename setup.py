@@ -7,9 +7,29 @@ nvcc is found. FASTOPS_CUDA=0|1 forces either way. Install with
 import glob
 import os
 import sys
+import shutil
 import sysconfig
 
 from setuptools import setup
+
+
+def find_cuda_home():
+    """The CUDA toolkit root: the first candidate with the runtime headers and library. nvcc on
+    PATH may be a wrapper script outside the toolkit, so its parent is only one candidate."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+                  os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None,
+                  "/usr/local/cuda"]
+    for home in filter(None, candidates):
+        if (os.path.exists(os.path.join(home, "include", "cuda_runtime.h"))
+                and glob.glob(os.path.join(home, "lib*", "libcudart.so"))):
+            return home
+    return None
+
+
+# torch.utils.cpp_extension reads CUDA_HOME when it is imported.
+if "CUDA_HOME" not in os.environ and find_cuda_home():
+    os.environ["CUDA_HOME"] = find_cuda_home()
 
 try:
     import torch

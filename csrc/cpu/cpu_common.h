@@ -8,14 +8,12 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
 
 #include <cstdint>
 
 #include "../checks.h"
+#include "../dispatch.h"
 
 namespace fastops {
 namespace cpu {
@@ -57,18 +55,8 @@ template <class Body>
 inline void dispatch_isa(const Body& body) { body(); }
 #endif
 
-// float for the 16-bit types (and float), double for double.
-template <class T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-template <class T> using acc_t = typename Acc<T>::type;
-
 // Elements per parallel task for cheap elementwise loops.
 constexpr int64_t kElementwiseGrain = 32768;
-
-// The four dtypes every fastops op takes (checked beforehand with check_floating, so the name
-// in the dispatch's own error message never shows).
-#define FO_DISPATCH_FLOATING(TYPE, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, TYPE, "fastops", __VA_ARGS__)
 
 // Kernels one op family lends another: maxout over dim 1 (activations.cpp), which the fused
 // linear + maxout applies to its pre-activation.
