@@ -3,7 +3,7 @@ and forward+backward, at a small and a large size.
 
     python -m bench.run                      # all ops, CPU, float32, writes bench/results/<device>.csv
     python -m bench.run --ops elu,gelu --sizes large --no-compile
-    python -m bench.run --device cuda --dtype bfloat16
+    python -m bench.run --device cuda --dtype float32,bfloat16
 
 Each row reports the median time (p20/p80 beside it), the achieved GB/s (bytes that must move)
 or GFLOP/s, that figure as a fraction of the ceiling measured at the start of the same run
@@ -63,7 +63,22 @@ ELEMENTWISE = {
     "tanh": (F.tanh, torch.tanh, {}),
     "hardshrink": (F.hardshrink, TF.hardshrink, {}),
 }
-ELEMENTWISE_SIZES = {"small": (256, 256), "large": (2048, 2048)}  # 64K and 4M elements
+# Sizes per device: (rows, cols) of the elementwise ops, (M, K, N) of linear, (batch, classes)
+# of the softmax losses. The CPU's large is 4M elements; the GPU's 2^26, with the linear and
+# cross-entropy shapes of the GPU targets. "xl" exists on the GPU only.
+SIZES = {
+    "cpu": {
+        "small": dict(elementwise=(256, 256), linear=(256, 256, 256), softmax=(256, 1000)),
+        "large": dict(elementwise=(2048, 2048), linear=(1024, 1024, 1024),
+                      softmax=(4096, 32000)),
+    },
+    "cuda": {
+        "small": dict(elementwise=(256, 256), linear=(256, 256, 256), softmax=(256, 1000)),
+        "large": dict(elementwise=(8192, 8192), linear=(4096, 4096, 4096),
+                      softmax=(8192, 32768)),
+        "xl": dict(softmax=(4096, 131072)),
+    },
+}
 
 
 def elementwise_bytes(n, es):
@@ -84,7 +99,17 @@ def make_cases(device, dtype, sizes):
 
     cases = []
     for size in sizes:
-        rows, cols = ELEMENTWISE_SIZES[size]
+        shapes = SIZES[device][size]
+        cases += elementwise_cases(size, shapes, randn, g, device, dtype, es)
+        cases += linear_cases(size, shapes, randn)
+        cases += softmax_cases(size, shapes, randn, g, device, es)
+    return cases
+
+
+def elementwise_cases(size, shapes, randn, g, device, dtype, es):
+    cases = []
+    if "elementwise" in shapes:
+        rows, cols = shapes["elementwise"]
         n = rows * cols
         shape = f"{rows}x{cols}"
         for name, (fo, tf, _) in ELEMENTWISE.items():
@@ -104,8 +129,12 @@ def make_cases(device, dtype, sizes):
         target = randn(rows, cols, grad=False)
         cases.append(Case("mse_loss", size, shape, [randn(rows, cols), target],
                           F.mse_loss, TF.mse_loss, mse.get, "GB/s"))
+    return cases
 
-        m, kk, nn_ = {"small": (256, 256, 256), "large": (1024, 1024, 1024)}[size]
+
+def linear_cases(size, shapes, randn):
+    cases = []
+    for m, kk, nn_ in [shapes["linear"]] if "linear" in shapes else []:
         flops = {"fwd": 2 * m * kk * nn_, "bwd": 4 * m * kk * nn_, "fwd+bwd": 6 * m * kk * nn_}
         lin_in = [randn(m, kk), randn(nn_, kk, scale=kk ** -0.5), randn(nn_)]
         cases.append(Case("linear", size, f"{m}x{kk}x{nn_}", lin_in, F.linear, TF.linear,
@@ -113,8 +142,13 @@ def make_cases(device, dtype, sizes):
         cases.append(Case("linear+gelu", size, f"{m}x{kk}x{nn_}", lin_in,
                           lambda x, w, b: F.linear_act(x, w, b, "gelu"),
                           lambda x, w, b: TF.gelu(TF.linear(x, w, b)), flops.get, "GFLOP/s"))
+    return cases
 
-        bsz, classes = {"small": (256, 1000), "large": (4096, 32000)}[size]
+
+def softmax_cases(size, shapes, randn, g, device, es):
+    cases = []
+    if "softmax" in shapes:
+        bsz, classes = shapes["softmax"]
         logits = randn(bsz, classes, scale=3.0)
         tgt = torch.randint(0, classes, (bsz,), generator=g).to(device)
         nb = bsz * classes * es
@@ -137,21 +171,41 @@ def time_fn(fn, device, min_run_time):
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
-        times = []
+        # Time batches of calls between two events, so that launch gaps of short calls do not
+        # count more than they would in a training loop; a batch lasts about a millisecond.
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        reps = max(1, min(100, int(1e-3 / max(start.elapsed_time(end) / 1e3, 1e-6))))
+        times = []
         budget = datetime.datetime.now() + datetime.timedelta(seconds=min_run_time)
         while len(times) < 10 or datetime.datetime.now() < budget:
             start.record()
-            fn()
+            for _ in range(reps):
+                fn()
             end.record()
             end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
+            times.append(start.elapsed_time(end) / 1e3 / reps)
     else:
         # Timer runs on one thread unless told otherwise
         m = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
                             ).blocked_autorange(min_run_time=min_run_time)
         times = m.times
     return tuple(float(np.percentile(times, q)) for q in (20, 50, 80))
+
+
+def peak_memory_mb(fn, device):
+    """Memory one call allocates on top of what was allocated before it (CUDA only)."""
+    if device != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
 def step(fn, inputs, mode):
@@ -171,7 +225,7 @@ def step(fn, inputs, mode):
 
 def ceilings(device, dtype, min_run_time):
     """Measured copy bandwidth (GB/s, read + write) and torch.matmul throughput (GFLOP/s)."""
-    n = 16 * 1024 * 1024  # 64 MB of float32
+    n = (64 if device == "cuda" else 16) * 1024 * 1024  # 256 MB (beyond any L2) / 64 MB
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
     copy_s = time_fn(lambda: dst.copy_(src), device, min_run_time)[1]
@@ -195,9 +249,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda" if fastops.cuda_available() else "cpu")
     p.add_argument("--dtype", default="float32",
-                   choices=["float32", "float64", "float16", "bfloat16"])
+                   help="comma-separated: float32, float64, float16, bfloat16")
     p.add_argument("--ops", default="", help="comma-separated kernel names (default: all)")
-    p.add_argument("--sizes", default="small,large")
+    p.add_argument("--sizes", default=None,
+                   help="comma-separated (default: every size of the device)")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     p.add_argument("--min-run-time", type=float, default=0.3, help="seconds per measurement")
@@ -207,16 +262,14 @@ def main(argv=None):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    dtypes = args.dtype.split(",")
+    for d in dtypes:
+        if d not in ("float32", "float64", "float16", "bfloat16"):
+            p.error(f"unknown dtype {d!r}")
+    sizes = args.sizes.split(",") if args.sizes else list(SIZES[args.device])
     wanted = set(filter(None, args.ops.split(",")))
     modes = args.modes.split(",")
-    cases = [c for c in make_cases(args.device, dtype, args.sizes.split(","))
-             if not wanted or c.kernel in wanted]
     name = device_name(args.device)
-    bandwidth, matmul = ceilings(args.device, dtype, args.min_run_time)
-    print(f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"dtype {args.dtype}")
-    print(f"ceilings: copy {bandwidth:.1f} GB/s, torch.matmul {matmul:.1f} GFLOP/s\n")
 
     providers = {"fastops": lambda c: c.fastops, "torch": lambda c: c.torch}
     if not args.no_compile:
@@ -226,41 +279,56 @@ def main(argv=None):
         torch._dynamo.config.accumulated_recompile_limit = 1 << 20
         providers["compile"] = lambda c: torch.compile(c.torch, dynamic=False)
 
-    rows = []
-    header = (f"{'kernel':<14}{'size':<7}{'mode':<9}{'fastops ms':>11}{'torch ms':>10}"
-              f"{'compile ms':>11}{'vs torch':>9}{'vs comp':>8}{'achieved':>16}{'of ceil':>8}")
-    print(header)
+    rows, ceiling_lines = [], []
     stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    for case in cases:
-        torch._dynamo.reset()
-        fns = {prov: make(case) for prov, make in providers.items()}
-        for mode in modes:
-            times = {}
-            for prov, fn in fns.items():
-                times[prov] = time_fn(step(fn, case.inputs, mode), args.device,
-                                      args.min_run_time)
-            ours = times["fastops"][1]
-            rate = case.work(mode) / ours / 1e9
-            ceiling = bandwidth if case.unit == "GB/s" else matmul
-            vs = {prov: times[prov][1] / ours for prov in times}
-            print(f"{case.kernel:<14}{case.size:<7}{mode:<9}{ours * 1e3:>11.3f}"
-                  f"{times['torch'][1] * 1e3:>10.3f}"
-                  f"{times['compile'][1] * 1e3 if 'compile' in times else float('nan'):>11.3f}"
-                  f"{vs['torch']:>9.2f}{vs.get('compile', float('nan')):>8.2f}"
-                  f"{rate:>10.1f} {case.unit:<7}{rate / ceiling:>7.0%}")
-            for prov, (p20, p50, p80) in times.items():
-                rows.append({
-                    "kernel": case.kernel, "provider": prov, "mode": mode, "size": case.size,
-                    "shape": case.shape, "dtype": args.dtype,
-                    "p50_ms": f"{p50 * 1e3:.4f}", "p20_ms": f"{p20 * 1e3:.4f}",
-                    "p80_ms": f"{p80 * 1e3:.4f}",
-                    "metric": case.unit, "value": f"{case.work(mode) / p50 / 1e9:.2f}",
-                    "ceiling": f"{ceiling:.2f}",
-                    "fraction_of_ceiling": f"{case.work(mode) / p50 / 1e9 / ceiling:.3f}",
-                    "fastops_speedup": f"{p50 / ours:.3f}",
-                    "device": name, "threads": torch.get_num_threads(),
-                    "torch": torch.__version__, "timestamp": stamp,
-                })
+    for dtype_name in dtypes:
+        dtype = getattr(torch, dtype_name)
+        bandwidth, matmul = ceilings(args.device, dtype, args.min_run_time)
+        ceiling_lines.append(f"{dtype_name}: copy {bandwidth:.1f} GB/s, torch.matmul "
+                             f"{matmul:.1f} GFLOP/s")
+        print(f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+              f"dtype {dtype_name}")
+        print(f"ceilings: copy {bandwidth:.1f} GB/s, torch.matmul {matmul:.1f} GFLOP/s\n")
+        print(f"{'kernel':<14}{'size':<7}{'mode':<9}{'fastops ms':>11}{'torch ms':>10}"
+              f"{'compile ms':>11}{'vs torch':>9}{'vs comp':>8}{'achieved':>16}{'of ceil':>8}"
+              f"{'peak MB':>9}{'torch MB':>9}")
+        cases = [c for c in make_cases(args.device, dtype, sizes)
+                 if not wanted or c.kernel in wanted]
+        for case in cases:
+            torch._dynamo.reset()
+            fns = {prov: make(case) for prov, make in providers.items()}
+            for mode in modes:
+                times, peaks = {}, {}
+                for prov, fn in fns.items():
+                    call = step(fn, case.inputs, mode)
+                    times[prov] = time_fn(call, args.device, args.min_run_time)
+                    peaks[prov] = peak_memory_mb(call, args.device)
+                ours = times["fastops"][1]
+                rate = case.work(mode) / ours / 1e9
+                ceiling = bandwidth if case.unit == "GB/s" else matmul
+                vs = {prov: times[prov][1] / ours for prov in times}
+                print(f"{case.kernel:<14}{case.size:<7}{mode:<9}{ours * 1e3:>11.3f}"
+                      f"{times['torch'][1] * 1e3:>10.3f}"
+                      f"{times['compile'][1] * 1e3 if 'compile' in times else float('nan'):>11.3f}"
+                      f"{vs['torch']:>9.2f}{vs.get('compile', float('nan')):>8.2f}"
+                      f"{rate:>10.1f} {case.unit:<7}{rate / ceiling:>7.0%}"
+                      f"{peaks['fastops']:>9.1f}{peaks['torch']:>9.1f}")
+                for prov, (p20, p50, p80) in times.items():
+                    rows.append({
+                        "kernel": case.kernel, "provider": prov, "mode": mode,
+                        "size": case.size, "shape": case.shape, "dtype": dtype_name,
+                        "p50_ms": f"{p50 * 1e3:.4f}", "p20_ms": f"{p20 * 1e3:.4f}",
+                        "p80_ms": f"{p80 * 1e3:.4f}",
+                        "metric": case.unit, "value": f"{case.work(mode) / p50 / 1e9:.2f}",
+                        "ceiling": f"{ceiling:.2f}",
+                        "fraction_of_ceiling": f"{case.work(mode) / p50 / 1e9 / ceiling:.3f}",
+                        "fastops_speedup": f"{p50 / ours:.3f}",
+                        "peak_mb": f"{peaks[prov]:.1f}",
+                        "device": name, "threads": torch.get_num_threads(),
+                        "torch": torch.__version__, "timestamp": stamp,
+                    })
+            del fns
+        print()
     out = args.out or os.path.join(RESULTS_DIR, f"{name}.csv")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w", newline="") as f:
@@ -269,36 +337,43 @@ def main(argv=None):
         writer.writerows(rows)
     markdown = out[:-4] + ".md" if out.endswith(".csv") else out + ".md"
     with open(markdown, "w") as f:
-        f.write(summary_markdown(rows, name, bandwidth, matmul))
-    print(f"\nwrote {out} and {markdown}")
+        f.write(summary_markdown(rows, name, ceiling_lines))
+    print(f"wrote {out} and {markdown}")
     return 0
 
 
-def summary_markdown(rows, name, bandwidth, matmul):
-    """The forward+backward rows as a Markdown table (for the README)."""
+def summary_markdown(rows, name, ceiling_lines):
+    """The forward+backward rows as Markdown tables, one per dtype (for the README)."""
     by_key = {}
     for r in rows:
-        by_key.setdefault((r["kernel"], r["size"], r["shape"], r["mode"]), {})[r["provider"]] = r
-    lines = [f"Forward+backward, {rows[0]['dtype']}, on {name} ({rows[0]['threads']} threads, "
-             f"torch {torch.__version__}); ceilings measured in the same run: copy "
-             f"{bandwidth:.1f} GB/s, torch.matmul {matmul:.1f} GFLOP/s. Speed-up = peer time / "
-             "fastops time.", "",
-             "| kernel | shape | fastops ms | torch ms | compile ms | vs torch | vs compile "
-             "| achieved | of ceiling |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for (kernel, size, shape, mode), prov in by_key.items():
-        if mode != "fwd+bwd":
-            continue
-        ours = prov["fastops"]
-        comp = prov.get("compile")
-        lines.append(
-            f"| {kernel} | {shape} | {float(ours['p50_ms']):.3f} "
-            f"| {float(prov['torch']['p50_ms']):.3f} "
-            f"| {float(comp['p50_ms']) if comp else float('nan'):.3f} "
-            f"| {float(prov['torch']['fastops_speedup']):.2f} "
-            f"| {float(comp['fastops_speedup']) if comp else float('nan'):.2f} "
-            f"| {float(ours['value']):.1f} {ours['metric']} "
-            f"| {float(ours['fraction_of_ceiling']):.0%} |")
+        key = (r["dtype"], r["kernel"], r["size"], r["shape"], r["mode"])
+        by_key.setdefault(key, {})[r["provider"]] = r
+    gpu = rows[0]["peak_mb"] != "nan"
+    lines = [f"Forward+backward on {name} ({rows[0]['threads']} threads, torch "
+             f"{torch.__version__}); ceilings measured in the same run: "
+             + "; ".join(ceiling_lines) + ". Speed-up = peer time / fastops time."
+             + (" Peak MB: memory one fastops call allocates beyond its inputs (torch's in "
+                "brackets)." if gpu else "")]
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        lines += ["", f"**{dtype}**", "",
+                  "| kernel | shape | fastops ms | torch ms | compile ms | vs torch | vs compile "
+                  "| achieved | of ceiling |" + (" peak MB |" if gpu else ""),
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "")]
+        for (dt, kernel, size, shape, mode), prov in by_key.items():
+            if mode != "fwd+bwd" or dt != dtype:
+                continue
+            ours = prov["fastops"]
+            comp = prov.get("compile")
+            line = (f"| {kernel} | {shape} | {float(ours['p50_ms']):.3f} "
+                    f"| {float(prov['torch']['p50_ms']):.3f} "
+                    f"| {float(comp['p50_ms']) if comp else float('nan'):.3f} "
+                    f"| {float(prov['torch']['fastops_speedup']):.2f} "
+                    f"| {float(comp['fastops_speedup']) if comp else float('nan'):.2f} "
+                    f"| {float(ours['value']):.1f} {ours['metric']} "
+                    f"| {float(ours['fraction_of_ceiling']):.0%} |")
+            if gpu:
+                line += f" {float(ours['peak_mb']):.0f} ({float(prov['torch']['peak_mb']):.0f}) |"
+            lines.append(line)
     return "\n".join(lines) + "\n"
 
 
