@@ -2,13 +2,13 @@
 
 Every pointwise activation is one row of POINTWISE: its op name in torch.ops.fastops and its
 parameters. The autograd.Function classes are made from the rows; PReLU (a weight with its own
-gradient) and Maxout (changes the shape) are written out below. Each Function's formula is also
-registered on its op, so torch.ops.fastops.* are differentiable by themselves.
+gradient) and Maxout (changes the shape) are written out below.
+
+The ops themselves carry the same formulas in C++ (csrc/autograd.cpp), so torch.ops.fastops.*
+and the functional forms are differentiable without going through these classes.
 """
 
 import torch
-
-from fastops.ops._autograd import register_autograd
 
 __all__ = [
     "POINTWISE", "ReLUFunction", "ELUFunction", "GELUFunction", "GELUTanhFunction",
@@ -66,7 +66,7 @@ def _make_pointwise(op_name, class_name, params):
         "setup_context": staticmethod(setup_context),
         "backward": staticmethod(backward),
     })
-    return register_autograd(f"fastops::{op_name}", cls)
+    return cls
 
 
 
@@ -146,7 +146,3 @@ class MaxoutFunction(torch.autograd.Function):
             return None, None
         (input,) = ctx.saved_tensors
         return torch.ops.fastops.maxout_backward(grad_output, input, ctx.pool_size), None
-
-
-register_autograd("fastops::prelu", PReLUFunction)
-register_autograd("fastops::maxout", MaxoutFunction)

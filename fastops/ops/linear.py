@@ -10,8 +10,6 @@ keyword arguments; ``activation_params`` turns them into the (op name, a, b) the
 
 import torch
 
-from fastops.ops._autograd import register_autograd
-
 # The functional `linear` is left out of __all__: a star import of it into fastops.ops would
 # shadow this module's name there. Import it from here (or fastops.functional).
 __all__ = [
@@ -135,6 +133,13 @@ def _linear_act_backward_fake(grad_output, input, weight, preact, activation, a,
             input.new_empty(act_weight.shape) if want_aw else input.new_empty(0))
 
 
+# ---- autograd.Function classes (the ops carry the same formulas in C++, csrc/autograd.cpp) ---
+#
+# The functional forms below call the ops directly: their autograd runs in C++.
+
+_ops = torch.ops.fastops
+
+
 # ---- autograd -----------------------------------------------------------------------------------
 
 class LinearFunction(torch.autograd.Function):
@@ -205,15 +210,11 @@ class LinearActFunction(torch.autograd.Function):
                 None, None, None, gaw if mask[3] else None, None)
 
 
-register_autograd("fastops::linear", LinearFunction)
-register_autograd("fastops::linear_act", LinearActFunction)
-
-
 # ---- functional forms ---------------------------------------------------------------------------
 
 def linear(input, weight, bias=None):
     """Drop-in for torch.nn.functional.linear: y = input weight^T + bias."""
-    return LinearFunction.apply(input, weight, bias)
+    return _ops.linear.default(input, weight, bias)
 
 
 def _needs_grad(*tensors):
@@ -236,5 +237,5 @@ def linear_act(input, weight, bias=None, activation="relu", act_weight=None, **a
         raise ValueError(
             f"fastops.linear_act: act_weight is only used by 'prelu', got activation {activation!r}")
     save = _needs_grad(input, weight, bias, act_weight)
-    out, _ = LinearActFunction.apply(input, weight, bias, name, a, b, act_weight, save)
+    out, _ = _ops.linear_act.default(input, weight, bias, name, a, b, act_weight, save)
     return out

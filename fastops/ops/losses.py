@@ -10,7 +10,7 @@ import warnings
 import torch
 from torch.nn import _reduction as _Reduction
 
-from fastops.ops._autograd import register_autograd
+_ops = torch.ops.fastops
 
 __all__ = [
     "LogSoftmaxFunction", "NLLLossFunction", "CrossEntropyFunction", "MSELossFunction",
@@ -81,6 +81,8 @@ def _mse_loss_backward_fake(grad_output, self, target, reduction, output_mask):
 
 
 # ---- autograd.Function classes ---------------------------------------------------------------
+# The public twins of the formulas the ops carry in C++ (csrc/autograd.cpp); the functional
+# forms below call the ops directly.
 
 class LogSoftmaxFunction(torch.autograd.Function):
     """fastops.log_softmax with its own backward. apply(input, dim)."""
@@ -212,12 +214,6 @@ class MSELossFunction(torch.autograd.Function):
                 grad_target if ctx.needs_input_grad[1] else None, None)
 
 
-register_autograd("fastops::log_softmax", LogSoftmaxFunction)
-register_autograd("fastops::nll_loss", NLLLossFunction)
-register_autograd("fastops::cross_entropy", CrossEntropyFunction)
-register_autograd("fastops::mse_loss", MSELossFunction)
-
-
 # ---- functional forms (the signatures of torch.nn.functional) --------------------------------
 
 def _reduction_enum(size_average, reduce, reduction):
@@ -235,14 +231,14 @@ def log_softmax(input, dim=None, _stacklevel=3, dtype=None):
         dim = 0 if input.dim() in (0, 1, 3) else 1
     if dtype is not None:
         input = input.to(dtype)
-    return LogSoftmaxFunction.apply(input, dim)
+    return _ops.log_softmax.default(input, dim)
 
 
 def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
              reduction="mean"):
     """torch.nn.functional.nll_loss on fastops kernels."""
     r = _reduction_enum(size_average, reduce, reduction)
-    loss, _ = NLLLossFunction.apply(input, target, weight, r, ignore_index)
+    loss, _ = _ops.nll_loss.default(input, target, weight, r, ignore_index)
     return loss
 
 
@@ -251,7 +247,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
     """torch.nn.functional.cross_entropy on fastops kernels: one fused pass forward, one
     backward; class-index or class-probability targets."""
     r = _reduction_enum(size_average, reduce, reduction)
-    loss, _, _ = CrossEntropyFunction.apply(input, target, weight, r, ignore_index,
+    loss, _, _ = _ops.cross_entropy.default(input, target, weight, r, ignore_index,
                                             float(label_smoothing))
     return loss
 
@@ -278,10 +274,10 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", we
         if reduction not in ("none", "mean", "sum"):
             raise ValueError(f"Invalid reduction mode: {reduction}. "
                              "Expected one of 'none', 'mean', 'sum'.")
-        weighted = MSELossFunction.apply(input, target, 0) * weight
+        weighted = _ops.mse_loss.default(input, target, 0) * weight
         if reduction == "none":
             return weighted
         if reduction == "sum":
             return weighted.sum()
         return weighted.sum() / weight.sum()
-    return MSELossFunction.apply(input, target, _Reduction.get_enum(reduction))
+    return _ops.mse_loss.default(input, target, _Reduction.get_enum(reduction))

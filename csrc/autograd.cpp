@@ -1,0 +1,459 @@
+// The autograd formulas of every differentiable fastops op, registered for the Autograd
+// dispatch key (CPU and CUDA alike): calling torch.ops.fastops.X (and so every functional form
+// and module) records a C++ graph node whose backward calls the fastops backward op. Doing this
+// in C++ rather than with a Python autograd.Function keeps the per-call cost near torch's own.
+//
+// Each forward runs the op below autograd (AutoDispatchBelowADInplaceOrView); each backward
+// computes only the gradients that are needed. Non-differentiable outputs (the saved
+// pre-activation, lse, total_weight) are marked so, and undefined incoming gradients are not
+// materialised as zeros.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "activations.h"
+
+namespace fastops {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::tensor_list;
+
+template <class Sig>
+c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+c10::optional<Tensor> optional_of(const Tensor& t) {
+  return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt;
+}
+
+Tensor value_or_undefined(const c10::optional<Tensor>& t) {
+  return t.has_value() ? *t : Tensor();
+}
+
+Tensor if_needed(bool needed, Tensor t) { return needed ? std::move(t) : Tensor(); }
+
+// Whether a call must record a graph node: grad mode is on and a tensor argument requires grad.
+// Otherwise the op runs straight below autograd, without the cost of a node.
+bool requires_grad(const Tensor& t) { return t.defined() && t.requires_grad(); }
+bool requires_grad(const c10::optional<Tensor>& t) { return t.has_value() && requires_grad(*t); }
+template <class... Tensors>
+bool needs_graph(const Tensors&... tensors) {
+  return at::GradMode::is_enabled() && (requires_grad(tensors) || ...);
+}
+
+// ---- pointwise activations: NAME(self, float params...) and NAME_backward(grad, self, params)
+
+// One boxed kernel serves every pointwise activation: it takes the op's float parameters from
+// the stack, whatever their number, and backward calls the op named NAME_backward.
+struct PointwiseFn : torch::autograd::Function<PointwiseFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& self, const c10::OperatorHandle& op,
+                        const std::vector<double>& params) {
+    ctx->save_for_backward({self});
+    ctx->saved_data["backward_op"] = op.schema().name() + "_backward";
+    ctx->saved_data["params"] = params;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    torch::jit::Stack stack{self};
+    for (double p : params) stack.emplace_back(p);
+    op.callBoxed(&stack);
+    return stack[0].toTensor();
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return {Tensor(), Tensor(), Tensor()};
+    const auto name = ctx->saved_data["backward_op"].toStringRef();
+    const auto backward_op = c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "");
+    torch::jit::Stack stack{grads[0], ctx->get_saved_variables()[0]};
+    for (double p : ctx->saved_data["params"].toDoubleVector()) stack.emplace_back(p);
+    backward_op.callBoxed(&stack);
+    return {stack[0].toTensor(), Tensor(), Tensor()};
+  }
+};
+
+void pointwise_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
+                        torch::jit::Stack* stack) {
+  const size_t n = op.schema().arguments().size();
+  auto args = torch::jit::last(*stack, n);
+  const Tensor self = args[0].toTensor();
+  if (!needs_graph(self)) {
+    op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
+    return;
+  }
+  std::vector<double> params;
+  for (size_t i = 1; i < n; ++i) params.push_back(args[i].toDouble());
+  torch::jit::drop(*stack, n);
+  torch::jit::push(*stack, PointwiseFn::apply(self, op, params));
+}
+
+// ---- prelu, maxout ---------------------------------------------------------------------------
+
+struct PreluFn : torch::autograd::Function<PreluFn> {
+  // the op this node differentiates, called below autograd
+  static const auto& op() {
+    static const auto handle = typed_op<Tensor(const Tensor&, const Tensor&)>("fastops::prelu");
+    return handle;
+  }
+  static Tensor forward(AutogradContext* ctx, const Tensor& self, const Tensor& weight) {
+    ctx->save_for_backward({self, weight});
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op().call(self, weight);
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    static const auto backward_op = typed_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
+                                                         const Tensor&)>("fastops::prelu_backward");
+    const bool need_self = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1);
+    if (!grads[0].defined() || !(need_self || need_weight)) return {Tensor(), Tensor()};
+    const auto saved = ctx->get_saved_variables();
+    auto [grad_self, grad_weight] = backward_op.call(grads[0], saved[0], saved[1]);
+    return {if_needed(need_self, grad_self), if_needed(need_weight, grad_weight)};
+  }
+};
+
+struct MaxoutFn : torch::autograd::Function<MaxoutFn> {
+  // the op this node differentiates, called below autograd
+  static const auto& op() {
+    static const auto handle = typed_op<Tensor(const Tensor&, int64_t)>("fastops::maxout");
+    return handle;
+  }
+  static Tensor forward(AutogradContext* ctx, const Tensor& self, int64_t pool_size) {
+    ctx->save_for_backward({self});
+    ctx->saved_data["pool_size"] = pool_size;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op().call(self, pool_size);
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    static const auto backward_op =
+        typed_op<Tensor(const Tensor&, const Tensor&, int64_t)>("fastops::maxout_backward");
+    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return {Tensor(), Tensor()};
+    return {backward_op.call(grads[0], ctx->get_saved_variables()[0],
+                    ctx->saved_data["pool_size"].toInt()),
+            Tensor()};
+  }
+};
+
+// ---- linear, linear_act ----------------------------------------------------------------------
+// Gradient slots of the variables: input 0, weight 1, then bias and act_weight when given.
+
+struct LinearFn : torch::autograd::Function<LinearFn> {
+  // the op this node differentiates, called below autograd
+  static const auto& op() {
+    static const auto handle = typed_op<Tensor(const Tensor&, const Tensor&, const c10::optional<Tensor>&)>(
+        "fastops::linear");
+    return handle;
+  }
+  static Tensor forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight,
+                        const c10::optional<Tensor>& bias) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({input, weight});
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op().call(input, weight, bias);
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    static const auto backward_op = typed_op<std::tuple<Tensor, Tensor, Tensor>(
+        const Tensor&, const Tensor&, const Tensor&, std::array<bool, 3>)>(
+        "fastops::linear_backward");
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                   has_bias && ctx->needs_input_grad(2)};
+    if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2]))
+      return {Tensor(), Tensor(), Tensor()};
+    const auto saved = ctx->get_saved_variables();
+    auto [gi, gw, gb] = backward_op.call(grads[0], saved[0], saved[1], mask);
+    return {if_needed(mask[0], gi), if_needed(mask[1], gw), if_needed(mask[2], gb)};
+  }
+};
+
+struct LinearActFn : torch::autograd::Function<LinearActFn> {
+  // the op this node differentiates, called below autograd
+  static const auto& op() {
+    static const auto handle = typed_op<std::tuple<Tensor, Tensor>(
+        const Tensor&, const Tensor&, const c10::optional<Tensor>&, c10::string_view, double,
+        double, const c10::optional<Tensor>&, bool)>("fastops::linear_act");
+    return handle;
+  }
+  static tensor_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& weight,
+                             const c10::optional<Tensor>& bias, c10::string_view activation,
+                             double a, double b, const c10::optional<Tensor>& act_weight,
+                             bool save_preact) {
+    Tensor out, preact;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(out, preact) = op().call(input, weight, bias, activation, a, b, act_weight,
+                                      save_preact);
+    }
+    ctx->set_materialize_grads(false);
+    ctx->mark_non_differentiable({preact});
+    ctx->save_for_backward({input, weight, save_preact ? preact : Tensor(),
+                            value_or_undefined(act_weight)});
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->saved_data["a"] = a;
+    ctx->saved_data["b"] = b;
+    ctx->saved_data["save_preact"] = save_preact;
+    return {out, preact};
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    static const auto backward_op = typed_op<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+        const Tensor&, const Tensor&, const Tensor&, const Tensor&, c10::string_view, double,
+        double, const c10::optional<Tensor>&, std::array<bool, 4>)>(
+        "fastops::linear_act_backward");
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &input = saved[0], &weight = saved[1], &preact = saved[2],
+                 &act_weight = saved[3];
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const std::array<bool, 4> mask{
+        ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+        has_bias && ctx->needs_input_grad(2),
+        act_weight.defined() && ctx->needs_input_grad(2 + (has_bias ? 1 : 0))};
+    tensor_list result(8);
+    if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2] || mask[3])) return result;
+    TORCH_CHECK(ctx->saved_data["save_preact"].toBool(),
+                "fastops.linear_act: backward needs the pre-activation, but forward ran with "
+                "save_preact=False; pass save_preact=True when a gradient is needed");
+    auto [gi, gw, gb, gaw] =
+        backward_op.call(grads[0], input, weight, preact, ctx->saved_data["activation"].toStringRef(),
+                ctx->saved_data["a"].toDouble(), ctx->saved_data["b"].toDouble(),
+                optional_of(act_weight), mask);
+    result[0] = if_needed(mask[0], gi);
+    result[1] = if_needed(mask[1], gw);
+    result[2] = if_needed(mask[2], gb);
+    result[6] = if_needed(mask[3], gaw);
+    return result;
+  }
+};
+
+// ---- losses ----------------------------------------------------------------------------------
+
+struct LogSoftmaxFn : torch::autograd::Function<LogSoftmaxFn> {
+  // the op this node differentiates, called below autograd
+  static const auto& op() {
+    static const auto handle = typed_op<Tensor(const Tensor&, int64_t)>("fastops::log_softmax");
+    return handle;
+  }
+  static Tensor forward(AutogradContext* ctx, const Tensor& self, int64_t dim) {
+    Tensor out;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      out = op().call(self, dim);
+    }
+    ctx->save_for_backward({out});
+    ctx->saved_data["dim"] = dim;
+    return out;
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    static const auto backward_op = typed_op<Tensor(const Tensor&, const Tensor&, int64_t)>(
+        "fastops::log_softmax_backward");
+    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return {Tensor(), Tensor()};
+    return {backward_op.call(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["dim"].toInt()),
+            Tensor()};
+  }
+};
+
+// Class-index targets and the class weights get no gradient.
+struct NllLossFn : torch::autograd::Function<NllLossFn> {
+  // the op this node differentiates, called below autograd
+  static const auto& op() {
+    static const auto handle = typed_op<std::tuple<Tensor, Tensor>(
+        const Tensor&, const Tensor&, const c10::optional<Tensor>&, int64_t, int64_t)>(
+        "fastops::nll_loss");
+    return handle;
+  }
+  static tensor_list forward(AutogradContext* ctx, const Tensor& self, const Tensor& target,
+                             const c10::optional<Tensor>& weight, int64_t reduction,
+                             int64_t ignore_index) {
+    Tensor loss, total_weight;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(loss, total_weight) = op().call(self, target, weight, reduction, ignore_index);
+    }
+    ctx->set_materialize_grads(false);
+    ctx->mark_non_differentiable({total_weight});
+    ctx->save_for_backward({self, target, value_or_undefined(weight), total_weight});
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    return {loss, total_weight};
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    static const auto backward_op = typed_op<Tensor(const Tensor&, const Tensor&, const Tensor&,
+                                     const c10::optional<Tensor>&, int64_t, int64_t,
+                                     const Tensor&)>("fastops::nll_loss_backward");
+    tensor_list result(5);
+    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return result;
+    const auto saved = ctx->get_saved_variables();
+    result[0] = backward_op.call(grads[0], saved[0], saved[1], optional_of(saved[2]),
+                        ctx->saved_data["reduction"].toInt(),
+                        ctx->saved_data["ignore_index"].toInt(), saved[3]);
+    return result;
+  }
+};
+
+// d loss / d target for probability targets: -(1 - eps) w_c log_softmax(self)_c times the row's
+// incoming gradient (mean: divided by the number of rows). A rare path, composed of ATen ops.
+Tensor soft_target_grad(const Tensor& grad_loss, const Tensor& self,
+                        const c10::optional<Tensor>& weight, int64_t reduction,
+                        double label_smoothing, const Tensor& lse) {
+  const int64_t class_dim = self.dim() == 1 ? 0 : 1;
+  Tensor g = (self.to(lse.scalar_type()) - lse.unsqueeze(class_dim)) * -(1.0 - label_smoothing);
+  if (weight.has_value() && weight->defined()) {
+    std::vector<int64_t> shape(self.dim(), 1);
+    shape[class_dim] = -1;
+    g = g * weight->to(lse.scalar_type()).view(shape);
+  }
+  Tensor scale = grad_loss.to(lse.scalar_type());
+  if (reduction == 0) {
+    g = g * scale.unsqueeze(class_dim);
+  } else {
+    if (reduction == 1) scale = scale / static_cast<double>(std::max<int64_t>(lse.numel(), 1));
+    g = g * scale;
+  }
+  return g.to(self.scalar_type());
+}
+
+struct CrossEntropyFn : torch::autograd::Function<CrossEntropyFn> {
+  // the op this node differentiates, called below autograd
+  static const auto& op() {
+    static const auto handle = typed_op<std::tuple<Tensor, Tensor, Tensor>(
+        const Tensor&, const Tensor&, const c10::optional<Tensor>&, int64_t, int64_t, double)>(
+        "fastops::cross_entropy");
+    return handle;
+  }
+  static tensor_list forward(AutogradContext* ctx, const Tensor& self, const Tensor& target,
+                             const c10::optional<Tensor>& weight, int64_t reduction,
+                             int64_t ignore_index, double label_smoothing) {
+    Tensor loss, lse, total_weight;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(loss, lse, total_weight) =
+          op().call(self, target, weight, reduction, ignore_index, label_smoothing);
+    }
+    ctx->set_materialize_grads(false);
+    ctx->mark_non_differentiable({lse, total_weight});
+    ctx->save_for_backward({self, target, value_or_undefined(weight), lse, total_weight});
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["label_smoothing"] = label_smoothing;
+    return {loss, lse, total_weight};
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    static const auto backward_op = typed_op<Tensor(const Tensor&, const Tensor&, const Tensor&,
+                                     const c10::optional<Tensor>&, int64_t, int64_t, double,
+                                     const Tensor&, const Tensor&)>(
+        "fastops::cross_entropy_backward");
+    tensor_list result(6);
+    if (!grads[0].defined()) return result;
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &self = saved[0], &target = saved[1], &lse = saved[3];
+    const auto weight = optional_of(saved[2]);
+    const int64_t reduction = ctx->saved_data["reduction"].toInt();
+    const double label_smoothing = ctx->saved_data["label_smoothing"].toDouble();
+    if (ctx->needs_input_grad(0))
+      result[0] = backward_op.call(grads[0], self, target, weight, reduction,
+                          ctx->saved_data["ignore_index"].toInt(), label_smoothing, lse,
+                          saved[4]);
+    if (ctx->needs_input_grad(1) && target.is_floating_point())
+      result[1] = soft_target_grad(grads[0], self, weight, reduction, label_smoothing, lse);
+    return result;
+  }
+};
+
+struct MseLossFn : torch::autograd::Function<MseLossFn> {
+  // the op this node differentiates, called below autograd
+  static const auto& op() {
+    static const auto handle = typed_op<Tensor(const Tensor&, const Tensor&, int64_t)>("fastops::mse_loss");
+    return handle;
+  }
+  static Tensor forward(AutogradContext* ctx, const Tensor& self, const Tensor& target,
+                        int64_t reduction) {
+    ctx->save_for_backward({self, target});
+    ctx->saved_data["reduction"] = reduction;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op().call(self, target, reduction);
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    static const auto backward_op = typed_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
+                                                         const Tensor&, int64_t,
+                                                         std::array<bool, 2>)>(
+        "fastops::mse_loss_backward");
+    const std::array<bool, 2> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
+    if (!grads[0].defined() || !(mask[0] || mask[1])) return {Tensor(), Tensor(), Tensor()};
+    const auto saved = ctx->get_saved_variables();
+    auto [grad_self, grad_target] =
+        backward_op.call(grads[0], saved[0], saved[1], ctx->saved_data["reduction"].toInt(), mask);
+    return {if_needed(mask[0], grad_self), if_needed(mask[1], grad_target), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> tuple2(const tensor_list& t) { return {t[0], t[1]}; }
+std::tuple<Tensor, Tensor, Tensor> tuple3(const tensor_list& t) { return {t[0], t[1], t[2]}; }
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastops, Autograd, m) {
+#define FO_AUTOGRAD_ACTIVATION(name, ...) \
+  m.impl(#name, torch::CppFunction::makeFromBoxedFunction<&pointwise_autograd>());
+  FASTOPS_POINTWISE_ACTIVATIONS(FO_AUTOGRAD_ACTIVATION)
+#undef FO_AUTOGRAD_ACTIVATION
+  m.impl("prelu", [](const Tensor& self, const Tensor& weight) {
+    if (needs_graph(self, weight)) return PreluFn::apply(self, weight);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return PreluFn::op().call(self, weight);
+  });
+  m.impl("maxout", [](const Tensor& self, int64_t pool_size) {
+    if (needs_graph(self)) return MaxoutFn::apply(self, pool_size);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return MaxoutFn::op().call(self, pool_size);
+  });
+  m.impl("linear", [](const Tensor& input, const Tensor& weight,
+                      const c10::optional<Tensor>& bias) {
+    if (needs_graph(input, weight, bias)) return LinearFn::apply(input, weight, bias);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return LinearFn::op().call(input, weight, bias);
+  });
+  m.impl("linear_act", [](const Tensor& input, const Tensor& weight,
+                          const c10::optional<Tensor>& bias, c10::string_view activation,
+                          double a, double b, const c10::optional<Tensor>& act_weight,
+                          bool save_preact) {
+    if (needs_graph(input, weight, bias, act_weight))
+      return tuple2(
+          LinearActFn::apply(input, weight, bias, activation, a, b, act_weight, save_preact));
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return LinearActFn::op().call(input, weight, bias, activation, a, b, act_weight,
+                                  save_preact);
+  });
+  m.impl("log_softmax", [](const Tensor& self, int64_t dim) {
+    if (needs_graph(self)) return LogSoftmaxFn::apply(self, dim);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return LogSoftmaxFn::op().call(self, dim);
+  });
+  m.impl("nll_loss", [](const Tensor& self, const Tensor& target,
+                        const c10::optional<Tensor>& weight, int64_t reduction,
+                        int64_t ignore_index) {
+    if (needs_graph(self, target, weight))
+      return tuple2(NllLossFn::apply(self, target, weight, reduction, ignore_index));
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return NllLossFn::op().call(self, target, weight, reduction, ignore_index);
+  });
+  m.impl("cross_entropy", [](const Tensor& self, const Tensor& target,
+                             const c10::optional<Tensor>& weight, int64_t reduction,
+                             int64_t ignore_index, double label_smoothing) {
+    if (needs_graph(self, target, weight))
+      return tuple3(CrossEntropyFn::apply(self, target, weight, reduction, ignore_index,
+                                          label_smoothing));
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return CrossEntropyFn::op().call(self, target, weight, reduction, ignore_index,
+                                     label_smoothing);
+  });
+  m.impl("mse_loss", [](const Tensor& self, const Tensor& target, int64_t reduction) {
+    if (needs_graph(self, target)) return MseLossFn::apply(self, target, reduction);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return MseLossFn::op().call(self, target, reduction);
+  });
+}
+
+}  // namespace fastops
