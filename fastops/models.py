@@ -1,0 +1,221 @@
+"""Models built from fastops modules, each with a plain torch.nn twin of the same architecture.
+
+Every model takes ``backend="fastops"`` (fastops.nn modules; a Linear followed by a
+parameter-free activation is one fused LinearAct) or ``backend="torch"`` (torch.nn only). Both
+have the same parameter names and shapes, so a state_dict moves between them unchanged, and
+``model.twin("torch")`` gives the other one with the same weights.
+
+- MLP(in_features, hidden_sizes, out_features, activation="relu", dropout=0.0)
+- LinearRegression(in_features, out_features=1)
+- MaxoutNet(in_features, hidden_sizes, out_features, pool_size=2, dropout=0.0)
+- GAN(data_dim=2, latent_dim=2, hidden_sizes=(128, 128)): a generator and a discriminator MLP
+"""
+
+import torch
+import torch.nn.functional as _torch_functional
+from torch import nn as tnn
+
+from fastops import functional as _fastops_functional
+from fastops import nn as fnn
+
+__all__ = [
+    "BACKENDS", "ACTIVATIONS", "MLP", "LinearRegression", "MaxoutNet", "GAN", "TorchMaxout",
+    "functional", "check_backend",
+]
+
+BACKENDS = ("fastops", "torch")
+
+
+class TorchMaxout(tnn.Module):
+    """Maxout in plain torch, grouping channels as fastops.nn.Maxout does: output channel j is
+    the max of input channels j*k .. j*k+k-1. (torch.nn has no Maxout.)"""
+
+    def __init__(self, pool_size):
+        super().__init__()
+        if int(pool_size) < 1:
+            raise ValueError(f"Maxout: pool_size must be positive, got {pool_size}")
+        self.pool_size = int(pool_size)
+
+    def forward(self, input):
+        return input.unflatten(1, (-1, self.pool_size)).amax(dim=2)
+
+    def extra_repr(self):
+        return f"pool_size={self.pool_size}"
+
+
+# activation name -> (torch.nn class, fastops.nn class, fusable into LinearAct). Both classes
+# take the same keyword arguments. prelu is left unfused: its slope would move from the
+# activation module into LinearAct.act_weight and the state_dict keys would no longer match
+# the torch twin's.
+ACTIVATIONS = {
+    "none": (tnn.Identity, tnn.Identity, False),
+    "relu": (tnn.ReLU, fnn.ReLU, True),
+    "elu": (tnn.ELU, fnn.ELU, True),
+    "gelu": (tnn.GELU, fnn.GELU, True),
+    "hardtanh": (tnn.Hardtanh, fnn.Hardtanh, True),
+    "leaky_relu": (tnn.LeakyReLU, fnn.LeakyReLU, True),
+    "sigmoid": (tnn.Sigmoid, fnn.Sigmoid, True),
+    "tanh": (tnn.Tanh, fnn.Tanh, True),
+    "prelu": (tnn.PReLU, fnn.PReLU, False),
+    "maxout": (TorchMaxout, fnn.Maxout, True),
+}
+
+
+def check_backend(backend):
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def functional(backend):
+    """The functional module of a backend: fastops.functional or torch.nn.functional."""
+    return _fastops_functional if check_backend(backend) == "fastops" else _torch_functional
+
+
+def _linear(backend, in_features, out_features):
+    cls = fnn.Linear if backend == "fastops" else tnn.Linear
+    return cls(in_features, out_features)
+
+
+class _Twin(tnn.Module):
+    """Base of the models: remembers its constructor arguments so that twin() can build the
+    same architecture on the other backend."""
+
+    def __init__(self, backend, config):
+        super().__init__()
+        self.backend = check_backend(backend)
+        self._config = dict(config)
+
+    def twin(self, backend=None):
+        """The same model built with `backend` (default: the other one), with this model's
+        weights copied in, on the same device and dtype."""
+        if backend is None:
+            backend = "torch" if self.backend == "fastops" else "fastops"
+        other = type(self)(**self._config, backend=backend)
+        ref = next(self.parameters(), None)
+        if ref is not None:
+            other.to(device=ref.device, dtype=ref.dtype)
+        other.load_state_dict(self.state_dict())
+        other.train(self.training)
+        return other
+
+
+def _mlp_layers(backend, in_features, hidden_sizes, out_features, activation, act_kwargs,
+                dropout, fuse):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {activation!r}; expected one of "
+                         f"{', '.join(ACTIVATIONS)}")
+    torch_act, fastops_act, fusable = ACTIVATIONS[activation]
+    act_cls = fastops_act if backend == "fastops" else torch_act
+    act_kwargs = dict(act_kwargs or {})
+    # maxout takes the max over groups of pool_size units, so its Linear is that much wider
+    widen = 1
+    if activation == "maxout":
+        act_kwargs.setdefault("pool_size", 2)
+        widen = int(act_kwargs["pool_size"])
+    layers = []
+    width_in = in_features
+    for width in hidden_sizes:
+        if backend == "fastops" and fuse and fusable:
+            layers.append(fnn.LinearAct(width_in, width * widen, activation=activation,
+                                        **act_kwargs))
+            # keeps the index of each Linear, hence the state_dict keys, those of the twin
+            layers.append(tnn.Identity())
+        else:
+            layers.append(_linear(backend, width_in, width * widen))
+            layers.append(act_cls(**act_kwargs))
+        if dropout:
+            layers.append(tnn.Dropout(dropout))
+        width_in = width
+    layers.append(_linear(backend, width_in, out_features))
+    return tnn.Sequential(*layers)
+
+
+class MLP(_Twin):
+    """in_features -> hidden_sizes[0] -> ... -> out_features, `activation` after each hidden
+    Linear (by name: none, relu, elu, gelu, hardtanh, leaky_relu, sigmoid, tanh, prelu,
+    maxout), then Dropout(dropout) if dropout > 0. act_kwargs go to the activation module
+    (alpha, approximate, min_val/max_val, negative_slope, num_parameters/init for prelu,
+    pool_size for maxout: default 2). The output is the raw last Linear (logits)."""
+
+    def __init__(self, in_features, hidden_sizes, out_features, activation="relu", dropout=0.0,
+                 act_kwargs=None, fuse=True, backend="fastops"):
+        hidden_sizes = tuple(int(h) for h in hidden_sizes)
+        super().__init__(backend, dict(
+            in_features=in_features, hidden_sizes=hidden_sizes, out_features=out_features,
+            activation=activation, dropout=dropout, act_kwargs=act_kwargs, fuse=fuse))
+        self.activation = activation
+        self.layers = _mlp_layers(backend, in_features, hidden_sizes, out_features, activation,
+                                  act_kwargs, dropout, fuse)
+
+    def forward(self, x):
+        return self.layers(x)
+
+
+class MaxoutNet(MLP):
+    """An MLP of maxout units (Goodfellow et al., 2013): each hidden layer is a Linear to
+    pool_size * width units and a max over groups of pool_size."""
+
+    def __init__(self, in_features, hidden_sizes, out_features, pool_size=2, dropout=0.0,
+                 fuse=True, backend="fastops"):
+        super().__init__(in_features, hidden_sizes, out_features, activation="maxout",
+                         dropout=dropout, act_kwargs={"pool_size": pool_size}, fuse=fuse,
+                         backend=backend)
+        self._config = dict(in_features=in_features, hidden_sizes=tuple(hidden_sizes),
+                            out_features=out_features, pool_size=pool_size, dropout=dropout,
+                            fuse=fuse)
+
+
+class LinearRegression(_Twin):
+    """y = x W^T + b: one Linear(in_features, out_features)."""
+
+    def __init__(self, in_features, out_features=1, backend="fastops"):
+        super().__init__(backend, dict(in_features=in_features, out_features=out_features))
+        self.linear = _linear(backend, in_features, out_features)
+
+    def forward(self, x):
+        return self.linear(x)
+
+
+class GAN(_Twin):
+    """A generator MLP (latent_dim noise -> data_dim, ReLU) and a discriminator MLP
+    (data_dim -> 2 logits: fake, real; LeakyReLU(0.2)). The discriminator is a two-class
+    classifier so both players train with the fused cross entropy:
+
+        loss_D = CE(D(real), 1) + CE(D(G(z)), 0)      loss_G = CE(D(G(z)), 1)
+    """
+
+    REAL, FAKE = 1, 0
+
+    def __init__(self, data_dim=2, latent_dim=2, hidden_sizes=(128, 128), backend="fastops"):
+        hidden_sizes = tuple(int(h) for h in hidden_sizes)
+        super().__init__(backend, dict(data_dim=data_dim, latent_dim=latent_dim,
+                                       hidden_sizes=hidden_sizes))
+        self.latent_dim = latent_dim
+        self.generator = MLP(latent_dim, hidden_sizes, data_dim, activation="relu",
+                             backend=backend)
+        self.discriminator = MLP(data_dim, hidden_sizes, 2, activation="leaky_relu",
+                                 act_kwargs={"negative_slope": 0.2}, backend=backend)
+
+    def forward(self, z):
+        return self.generator(z)
+
+    def sample(self, n, generator=None):
+        """n generated points (no gradient), from noise drawn with `generator`."""
+        ref = next(self.generator.parameters())
+        z = torch.randn(n, self.latent_dim, generator=generator, dtype=ref.dtype)
+        with torch.no_grad():
+            return self.generator(z.to(ref.device))
+
+    def _targets(self, n, label, device):
+        return torch.full((n,), label, dtype=torch.long, device=device)
+
+    def discriminator_loss(self, real, fake):
+        ce = functional(self.backend).cross_entropy
+        return (ce(self.discriminator(real), self._targets(len(real), self.REAL, real.device))
+                + ce(self.discriminator(fake), self._targets(len(fake), self.FAKE, fake.device)))
+
+    def generator_loss(self, fake):
+        # the non-saturating loss: G maximises log D(G(z)) rather than minimising log(1 - D)
+        ce = functional(self.backend).cross_entropy
+        return ce(self.discriminator(fake), self._targets(len(fake), self.REAL, fake.device))

