@@ -6,6 +6,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../activation_checks.h"
 #include "../activations.h"
 #include "cpu_common.h"
 
@@ -38,10 +39,7 @@ Tensor unary_forward(const Tensor& self, const F& f, const char* op) {
 
 template <class F>
 Tensor unary_backward(const Tensor& grad_output, const Tensor& self, const F& f, const char* op) {
-  check_floating(self, op, "self");
-  check_floating(grad_output, op, "grad_output");
-  check_same_dtype(self, grad_output, op, "self", "grad_output");
-  check_same_shape(self, grad_output, op, "self", "grad_output");
+  check_unary_backward(grad_output, self, op);
   const Tensor x = self.contiguous();
   const Tensor g = grad_output.contiguous();
   Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
@@ -64,30 +62,7 @@ Tensor unary_backward(const Tensor& grad_output, const Tensor& self, const F& f,
 
 // ---- PReLU ----------------------------------------------------------------------------------
 // self is viewed as (outer, C, inner) with the weight indexed by the channel C (C = 1 for a
-// single shared weight).
-
-struct ChannelLayout {
-  int64_t outer, channels, inner;
-};
-
-ChannelLayout prelu_layout(const Tensor& self, const Tensor& weight, const char* op) {
-  check_floating(self, op, "self");
-  check_floating(weight, op, "weight");
-  check_same_dtype(self, weight, op, "self", "weight");
-  check_same_device(self, weight, op, "self", "weight");
-  TORCH_CHECK(weight.dim() <= 1, op, ": expected weight to be a scalar or 1-D tensor, got a ",
-              weight.dim(), "-D tensor");
-  const int64_t wn = weight.numel();
-  if (wn == 1) return {1, 1, self.numel()};
-  TORCH_CHECK(self.dim() > 0, op, ": a 0-d input takes a weight of 1 element, got ", wn);
-  const int64_t channels = self.dim() >= 2 ? self.size(1) : 1;
-  TORCH_CHECK(wn == channels, op, ": weight has ", wn,
-              " elements but the input has ", channels,
-              " channels (dim 1); num_parameters must be 1 or the number of channels");
-  const int64_t outer = self.dim() >= 1 ? self.size(0) : 1;
-  const int64_t inner = channels == 0 || outer == 0 ? 0 : self.numel() / (outer * channels);
-  return {outer, channels, inner};
-}
+// single shared weight): prelu_layout of activation_checks.h.
 
 Tensor prelu_forward(const Tensor& self, const Tensor& weight) {
   const char* op = "fastops.prelu";
@@ -137,9 +112,7 @@ std::tuple<Tensor, Tensor> prelu_backward(const Tensor& grad_output, const Tenso
                                           const Tensor& weight) {
   const char* op = "fastops.prelu_backward";
   const ChannelLayout l = prelu_layout(self, weight, op);
-  check_floating(grad_output, op, "grad_output");
-  check_same_dtype(self, grad_output, op, "self", "grad_output");
-  check_same_shape(self, grad_output, op, "self", "grad_output");
+  check_prelu_grad(grad_output, self, op);
   const Tensor x = self.contiguous();
   const Tensor g = grad_output.contiguous();
   const Tensor w = weight.contiguous();
@@ -213,26 +186,8 @@ std::tuple<Tensor, Tensor> prelu_backward(const Tensor& grad_output, const Tenso
 }
 
 // ---- Maxout ---------------------------------------------------------------------------------
-// self viewed as (outer, groups, k, inner); output (outer, groups, inner). NaN wins the max, and
-// among equal values the first channel does, as torch.max does.
-
-struct MaxoutLayout {
-  int64_t outer, groups, k, inner;
-};
-
-MaxoutLayout maxout_layout(const Tensor& self, int64_t pool_size, const char* op) {
-  check_floating(self, op, "self");
-  TORCH_CHECK(self.dim() >= 2, op, ": expected an input of at least 2 dims (N, C, ...), got ",
-              self.dim(), " dims");
-  TORCH_CHECK(pool_size >= 1, op, ": pool_size must be positive, got ", pool_size);
-  const int64_t channels = self.size(1);
-  TORCH_CHECK(channels % pool_size == 0, op, ": the number of channels (dim 1) must be divisible "
-              "by pool_size, got ", channels, " channels and pool_size ", pool_size);
-  const int64_t outer = self.size(0);
-  const int64_t inner = outer * channels == 0 ? 0 : self.numel() / (outer * channels);
-  return {outer, channels / pool_size, pool_size, inner};
-}
-
+// self viewed as (outer, groups, k, inner); output (outer, groups, inner): maxout_layout of
+// activation_checks.h. NaN wins the max, and among equal values the first channel does.
 
 // Both directions loop over the k members of a group outermost, so the innermost loop runs over
 // many groups (inner == 1: stride-k loads) or over the contiguous `inner` positions.
@@ -244,9 +199,7 @@ Tensor maxout_forward(const Tensor& self, int64_t pool_size) {
   const char* op = "fastops.maxout";
   const MaxoutLayout l = maxout_layout(self, pool_size, op);
   const Tensor x = self.contiguous();
-  std::vector<int64_t> out_shape(self.sizes().begin(), self.sizes().end());
-  out_shape[1] = l.groups;
-  Tensor y = at::empty(out_shape, x.options());
+  Tensor y = at::empty(maxout_output_shape(self, l), x.options());
   FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -318,13 +271,7 @@ FO_ALWAYS_INLINE void maxout_backward_run(const scalar_t* x, const scalar_t* g, 
 Tensor maxout_backward(const Tensor& grad_output, const Tensor& self, int64_t pool_size) {
   const char* op = "fastops.maxout_backward";
   const MaxoutLayout l = maxout_layout(self, pool_size, op);
-  check_floating(grad_output, op, "grad_output");
-  check_same_dtype(self, grad_output, op, "self", "grad_output");
-  std::vector<int64_t> out_shape(self.sizes().begin(), self.sizes().end());
-  out_shape[1] = l.groups;
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(out_shape), op,
-              ": expected grad_output of shape ", at::IntArrayRef(out_shape), ", got ",
-              grad_output.sizes());
+  check_maxout_grad(grad_output, self, l, op);
   const Tensor x = self.contiguous();
   const Tensor g = grad_output.contiguous();
   Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);

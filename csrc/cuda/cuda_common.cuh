@@ -104,5 +104,9 @@ __device__ __forceinline__ T block_sum(T v, T* scratch) {
   return warp_sum(v);
 }
 
+// Kernels one op family lends another: maxout over dim 1 (activations.cu), which the fused
+// linear + maxout applies to its pre-activation.
+at::Tensor maxout_forward(const at::Tensor& self, int64_t pool_size);
+
 }  // namespace gpu
 }  // namespace fastops

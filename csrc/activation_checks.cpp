@@ -1,0 +1,71 @@
+#include "activation_checks.h"
+
+namespace fastops {
+
+using at::Tensor;
+
+void check_unary_backward(const Tensor& grad_output, const Tensor& self, const char* op) {
+  check_floating(self, op, "self");
+  check_floating(grad_output, op, "grad_output");
+  check_same_dtype(self, grad_output, op, "self", "grad_output");
+  check_same_shape(self, grad_output, op, "self", "grad_output");
+  check_same_device(self, grad_output, op, "self", "grad_output");
+}
+
+ChannelLayout prelu_layout(const Tensor& self, const Tensor& weight, const char* op) {
+  check_floating(self, op, "self");
+  check_floating(weight, op, "weight");
+  check_same_dtype(self, weight, op, "self", "weight");
+  check_same_device(self, weight, op, "self", "weight");
+  TORCH_CHECK(weight.dim() <= 1, op, ": expected weight to be a scalar or 1-D tensor, got a ",
+              weight.dim(), "-D tensor");
+  const int64_t wn = weight.numel();
+  if (wn == 1) return {1, 1, self.numel()};
+  TORCH_CHECK(self.dim() > 0, op, ": a 0-d input takes a weight of 1 element, got ", wn);
+  const int64_t channels = self.dim() >= 2 ? self.size(1) : 1;
+  TORCH_CHECK(wn == channels, op, ": weight has ", wn,
+              " elements but the input has ", channels,
+              " channels (dim 1); num_parameters must be 1 or the number of channels");
+  const int64_t outer = self.dim() >= 1 ? self.size(0) : 1;
+  const int64_t inner = channels == 0 || outer == 0 ? 0 : self.numel() / (outer * channels);
+  return {outer, channels, inner};
+}
+
+void check_prelu_grad(const Tensor& grad_output, const Tensor& self, const char* op) {
+  check_floating(grad_output, op, "grad_output");
+  check_same_dtype(self, grad_output, op, "self", "grad_output");
+  check_same_shape(self, grad_output, op, "self", "grad_output");
+  check_same_device(self, grad_output, op, "self", "grad_output");
+}
+
+MaxoutLayout maxout_layout(const Tensor& self, int64_t pool_size, const char* op) {
+  check_floating(self, op, "self");
+  TORCH_CHECK(self.dim() >= 2, op, ": expected an input of at least 2 dims (N, C, ...), got ",
+              self.dim(), " dims");
+  TORCH_CHECK(pool_size >= 1, op, ": pool_size must be positive, got ", pool_size);
+  const int64_t channels = self.size(1);
+  TORCH_CHECK(channels % pool_size == 0, op, ": the number of channels (dim 1) must be divisible "
+              "by pool_size, got ", channels, " channels and pool_size ", pool_size);
+  const int64_t outer = self.size(0);
+  const int64_t inner = outer * channels == 0 ? 0 : self.numel() / (outer * channels);
+  return {outer, channels / pool_size, pool_size, inner};
+}
+
+std::vector<int64_t> maxout_output_shape(const Tensor& self, const MaxoutLayout& l) {
+  std::vector<int64_t> shape(self.sizes().begin(), self.sizes().end());
+  shape[1] = l.groups;
+  return shape;
+}
+
+void check_maxout_grad(const Tensor& grad_output, const Tensor& self, const MaxoutLayout& l,
+                       const char* op) {
+  check_floating(grad_output, op, "grad_output");
+  check_same_dtype(self, grad_output, op, "self", "grad_output");
+  const std::vector<int64_t> out_shape = maxout_output_shape(self, l);
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(out_shape), op,
+              ": expected grad_output of shape ", at::IntArrayRef(out_shape), ", got ",
+              grad_output.sizes());
+  check_same_device(self, grad_output, op, "self", "grad_output");
+}
+
+}  // namespace fastops

@@ -1,0 +1,38 @@
+// Argument checks and index layouts of the activations, shared by the CPU and CUDA kernels so
+// both raise the same errors and see the same (outer, channels, inner) views.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "checks.h"
+
+namespace fastops {
+
+// A pointwise backward: grad_output and self floating, of one dtype, shape and device.
+void check_unary_backward(const at::Tensor& grad_output, const at::Tensor& self, const char* op);
+
+// PReLU: self viewed as (outer, channels, inner) with the weight indexed by the channel
+// (channels = 1 for a single shared weight, then inner = self.numel()).
+struct ChannelLayout {
+  int64_t outer, channels, inner;
+};
+ChannelLayout prelu_layout(const at::Tensor& self, const at::Tensor& weight, const char* op);
+// prelu_backward's grad_output against self.
+void check_prelu_grad(const at::Tensor& grad_output, const at::Tensor& self, const char* op);
+
+// Maxout: self viewed as (outer, groups, k, inner); output (outer, groups, inner). NaN wins the
+// max, and among equal values the first channel does, as torch.max does.
+struct MaxoutLayout {
+  int64_t outer, groups, k, inner;
+};
+MaxoutLayout maxout_layout(const at::Tensor& self, int64_t pool_size, const char* op);
+// The output shape: self's with dim 1 divided by pool_size.
+std::vector<int64_t> maxout_output_shape(const at::Tensor& self, const MaxoutLayout& l);
+// maxout_backward's grad_output: floating, self's dtype and device, the output's shape.
+void check_maxout_grad(const at::Tensor& grad_output, const at::Tensor& self,
+                       const MaxoutLayout& l, const char* op);
+
+}  // namespace fastops
