@@ -24,6 +24,7 @@
 #endif
 
 #include "../activations.h"
+#include "../loss_checks.h"
 #include "cpu_common.h"
 
 namespace fastops {
@@ -31,13 +32,12 @@ namespace cpu {
 namespace {
 
 using at::Tensor;
+using namespace fastops::loss;
 
 constexpr int kLanes = 16;          // SIMD lanes of the accumulator arrays
 constexpr int64_t kChunk = 2048;    // classes per chunk of a contiguous row (8 KB of float)
 constexpr int64_t kClassBlock = 64; // classes per block of the lane (S > 1) kernels
 constexpr int64_t kSumBlock = 4096; // rows / elements per block of a deterministic sum
-
-enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
 template <class A>
 FO_ALWAYS_INLINE A fmax_(A a, A b) { return a > b ? a : b; }  // drops a NaN in a (max of row)
@@ -91,70 +91,7 @@ Tensor empty_output(const Tensor& x) {
   return out;
 }
 
-// ---- shapes and checks ----------------------------------------------------------------------
-
-struct Rows {
-  int64_t N, C, S;  // input viewed as (N, C, S)
-  int64_t rows() const { return N * S; }
-};
-
-Rows class_rows(const Tensor& self, const char* op) {
-  TORCH_CHECK(self.dim() >= 1, op, ": expected self to have 1 or more dimensions ((C,), (N, C) "
-              "or (N, C, d1, ..., dk)), got a 0-d tensor");
-  if (self.dim() == 1) return {1, self.size(0), 1};
-  int64_t S = 1;
-  for (int64_t d = 2; d < self.dim(); ++d) S *= self.size(d);
-  return {self.size(0), self.size(1), S};
-}
-
-// The input's shape without the class dim: the shape of the target, of the lse and of an
-// unreduced loss.
-std::vector<int64_t> row_shape(const Tensor& self) {
-  std::vector<int64_t> s;
-  for (int64_t d = 0; d < self.dim(); ++d)
-    if (d != (self.dim() == 1 ? 0 : 1)) s.push_back(self.size(d));
-  return s;
-}
-
-at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-bool is_index_dtype(at::ScalarType t) { return t == at::kLong || t == at::kByte; }
-
-void check_target(const Tensor& self, const Tensor& target, const char* op, bool allow_soft) {
-  TORCH_CHECK(target.defined(), op, ": target is an undefined tensor");
-  check_same_device(self, target, op, "self", "target");
-  const auto tt = target.scalar_type();
-  if (allow_soft && at::isFloatingType(tt)) {
-    TORCH_CHECK_TYPE(tt == self.scalar_type(), op, ": class-probability target must have the "
-                     "dtype of self (", self.scalar_type(), "), got ", tt);
-    TORCH_CHECK(target.sizes() == self.sizes(), op, ": class-probability target must have the "
-                "shape of self ", self.sizes(), ", got ", target.sizes());
-    return;
-  }
-  TORCH_CHECK_TYPE(is_index_dtype(tt), op, ": expected target to hold class indices as int64 "
-                   "(Long) or uint8 (Byte)",
-                   allow_soft ? ", or class probabilities in the dtype of self" : "", ", got ", tt);
-  const auto expected = row_shape(self);
-  TORCH_CHECK(target.sizes() == at::IntArrayRef(expected), op, ": expected target of shape ",
-              at::IntArrayRef(expected), " (self ", self.sizes(),
-              " without its class dim), got ", target.sizes());
-}
-
-void check_weight(const Tensor& self, const c10::optional<Tensor>& weight, int64_t C,
-                  const char* op) {
-  if (!weight.has_value() || !weight->defined()) return;
-  const Tensor& w = *weight;
-  check_same_device(self, w, op, "self", "weight");
-  check_floating(w, op, "weight");
-  check_same_dtype(self, w, op, "self", "weight");
-  TORCH_CHECK(w.dim() == 1 && w.numel() == C, op, ": expected weight to be a 1-D tensor of ", C,
-              " elements (one per class), got shape ", w.sizes());
-}
-
-Tensor weight_or_undefined(const c10::optional<Tensor>& weight) {
-  if (!weight.has_value() || !weight->defined()) return Tensor();
-  return weight->contiguous();
-}
+// ---- target checks and sums ----------------------------------------------------------------
 
 // Checks every class target (ignore_index excepted) and returns the total weight, the sum of
 // the weights of the non-ignored targets (their count without weights), summed in order.
@@ -200,21 +137,6 @@ double deterministic_sum(const A* v, int64_t n) {
   double s = 0;
   for (double p : part) s += p;
   return s;
-}
-
-void check_grad_output(const Tensor& grad_output, const Tensor& self, int64_t reduction,
-                       at::IntArrayRef unreduced_shape, const char* op) {
-  TORCH_CHECK(grad_output.defined(), op, ": grad_output is an undefined tensor");
-  check_same_device(self, grad_output, op, "self", "grad_output");
-  check_floating(grad_output, op, "grad_output");
-  if (reduction == kNone) {
-    TORCH_CHECK(grad_output.sizes() == unreduced_shape, op, ": expected grad_output of shape ",
-                unreduced_shape, " (reduction='none'), got ", grad_output.sizes());
-  } else {
-    TORCH_CHECK(grad_output.numel() == 1, op,
-                ": expected a one-element grad_output for a reduced loss, got shape ",
-                grad_output.sizes());
-  }
 }
 
 // ---- row statistics of the softmax -----------------------------------------------------------
@@ -408,13 +330,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_fwd(const Tensor& self, const T
                                                      int64_t reduction, int64_t ignore_index,
                                                      double label_smoothing) {
   const char* op = "fastops.cross_entropy";
-  check_floating(self, op, "self");
-  check_reduction(reduction, op);
-  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
-              ": label_smoothing must be in [0, 1], got ", label_smoothing);
-  const Rows r = class_rows(self, op);
-  check_target(self, target, op, /*allow_soft=*/true);
-  check_weight(self, weight, r.C, op);
+  const Rows r = check_cross_entropy(self, target, weight, reduction, label_smoothing, op);
   const bool soft = at::isFloatingType(target.scalar_type());
   const Tensor x = self.contiguous();
   const Tensor tg = target.contiguous();
@@ -522,20 +438,9 @@ Tensor cross_entropy_bwd(const Tensor& grad_output, const Tensor& self, const Te
                          int64_t ignore_index, double label_smoothing, const Tensor& lse,
                          const Tensor& total_weight) {
   const char* op = "fastops.cross_entropy_backward";
-  check_floating(self, op, "self");
-  check_reduction(reduction, op);
-  const Rows r = class_rows(self, op);
-  check_target(self, target, op, /*allow_soft=*/true);
-  check_weight(self, weight, r.C, op);
-  const auto rshape = row_shape(self);
-  check_grad_output(grad_output, self, reduction, rshape, op);
+  const Rows r = check_cross_entropy_backward(grad_output, self, target, weight, reduction, lse,
+                                              total_weight, op);
   const auto adt = acc_dtype(self.scalar_type());
-  TORCH_CHECK(lse.defined() && lse.scalar_type() == adt && lse.sizes() == at::IntArrayRef(rshape),
-              op, ": expected lse of dtype ", adt, " and shape ", at::IntArrayRef(rshape),
-              " (the second output of fastops.cross_entropy), got ", lse.scalar_type(), " ",
-              lse.sizes());
-  TORCH_CHECK(total_weight.defined() && total_weight.numel() == 1, op,
-              ": expected a one-element total_weight, got shape ", total_weight.sizes());
   const bool soft = at::isFloatingType(target.scalar_type());
   const Tensor x = self.contiguous();
   const Tensor tg = target.contiguous();
@@ -735,11 +640,7 @@ std::tuple<Tensor, Tensor> nll_loss_fwd(const Tensor& self, const Tensor& target
                                         const c10::optional<Tensor>& weight, int64_t reduction,
                                         int64_t ignore_index) {
   const char* op = "fastops.nll_loss";
-  check_floating(self, op, "self");
-  check_reduction(reduction, op);
-  const Rows r = class_rows(self, op);
-  check_target(self, target, op, /*allow_soft=*/false);
-  check_weight(self, weight, r.C, op);
+  const Rows r = check_nll_loss(self, target, weight, reduction, op);
   const Tensor x = self.contiguous();
   const Tensor tg = target.contiguous();
   const Tensor w = weight_or_undefined(weight);
@@ -786,15 +687,8 @@ Tensor nll_loss_bwd(const Tensor& grad_output, const Tensor& self, const Tensor&
                     const c10::optional<Tensor>& weight, int64_t reduction, int64_t ignore_index,
                     const Tensor& total_weight) {
   const char* op = "fastops.nll_loss_backward";
-  check_floating(self, op, "self");
-  check_reduction(reduction, op);
-  const Rows r = class_rows(self, op);
-  check_target(self, target, op, /*allow_soft=*/false);
-  check_weight(self, weight, r.C, op);
-  const auto rshape = row_shape(self);
-  check_grad_output(grad_output, self, reduction, rshape, op);
-  TORCH_CHECK(total_weight.defined() && total_weight.numel() == 1, op,
-              ": expected a one-element total_weight, got shape ", total_weight.sizes());
+  const Rows r = check_nll_loss_backward(grad_output, self, target, weight, reduction,
+                                         total_weight, op);
   const auto adt = acc_dtype(self.scalar_type());
   const Tensor tg = target.contiguous();
   const Tensor w = weight_or_undefined(weight);
@@ -836,26 +730,9 @@ Tensor nll_loss_bwd(const Tensor& grad_output, const Tensor& self, const Tensor&
 
 // ---- log_softmax -----------------------------------------------------------------------------
 
-struct DimLayout {
-  int64_t outer, C, inner;
-};
-
-DimLayout dim_layout(const Tensor& t, int64_t& dim, const char* op) {
-  const int64_t nd = std::max<int64_t>(1, t.dim());
-  TORCH_CHECK(dim >= -nd && dim < nd, op, ": dim ", dim, " is out of range for a tensor of ",
-              t.dim(), " dimensions (expected a dim in [", -nd, ", ", nd - 1, "])");
-  if (dim < 0) dim += nd;
-  if (t.dim() == 0) return {1, 1, 1};
-  int64_t outer = 1, inner = 1;
-  for (int64_t d = 0; d < dim; ++d) outer *= t.size(d);
-  for (int64_t d = dim + 1; d < t.dim(); ++d) inner *= t.size(d);
-  return {outer, t.size(dim), inner};
-}
-
 Tensor log_softmax_fwd(const Tensor& self, int64_t dim) {
   const char* op = "fastops.log_softmax";
-  check_floating(self, op, "self");
-  const DimLayout l = dim_layout(self, dim, op);
+  const DimLayout l = check_log_softmax(self, dim, op);
   const Tensor x = self.contiguous();
   Tensor y = empty_output(x);
   if (x.numel() == 0) return y;
@@ -910,12 +787,7 @@ Tensor log_softmax_fwd(const Tensor& self, int64_t dim) {
 // grad_input = g - exp(y) * sum(g) along dim.
 Tensor log_softmax_bwd(const Tensor& grad_output, const Tensor& output, int64_t dim) {
   const char* op = "fastops.log_softmax_backward";
-  check_floating(output, op, "output");
-  check_floating(grad_output, op, "grad_output");
-  check_same_dtype(output, grad_output, op, "output", "grad_output");
-  check_same_device(output, grad_output, op, "output", "grad_output");
-  check_same_shape(output, grad_output, op, "output", "grad_output");
-  const DimLayout l = dim_layout(output, dim, op);
+  const DimLayout l = check_log_softmax_backward(grad_output, output, dim, op);
   const Tensor y = output.contiguous();
   const Tensor g = grad_output.contiguous();
   Tensor gx = empty_output(y);
@@ -972,16 +844,6 @@ Tensor log_softmax_bwd(const Tensor& grad_output, const Tensor& output, int64_t 
 }
 
 // ---- mse_loss --------------------------------------------------------------------------------
-
-void check_mse(const Tensor& self, const Tensor& target, int64_t reduction, const char* op) {
-  check_floating(self, op, "self");
-  TORCH_CHECK(target.defined(), op, ": target is an undefined tensor");
-  check_floating(target, op, "target");
-  check_same_dtype(self, target, op, "self", "target");
-  check_same_device(self, target, op, "self", "target");
-  check_same_shape(self, target, op, "self", "target");
-  check_reduction(reduction, op);
-}
 
 Tensor mse_loss_fwd(const Tensor& self, const Tensor& target, int64_t reduction) {
   const char* op = "fastops.mse_loss";
@@ -1046,8 +908,7 @@ std::tuple<Tensor, Tensor> mse_loss_bwd(const Tensor& grad_output, const Tensor&
                                         const Tensor& target, int64_t reduction,
                                         std::array<bool, 2> output_mask) {
   const char* op = "fastops.mse_loss_backward";
-  check_mse(self, target, reduction, op);
-  check_grad_output(grad_output, self, reduction, self.sizes(), op);
+  check_mse_backward(grad_output, self, target, reduction, op);
   const Tensor x = self.contiguous();
   const Tensor y = target.contiguous();
   const int64_t n = x.numel();
