@@ -38,12 +38,9 @@ FO_HD int32_t fo_float_to_bits(float f) {
 #endif
 }
 
-// exp(x), about 1 ulp: Cody-Waite range reduction and a degree-6 polynomial (Cephes expf).
-FO_HD float fo_exp(float x) {
-#if defined(__CUDA_ARCH__)
-  return expf(x);
-#else
-  const float xc = x < -87.0f ? -87.0f : (x > 88.5f ? 88.5f : x);
+// exp(xc) for xc in [-87, 88.5], about 1 ulp: Cody-Waite range reduction and a degree-6
+// polynomial (Cephes expf). Callers clamp and handle what lies outside.
+FO_HD float fo_exp_in_range(float xc) {
   const float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
   const float r = xc - k * 0.693359375f + k * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -53,8 +50,16 @@ FO_HD float fo_exp(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float y = p * r * r + r + 1.0f;
-  const float scaled = fo_bits_to_float(fo_float_to_bits(y) + (static_cast<int32_t>(k) << 23));
-  // Saturate like expf; NaN falls through both comparisons and is returned as is.
+  return fo_bits_to_float(fo_float_to_bits(y) + (static_cast<int32_t>(k) << 23));
+}
+
+// exp(x) with expf's saturation: 0 below -87, inf above 88.5, NaN kept.
+FO_HD float fo_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  const float scaled = fo_exp_in_range(x < -87.0f ? -87.0f : (x > 88.5f ? 88.5f : x));
+  // NaN falls through both comparisons and is returned as is.
   return x < -87.0f ? 0.0f : (x > 88.5f ? INFINITY : (x != x ? x : scaled));
 #endif
 }
@@ -95,7 +100,11 @@ FO_HD void fo_normal_cdf_pdf(float x, float& cdf, float& pdf) {
   p = p * t + 1.421413741f;
   p = p * t - 0.284496736f;
   p = p * t + 0.254829592f;
-  const float e = fo_exp(-z * z);  // exp(-x^2 / 2)
+  // exp(-x^2 / 2): the argument is never positive, and a NaN x gives a NaN result through the
+  // x * ... of every caller, so only the underflow needs care (0, so that inf * pdf is NaN as
+  // in torch).
+  const float nz2 = -z * z;
+  const float e = nz2 < -87.0f ? 0.0f : fo_exp_in_range(nz2 < -87.0f ? -87.0f : nz2);
   const float tail = 0.5f * t * p * e;  // Phi(-|x|)
   cdf = x < 0.0f ? tail : 1.0f - tail;
   pdf = 0.39894228040143267794f * e;
