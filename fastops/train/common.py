@@ -98,6 +98,20 @@ def seed_epoch(seed, epoch):
     torch.manual_seed(seed * 1_000_003 + epoch + 1)
 
 
+def minibatch_epoch(model, optimizer, loss_fn, x, y, order, batch_size):
+    """One pass over the samples x[order] in batches of batch_size, one optimizer step each;
+    returns the mean loss over the samples."""
+    total = torch.zeros((), device=x.device)
+    for s in range(0, len(order), batch_size):
+        idx = order[s:s + batch_size]
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x[idx]), y[idx])
+        loss.backward()
+        optimizer.step()
+        total += loss.detach() * len(idx)
+    return (total / len(order)).item()
+
+
 # ---- runs ---------------------------------------------------------------------------------------
 
 @dataclass

@@ -13,7 +13,8 @@ import torch
 
 from fastops.models import ACTIVATIONS, MLP, functional
 from fastops.train import distributed, plots
-from fastops.train.common import Run, Trainer, csv_list, make_models, parser, require, results_table
+from fastops.train.common import (Run, Trainer, csv_list, make_models, minibatch_epoch, parser,
+                                  require, results_table)
 
 
 def read_mnist_sample():
@@ -96,16 +97,9 @@ def train_one(trainer, run, data):
             order = torch.tensor(list(sampler), dtype=torch.long)
         else:
             order = torch.randperm(n)
-        order = order.to(trainer.device)
-        total = torch.zeros((), device=trainer.device)
-        for s in range(0, len(order), args.batch_size):
-            idx = order[s:s + args.batch_size]
-            opt.zero_grad(set_to_none=True)
-            loss = cross_entropy(net(x_train[idx]), y_train[idx])
-            loss.backward()
-            opt.step()
-            total += loss.detach() * len(idx)
-        return distributed.mean_over_ranks((total / len(order)).item(), info)
+        mean_loss = minibatch_epoch(net, opt, cross_entropy, x_train, y_train,
+                                    order.to(trainer.device), args.batch_size)
+        return distributed.mean_over_ranks(mean_loss, info)
 
     trainer.fit(run, opt, epoch)
     run.metrics["test_accuracy"] = accuracy(model, x_test, y_test)

@@ -10,7 +10,8 @@ import torch
 
 from fastops.models import MLP, functional
 from fastops.train import plots
-from fastops.train.common import Run, Trainer, csv_list, make_models, parser, results_table
+from fastops.train.common import (Run, Trainer, csv_list, make_models, minibatch_epoch, parser,
+                                  results_table)
 
 ACTIVATIONS = ["linear", "relu", "elu", "gelu", "prelu", "hardtanh", "maxout"]
 OPTIMIZERS = ["sgd", "adam"]
@@ -57,15 +58,7 @@ def train_one(trainer, run, optimizer_name, x, y):
     def epoch(_):
         # the permutation is drawn on the CPU so every device sees the same batches
         order = torch.randperm(n).to(x.device)
-        total = torch.zeros((), device=x.device)
-        for i in range(0, n, args.batch_size):
-            idx = order[i:i + args.batch_size]
-            opt.zero_grad(set_to_none=True)
-            loss = cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
-            opt.step()
-            total += loss.detach() * len(idx)
-        return (total / n).item()
+        return minibatch_epoch(model, opt, cross_entropy, x, y, order, args.batch_size)
 
     trainer.fit(run, opt, epoch)
     run.metrics["train_accuracy"] = accuracy(model, x, y)
