@@ -13,8 +13,16 @@ import torch
 
 from fastops.models import ACTIVATIONS, MLP, functional
 from fastops.train import distributed, plots
-from fastops.train.common import (Run, Trainer, csv_list, make_models, minibatch_epoch, parser,
-                                  require, results_table)
+from fastops.train.common import (
+    Run,
+    Trainer,
+    csv_list,
+    make_models,
+    minibatch_epoch,
+    parser,
+    require,
+    results_table,
+)
 
 
 def read_mnist_sample():

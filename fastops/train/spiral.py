@@ -10,8 +10,15 @@ import torch
 
 from fastops.models import MLP, functional
 from fastops.train import plots
-from fastops.train.common import (Run, Trainer, csv_list, make_models, minibatch_epoch, parser,
-                                  results_table)
+from fastops.train.common import (
+    Run,
+    Trainer,
+    csv_list,
+    make_models,
+    minibatch_epoch,
+    parser,
+    results_table,
+)
 
 ACTIVATIONS = ["linear", "relu", "elu", "gelu", "prelu", "hardtanh", "maxout"]
 OPTIMIZERS = ["sgd", "adam"]
