@@ -12,6 +12,18 @@ void check_unary_backward(const Tensor& grad_output, const Tensor& self, const c
   check_same_device(self, grad_output, op, "self", "grad_output");
 }
 
+void check_mask_backward(const Tensor& grad_output, const Tensor& mask, const char* op) {
+  check_floating(grad_output, op, "grad_output");
+  TORCH_CHECK(mask.defined(), op, ": mask is an undefined tensor");
+  TORCH_CHECK_TYPE(mask.scalar_type() == at::kByte, op,
+                   ": expected mask to be a uint8 tensor (the bit mask of the forward), got ",
+                   mask.scalar_type());
+  TORCH_CHECK(mask.dim() == 1 && mask.numel() == mask_bytes(grad_output.numel()), op,
+              ": expected a 1-D mask of ", mask_bytes(grad_output.numel()),
+              " bytes (one bit per element of grad_output), got shape ", mask.sizes());
+  check_same_device(grad_output, mask, op, "grad_output", "mask");
+}
+
 ChannelLayout prelu_layout(const Tensor& self, const Tensor& weight, const char* op) {
   check_floating(self, op, "self");
   check_floating(weight, op, "weight");

@@ -14,6 +14,13 @@ namespace fastops {
 // A pointwise backward: grad_output and self floating, of one dtype, shape and device.
 void check_unary_backward(const at::Tensor& grad_output, const at::Tensor& self, const char* op);
 
+// The bit mask of the masked activations (NAME_with_mask): one bit per element of the input,
+// element i at bit i % 8 of byte i / 8, in a uint8 tensor of mask_bytes(numel) elements.
+inline int64_t mask_bytes(int64_t numel) { return (numel + 7) / 8; }
+// A masked backward (NAME_mask_backward): grad_output floating, mask the bit mask of a tensor of
+// grad_output's numel, on its device.
+void check_mask_backward(const at::Tensor& grad_output, const at::Tensor& mask, const char* op);
+
 // PReLU: self viewed as (outer, channels, inner) with the weight indexed by the channel
 // (channels = 1 for a single shared weight, then inner = self.numel()).
 struct ChannelLayout {

@@ -122,9 +122,18 @@ template <class T> FO_HD T fo_sigmoid(T x) { return T(1) / (T(1) + fo_exp(-x)); 
 // The activations. Parameters are stored as float (the compute type of every dtype but double,
 // where they are read back exactly as given when they are representable).
 
+// The piecewise-linear activations (Relu, Hardtanh, LeakyRelu, Hardshrink) have a derivative
+// that takes one of two values, picked by a predicate of x:
+//   mask(x)               -> which of the two
+//   backward_masked(m, g) -> g * f'(x) from m alone
+// so their forward can save that predicate as one bit per element for backward, instead of the
+// input: 1/32 of the bytes of a float32 input to keep and to read back.
 struct Relu {
   template <class T> FO_HD T forward(T x) const { return x <= T(0) ? T(0) : x; }  // keeps NaN
-  template <class T> FO_HD T backward(T x, T g) const { return x > T(0) ? g : T(0); }
+  // true for NaN, whose gradient passes, as in torch
+  template <class T> FO_HD bool mask(T x) const { return !(x <= T(0)); }
+  template <class T> FO_HD T backward_masked(bool m, T g) const { return m ? g : T(0); }
+  template <class T> FO_HD T backward(T x, T g) const { return backward_masked(mask(x), g); }
 };
 
 struct Elu {
@@ -172,17 +181,19 @@ struct Hardtanh {
   template <class T> FO_HD T forward(T x) const {
     return x < T(min_val) ? T(min_val) : (x > T(max_val) ? T(max_val) : x);  // keeps NaN
   }
-  template <class T> FO_HD T backward(T x, T g) const {
-    return (x > T(min_val) && x < T(max_val)) ? g : T(0);
-  }
+  template <class T> FO_HD bool mask(T x) const { return x > T(min_val) && x < T(max_val); }
+  template <class T> FO_HD T backward_masked(bool m, T g) const { return m ? g : T(0); }
+  template <class T> FO_HD T backward(T x, T g) const { return backward_masked(mask(x), g); }
 };
 
 struct LeakyRelu {
   double negative_slope;
   template <class T> FO_HD T forward(T x) const { return x > T(0) ? x : x * T(negative_slope); }
-  template <class T> FO_HD T backward(T x, T g) const {
-    return x > T(0) ? g : g * T(negative_slope);
+  template <class T> FO_HD bool mask(T x) const { return x > T(0); }
+  template <class T> FO_HD T backward_masked(bool m, T g) const {
+    return m ? g : g * T(negative_slope);
   }
+  template <class T> FO_HD T backward(T x, T g) const { return backward_masked(mask(x), g); }
 };
 
 struct Sigmoid {
@@ -206,9 +217,11 @@ struct Hardshrink {
   template <class T> FO_HD T forward(T x) const {
     return (x >= T(-lambd) && x <= T(lambd)) ? T(0) : x;  // keeps NaN
   }
-  template <class T> FO_HD T backward(T x, T g) const {
-    return (x >= T(-lambd) && x <= T(lambd)) ? T(0) : g;
+  template <class T> FO_HD bool mask(T x) const {  // true for NaN, whose gradient passes
+    return !(x >= T(-lambd) && x <= T(lambd));
   }
+  template <class T> FO_HD T backward_masked(bool m, T g) const { return m ? g : T(0); }
+  template <class T> FO_HD T backward(T x, T g) const { return backward_masked(mask(x), g); }
 };
 
 // torch compares hardshrink's lambd after rounding it to the input's dtype; fastops does the same
@@ -236,17 +249,25 @@ struct Prelu {
 // The pointwise activations, one line each:
 //   X(op name, extra schema arguments, the same as C++ parameters, functor built from them)
 // The C++ parameters are always named a and b, so the fused linear+activation op, which takes
-// (a, b) for every activation, builds its functor from the same expression.
-#define FASTOPS_POINTWISE_ACTIVATIONS(X)                                                     \
+// (a, b) for every activation, builds its functor from the same expression. The masked ones
+// (functors with mask/backward_masked) also get NAME_with_mask and NAME_mask_backward ops,
+// which their autograd uses.
+#define FASTOPS_MASKED_ACTIVATIONS(X)                                                        \
   X(relu, "", (), (Relu{}))                                                                 \
+  X(hardtanh, ", float min_val, float max_val", (, double a, double b), (Hardtanh{a, b}))   \
+  X(leaky_relu, ", float negative_slope", (, double a), (LeakyRelu{a}))                     \
+  X(hardshrink, ", float lambd", (, double a), (Hardshrink{a}))
+
+#define FASTOPS_UNMASKED_ACTIVATIONS(X)                                                      \
   X(elu, ", float alpha", (, double a), (Elu{a}))                                           \
   X(gelu, "", (), (Gelu{}))                                                                 \
   X(gelu_tanh, "", (), (GeluTanh{}))                                                        \
-  X(hardtanh, ", float min_val, float max_val", (, double a, double b), (Hardtanh{a, b}))   \
-  X(leaky_relu, ", float negative_slope", (, double a), (LeakyRelu{a}))                     \
   X(sigmoid, "", (), (Sigmoid{}))                                                           \
-  X(tanh, "", (), (Tanh{}))                                                                 \
-  X(hardshrink, ", float lambd", (, double a), (Hardshrink{a}))
+  X(tanh, "", (), (Tanh{}))
+
+#define FASTOPS_POINTWISE_ACTIVATIONS(X) \
+  FASTOPS_MASKED_ACTIVATIONS(X)          \
+  FASTOPS_UNMASKED_ACTIVATIONS(X)
 
 #define FO_UNPAREN(...) __VA_ARGS__
 

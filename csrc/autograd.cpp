@@ -50,8 +50,17 @@ bool needs_graph(const Tensors&... tensors) {
 
 // ---- pointwise activations: NAME(self, float params...) and NAME_backward(grad, self, params)
 
-// One boxed kernel serves every pointwise activation: it takes the op's float parameters from
-// the stack, whatever their number, and backward calls the op named NAME_backward.
+// Boxed kernels serve every pointwise activation: they take the op's float parameters from the
+// stack, whatever their number, and find the ops that do the work by name.
+void push_params(torch::jit::Stack& stack, const std::vector<double>& params) {
+  for (double p : params) stack.emplace_back(p);
+}
+
+c10::OperatorHandle op_named(const std::string& name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "");
+}
+
+// Saves the input; backward calls NAME_backward(grad, self, params).
 struct PointwiseFn : torch::autograd::Function<PointwiseFn> {
   static Tensor forward(AutogradContext* ctx, const Tensor& self, const c10::OperatorHandle& op,
                         const std::vector<double>& params) {
@@ -60,21 +69,47 @@ struct PointwiseFn : torch::autograd::Function<PointwiseFn> {
     ctx->saved_data["params"] = params;
     at::AutoDispatchBelowADInplaceOrView guard;
     torch::jit::Stack stack{self};
-    for (double p : params) stack.emplace_back(p);
+    push_params(stack, params);
     op.callBoxed(&stack);
     return stack[0].toTensor();
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    return pointwise_backward(ctx, grads);
+  }
+  // Shared with MaskedPointwiseFn: backward_op(grad, saved tensor, params).
+  static tensor_list pointwise_backward(AutogradContext* ctx, const tensor_list& grads) {
     if (!grads[0].defined() || !ctx->needs_input_grad(0)) return {Tensor(), Tensor(), Tensor()};
-    const auto name = ctx->saved_data["backward_op"].toStringRef();
-    const auto backward_op = c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "");
+    const auto backward_op = op_named(ctx->saved_data["backward_op"].toStringRef());
     torch::jit::Stack stack{grads[0], ctx->get_saved_variables()[0]};
-    for (double p : ctx->saved_data["params"].toDoubleVector()) stack.emplace_back(p);
+    push_params(stack, ctx->saved_data["params"].toDoubleVector());
     backward_op.callBoxed(&stack);
     return {stack[0].toTensor(), Tensor(), Tensor()};
   }
 };
 
+// The piecewise-linear activations: the forward runs NAME_with_mask and saves its bit mask (1
+// bit per element) instead of the input; backward calls NAME_mask_backward(grad, mask).
+struct MaskedPointwiseFn : torch::autograd::Function<MaskedPointwiseFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& self, const c10::OperatorHandle& op,
+                        const std::vector<double>& params) {
+    const std::string name = op.schema().name();
+    torch::jit::Stack stack{self};
+    push_params(stack, params);
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      op_named(name + "_with_mask").callBoxed(&stack);
+    }
+    ctx->save_for_backward({stack[1].toTensor()});
+    ctx->saved_data["backward_op"] = name + "_mask_backward";
+    ctx->saved_data["params"] = params;
+    return stack[0].toTensor();
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    return PointwiseFn::pointwise_backward(ctx, grads);
+  }
+};
+
+template <class Fn>
 void pointwise_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                         torch::jit::Stack* stack) {
   const size_t n = op.schema().arguments().size();
@@ -87,7 +122,7 @@ void pointwise_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
   std::vector<double> params;
   for (size_t i = 1; i < n; ++i) params.push_back(args[i].toDouble());
   torch::jit::drop(*stack, n);
-  torch::jit::push(*stack, PointwiseFn::apply(self, op, params));
+  torch::jit::push(*stack, Fn::apply(self, op, params));
 }
 
 // ---- prelu, maxout ---------------------------------------------------------------------------
@@ -395,10 +430,15 @@ std::tuple<Tensor, Tensor, Tensor> tuple3(const tensor_list& t) { return {t[0], 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastops, Autograd, m) {
-#define FO_AUTOGRAD_ACTIVATION(name, ...) \
-  m.impl(#name, torch::CppFunction::makeFromBoxedFunction<&pointwise_autograd>());
-  FASTOPS_POINTWISE_ACTIVATIONS(FO_AUTOGRAD_ACTIVATION)
-#undef FO_AUTOGRAD_ACTIVATION
+#define FO_AUTOGRAD_MASKED(name, ...) \
+  m.impl(#name,                       \
+         torch::CppFunction::makeFromBoxedFunction<&pointwise_autograd<MaskedPointwiseFn>>());
+  FASTOPS_MASKED_ACTIVATIONS(FO_AUTOGRAD_MASKED)
+#undef FO_AUTOGRAD_MASKED
+#define FO_AUTOGRAD_UNMASKED(name, ...) \
+  m.impl(#name, torch::CppFunction::makeFromBoxedFunction<&pointwise_autograd<PointwiseFn>>());
+  FASTOPS_UNMASKED_ACTIVATIONS(FO_AUTOGRAD_UNMASKED)
+#undef FO_AUTOGRAD_UNMASKED
   m.impl("prelu", [](const Tensor& self, const Tensor& weight) {
     if (needs_graph(self, weight)) return PreluFn::apply(self, weight);
     at::AutoDispatchBelowADInplaceOrView guard;

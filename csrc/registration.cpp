@@ -48,6 +48,15 @@ TORCH_LIBRARY(fastops, m) {
   m.def(#name "_backward(Tensor grad_output, Tensor self" schema_params ") -> Tensor");
   FASTOPS_POINTWISE_ACTIVATIONS(FO_DEF_ACTIVATION)
 #undef FO_DEF_ACTIVATION
+  // The piecewise-linear ones also: NAME_with_mask(self, params) -> (output, mask), mask the
+  // uint8 bit mask of activation_checks.h (one bit per element, which side of the threshold),
+  // and NAME_mask_backward(grad_output, mask, params), the backward from those bits alone.
+  // Their autograd saves the mask rather than the input.
+#define FO_DEF_MASKED(name, schema_params, cpp_params, make)                                \
+  m.def(#name "_with_mask(Tensor self" schema_params ") -> (Tensor, Tensor)");            \
+  m.def(#name "_mask_backward(Tensor grad_output, Tensor mask" schema_params ") -> Tensor");
+  FASTOPS_MASKED_ACTIVATIONS(FO_DEF_MASKED)
+#undef FO_DEF_MASKED
 
   // PReLU: weight of 1 or C (= self.size(1)) slopes. backward returns (grad_self, grad_weight).
   m.def("prelu(Tensor self, Tensor weight) -> Tensor");

@@ -278,3 +278,90 @@ def test_hardshrink_threshold_in_input_dtype(dtype, device):
     """Like torch, lambd is rounded to the input's dtype before the comparison."""
     x = torch.tensor([0.30078, -0.30078, 0.29, 0.31, 0.3], dtype=dtype, device=device)
     torch.testing.assert_close(F.hardshrink(x, 0.3), TF.hardshrink(x, 0.3), atol=0, rtol=0)
+
+
+# ---- the masked forms of the piecewise-linear activations ------------------------------------
+# (op, params, the predicate their bit mask holds, from torch)
+MASKED = {
+    "relu": ((), lambda x: ~(x <= 0)),
+    "leaky_relu": ((0.2,), lambda x: x > 0),
+    "hardtanh": ((-0.5, 2.0), lambda x: (x > -0.5) & (x < 2.0)),
+    "hardshrink": ((0.5,), lambda x: ~((x >= -0.5) & (x <= 0.5))),
+}
+
+
+def pack_bits(pred):
+    """Element i at bit i % 8 of byte i // 8."""
+    flat = pred.flatten()
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % 8)]).view(-1, 8).to(torch.int32)
+    return (flat << torch.arange(8, device=flat.device)).sum(1).to(torch.uint8)
+
+
+def masked_input(n, dtype, device, gen):
+    x = torch.randn(n, generator=gen, dtype=torch.float64) * 2
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.5, 0.5, 2.0])
+    x[: min(n, 7)] = special[: min(n, 7)].double()
+    return x.to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 100_003])  # partial bytes; several threads' blocks
+@pytest.mark.parametrize("op", list(MASKED))
+def test_masked_ops_match_the_input_forms(op, n, dtype, device):
+    """NAME_with_mask gives NAME's output and the bits of its predicate; NAME_mask_backward
+    gives, from those bits alone, exactly what NAME_backward gives from the input."""
+    params, predicate = MASKED[op]
+    gen = torch.Generator().manual_seed(7)
+    x = masked_input(n, dtype, device, gen)
+    g = torch.randn(n, generator=gen).to(device=device, dtype=dtype)
+    ops = torch.ops.fastops
+    out, mask = getattr(ops, op + "_with_mask")(x, *params)
+    torch.testing.assert_close(out, getattr(ops, op)(x, *params), atol=0, rtol=0, equal_nan=True)
+    assert mask.dtype == torch.uint8 and mask.shape == ((n + 7) // 8,)
+    assert torch.equal(mask, pack_bits(predicate(x)))
+    grad = getattr(ops, op + "_mask_backward")(g, mask, *params)
+    torch.testing.assert_close(grad, getattr(ops, op + "_backward")(g, x, *params),
+                               atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("op", list(MASKED))
+def test_masked_autograd_saves_only_the_bits(op, device):
+    """Under autograd the masked activations keep one bit per element for backward, not the
+    input, and their gradient is still torch's."""
+    params, _ = MASKED[op]
+    x = torch.randn(3, 1001, device=device, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = getattr(torch.ops.fastops, op)(x, *params)
+    assert [(t.dtype, t.numel()) for t in saved] == [(torch.uint8, (3 * 1001 + 7) // 8)]
+    torch_fn = {"relu": lambda t: TF.relu(t), "leaky_relu": lambda t: TF.leaky_relu(t, *params),
+                "hardtanh": lambda t: TF.hardtanh(t, *params),
+                "hardshrink": lambda t: TF.hardshrink(t, *params)}[op]
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0],
+                               torch.autograd.grad(torch_fn(x), x, g)[0])
+
+
+@pytest.mark.parametrize("op", list(MASKED))
+def test_masked_opcheck(op, device):
+    params, _ = MASKED[op]
+    x = torch.randn(5, 7, device=device)
+    out, mask = getattr(torch.ops.fastops, op + "_with_mask")(x, *params)
+    torch.library.opcheck(getattr(torch.ops.fastops, op + "_with_mask"), (x, *params))
+    torch.library.opcheck(getattr(torch.ops.fastops, op + "_mask_backward"),
+                          (torch.randn_like(out), mask, *params))
+
+
+def test_masked_backward_bad_inputs():
+    g = torch.randn(10)
+    with pytest.raises(TypeError, match="uint8"):
+        torch.ops.fastops.relu_mask_backward(g, torch.ones(10, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match="1-D mask of 2 bytes"):
+        torch.ops.fastops.relu_mask_backward(g, torch.zeros(3, dtype=torch.uint8))
+
+
+def test_relu_gradient_passes_nan_like_torch():
+    x = torch.tensor([float("nan"), -1.0, 2.0], requires_grad=True)
+    got = torch.autograd.grad(F.relu(x), x, torch.ones(3))[0]
+    want = torch.autograd.grad(TF.relu(x), x, torch.ones(3))[0]
+    torch.testing.assert_close(got, want)

@@ -3,6 +3,8 @@
 // of channels) have loops of their own.
 #include <torch/library.h>
 
+#include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -54,6 +56,107 @@ Tensor unary_backward(const Tensor& grad_output, const Tensor& self, const F& f,
         for (int64_t i = begin; i < end; ++i)
           op_[i] = static_cast<scalar_t>(
               fl.backward(static_cast<acc>(xp[i]), static_cast<acc>(gp[i])));
+      });
+    });
+  });
+  return gx;
+}
+
+// The masked forms of the piecewise-linear activations (see activations.h): the forward also
+// writes f.mask(x) packed 8 elements to a byte (bit j of byte i is element 8i + j), and the
+// backward needs only those bits, 1/32 of the bytes of a float32 input. Each runs over chunks of
+// kMaskChunk elements: a vectorised loop between the data and one byte per element in a stack
+// buffer, and a SWAR loop packing (or unpacking) 8 of those bytes per 64-bit word. The loops
+// take restrict pointers: a byte pointer may alias anything, and they would not vectorise. f by
+// value: its parameters then cannot alias them either.
+constexpr int64_t kMaskChunk = 512;  // a multiple of 8
+
+FO_ALWAYS_INLINE uint8_t pack_bits(const uint8_t* bytes) {  // 8 bytes of 0/1 -> 8 bits
+  uint64_t v;
+  std::memcpy(&v, bytes, 8);
+  return static_cast<uint8_t>((v * 0x0102040810204080ULL) >> 56);
+}
+
+FO_ALWAYS_INLINE void unpack_bits(uint8_t bits, uint8_t* bytes) {  // 8 bits -> 8 bytes of 0/1
+  const uint64_t e = (bits * 0x0101010101010101ULL) & 0x8040201008040201ULL;
+  const uint64_t v = ((e + 0x7F7F7F7F7F7F7F7FULL) & 0x8080808080808080ULL) >> 7;
+  std::memcpy(bytes, &v, 8);
+}
+
+template <class scalar_t, class F>
+FO_ALWAYS_INLINE void masked_forward_chunk(const scalar_t* __restrict x, scalar_t* __restrict y,
+                                           uint8_t* __restrict bytes, int64_t n, const F f) {
+  using acc = acc_t<scalar_t>;
+  for (int64_t i = 0; i < n; ++i) {
+    const acc v = static_cast<acc>(x[i]);
+    y[i] = static_cast<scalar_t>(f.forward(v));
+    bytes[i] = f.mask(v) ? 1 : 0;
+  }
+}
+
+template <class scalar_t, class F>
+FO_ALWAYS_INLINE void masked_backward_chunk(const scalar_t* __restrict g,
+                                            const uint8_t* __restrict bytes,
+                                            scalar_t* __restrict gx, int64_t n, const F f) {
+  using acc = acc_t<scalar_t>;
+  for (int64_t i = 0; i < n; ++i)
+    gx[i] = static_cast<scalar_t>(f.backward_masked(bytes[i] != 0, static_cast<acc>(g[i])));
+}
+
+// Elements [8 * b0, min(n, 8 * b1)): whole bytes of the mask, so threads never share one.
+template <class Body>
+void for_mask_bytes(int64_t n, const Body& body) {
+  at::parallel_for(0, mask_bytes(n), kElementwiseGrain / 8, [&](int64_t b0, int64_t b1) {
+    body(8 * b0, std::min(n, 8 * b1));
+  });
+}
+
+template <class F>
+std::tuple<Tensor, Tensor> masked_forward(const Tensor& self, const F& f, const char* op) {
+  check_floating(self, op, "self");
+  const Tensor x = self.contiguous();
+  const int64_t n = x.numel();
+  Tensor mask = at::empty({mask_bytes(n)}, x.options().dtype(at::kByte));
+  Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    uint8_t* mp = mask.mutable_data_ptr<uint8_t>();
+    for_mask_bytes(n, [&](int64_t begin, int64_t end) {
+      dispatch_isa([&]() FO_INLINE_LAMBDA {
+        const F fl = params_in_dtype<scalar_t>(f);
+        alignas(64) uint8_t bytes[kMaskChunk];
+        for (int64_t c = begin; c < end; c += kMaskChunk) {
+          const int64_t len = std::min(kMaskChunk, end - c);
+          masked_forward_chunk(xp + c, yp + c, bytes, len, fl);
+          for (int64_t i = len; i < ((len + 7) & ~int64_t{7}); ++i) bytes[i] = 0;
+          for (int64_t k = 0; k < (len + 7) / 8; ++k) mp[c / 8 + k] = pack_bits(bytes + 8 * k);
+        }
+      });
+    });
+  });
+  return {y, mask};
+}
+
+template <class F>
+Tensor masked_backward(const Tensor& grad_output, const Tensor& mask, const F& f, const char* op) {
+  check_mask_backward(grad_output, mask, op);
+  const Tensor g = grad_output.contiguous();
+  const Tensor m = mask.contiguous();
+  const int64_t n = g.numel();
+  Tensor gx = at::empty_like(g, at::MemoryFormat::Contiguous);
+  FO_DISPATCH_FLOATING(g.scalar_type(), [&] {
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const uint8_t* mp = m.const_data_ptr<uint8_t>();
+    scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+    for_mask_bytes(n, [&](int64_t begin, int64_t end) {
+      dispatch_isa([&]() FO_INLINE_LAMBDA {
+        alignas(64) uint8_t bytes[kMaskChunk];
+        for (int64_t c = begin; c < end; c += kMaskChunk) {
+          const int64_t len = std::min(kMaskChunk, end - c);
+          for (int64_t k = 0; k < (len + 7) / 8; ++k) unpack_bits(mp[c / 8 + k], bytes + 8 * k);
+          masked_backward_chunk(gp + c, bytes, gxp + c, len, f);
+        }
       });
     });
   });
@@ -323,6 +426,15 @@ TORCH_LIBRARY_IMPL(fastops, CPU, m) {
   });
   FASTOPS_POINTWISE_ACTIVATIONS(FO_IMPL_ACTIVATION)
 #undef FO_IMPL_ACTIVATION
+#define FO_IMPL_MASKED(name, schema_params, cpp_params, make)                              \
+  m.impl(#name "_with_mask", [](const Tensor& self FO_UNPAREN cpp_params) {                 \
+    return masked_forward(self, FO_UNPAREN make, "fastops." #name "_with_mask");           \
+  });                                                                                        \
+  m.impl(#name "_mask_backward", [](const Tensor& grad_output, const Tensor& mask FO_UNPAREN cpp_params) { \
+    return masked_backward(grad_output, mask, FO_UNPAREN make, "fastops." #name "_mask_backward"); \
+  });
+  FASTOPS_MASKED_ACTIVATIONS(FO_IMPL_MASKED)
+#undef FO_IMPL_MASKED
   m.impl("prelu", &prelu_forward);
   m.impl("prelu_backward", &prelu_backward);
   m.impl("maxout", &maxout_forward);

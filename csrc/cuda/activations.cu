@@ -200,6 +200,130 @@ Tensor unary_backward(const Tensor& grad_output, const Tensor& self, const F& f,
   return gx;
 }
 
+// ---- Masked forms of the piecewise-linear activations ------------------------------------
+// forward: y = f(x) and the bit mask of f.mask(x) (bit j of byte i is element 8i + j);
+// backward: gx = f.backward_masked(bit, g). Each thread takes groups of 8 elements, one mask
+// byte, in packs of V elements (kVec, at most 8, with 16-byte aligned data; else 1). The last
+// n % 8 elements go to one thread.
+
+template <class scalar_t>
+constexpr int kMaskVec = kVec<scalar_t> < 8 ? kVec<scalar_t> : 8;
+
+template <int V, class scalar_t, class F>
+__global__ void __launch_bounds__(kThreads)
+    masked_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+                          uint8_t* __restrict__ mask, int64_t n, F f) {
+  const int64_t groups = n / 8;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+#pragma unroll 1
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; g < groups;
+       g += stride) {
+    uint32_t bits = 0;
+#pragma unroll
+    for (int q = 0; q < 8 / V; ++q) {
+      const Pack<scalar_t, V> px = load_pack<scalar_t, V>(x + g * 8 + q * V);
+      Pack<scalar_t, V> py;
+#pragma unroll
+      for (int v = 0; v < V; ++v) {
+        const auto xv = to_acc(px.v[v]);
+        py.v[v] = static_cast<scalar_t>(f.forward(xv));
+        bits |= static_cast<uint32_t>(f.mask(xv)) << (q * V + v);
+      }
+      store_vec<scalar_t, V>(y + g * 8 + q * V, py);
+    }
+    mask[g] = static_cast<uint8_t>(bits);
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0 && groups * 8 < n) {
+    uint32_t bits = 0;
+    for (int64_t i = groups * 8; i < n; ++i) {
+      const auto xv = to_acc(x[i]);
+      y[i] = static_cast<scalar_t>(f.forward(xv));
+      bits |= static_cast<uint32_t>(f.mask(xv)) << (i - groups * 8);
+    }
+    mask[groups] = static_cast<uint8_t>(bits);
+  }
+}
+
+template <int V, class scalar_t, class F>
+__global__ void __launch_bounds__(kThreads)
+    masked_backward_kernel(const scalar_t* __restrict__ grad, const uint8_t* __restrict__ mask,
+                           scalar_t* __restrict__ gx, int64_t n, F f) {
+  const int64_t groups = n / 8;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+#pragma unroll 1
+  for (int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; g < groups;
+       g += stride) {
+    const uint32_t bits = mask[g];
+#pragma unroll
+    for (int q = 0; q < 8 / V; ++q) {
+      const Pack<scalar_t, V> pg = load_pack<scalar_t, V>(grad + g * 8 + q * V);
+      Pack<scalar_t, V> r;
+#pragma unroll
+      for (int v = 0; v < V; ++v)
+        r.v[v] = static_cast<scalar_t>(
+            f.backward_masked(((bits >> (q * V + v)) & 1u) != 0, to_acc(pg.v[v])));
+      store_vec<scalar_t, V>(gx + g * 8 + q * V, r);
+    }
+  }
+  if (blockIdx.x == 0 && threadIdx.x == 0 && groups * 8 < n) {
+    const uint32_t bits = mask[groups];
+    for (int64_t i = groups * 8; i < n; ++i)
+      gx[i] = static_cast<scalar_t>(
+          f.backward_masked(((bits >> (i - groups * 8)) & 1u) != 0, to_acc(grad[i])));
+  }
+}
+
+template <class F>
+std::tuple<Tensor, Tensor> masked_forward(const Tensor& self, const F& f, const char* op) {
+  check_floating(self, op, "self");
+  KernelScope scope(self);
+  const Tensor x = self.contiguous();
+  const int64_t n = x.numel();
+  Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  Tensor mask = at::empty({mask_bytes(n)}, x.options().dtype(at::kByte));
+  if (n == 0) return {y, mask};
+  FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
+    constexpr int V = kMaskVec<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    uint8_t* mp = mask.mutable_data_ptr<uint8_t>();
+    const F fl = params_in_dtype<scalar_t>(f);
+    const unsigned int grid = grid_for(std::max<int64_t>(1, n / 8), kThreads);
+    if (aligned16(xp, yp)) {
+      masked_forward_kernel<V><<<grid, kThreads, 0, scope.stream>>>(xp, yp, mp, n, fl);
+    } else {
+      masked_forward_kernel<1><<<grid, kThreads, 0, scope.stream>>>(xp, yp, mp, n, fl);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {y, mask};
+}
+
+template <class F>
+Tensor masked_backward(const Tensor& grad_output, const Tensor& mask, const F& f, const char* op) {
+  check_mask_backward(grad_output, mask, op);
+  KernelScope scope(grad_output);
+  const Tensor g = grad_output.contiguous();
+  const Tensor m = mask.contiguous();
+  const int64_t n = g.numel();
+  Tensor gx = at::empty_like(g, at::MemoryFormat::Contiguous);
+  if (n == 0) return gx;
+  FO_DISPATCH_FLOATING(g.scalar_type(), [&] {
+    constexpr int V = kMaskVec<scalar_t>;
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const uint8_t* mp = m.const_data_ptr<uint8_t>();
+    scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+    const unsigned int grid = grid_for(std::max<int64_t>(1, n / 8), kThreads);
+    if (aligned16(gp, gxp)) {
+      masked_backward_kernel<V><<<grid, kThreads, 0, scope.stream>>>(gp, mp, gxp, n, f);
+    } else {
+      masked_backward_kernel<1><<<grid, kThreads, 0, scope.stream>>>(gp, mp, gxp, n, f);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return gx;
+}
+
 // ---- PReLU ----------------------------------------------------------------------------------
 
 // y = prelu(x, w[(i / inner) % C]). The channel is divided out once per pack and then walked
@@ -912,6 +1036,17 @@ TORCH_LIBRARY_IMPL(fastops, CUDA, m) {
          });
   FASTOPS_POINTWISE_ACTIVATIONS(FO_IMPL_ACTIVATION)
 #undef FO_IMPL_ACTIVATION
+#define FO_IMPL_MASKED(name, schema_params, cpp_params, make)                              \
+  m.impl(#name "_with_mask", [](const Tensor& self FO_UNPAREN cpp_params) {                 \
+    return masked_forward(self, FO_UNPAREN make, "fastops." #name "_with_mask");           \
+  });                                                                                        \
+  m.impl(#name "_mask_backward",                                                            \
+         [](const Tensor& grad_output, const Tensor& mask FO_UNPAREN cpp_params) {            \
+           return masked_backward(grad_output, mask, FO_UNPAREN make,                          \
+                                  "fastops." #name "_mask_backward");                          \
+         });
+  FASTOPS_MASKED_ACTIVATIONS(FO_IMPL_MASKED)
+#undef FO_IMPL_MASKED
   m.impl("prelu", &prelu_forward);
   m.impl("prelu_backward", &prelu_backward);
   m.impl("maxout", &maxout_forward);

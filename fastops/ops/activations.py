@@ -11,12 +11,15 @@ and the functional forms are differentiable without going through these classes.
 import torch
 
 __all__ = [
-    "POINTWISE", "ReLUFunction", "ELUFunction", "GELUFunction", "GELUTanhFunction",
+    "POINTWISE", "MASKED", "ReLUFunction", "ELUFunction", "GELUFunction", "GELUTanhFunction",
     "HardtanhFunction", "LeakyReLUFunction", "SigmoidFunction", "TanhFunction",
     "HardshrinkFunction", "PReLUFunction", "MaxoutFunction",
 ]
 
 # op name -> (autograd.Function class name, parameter names in schema order)
+# The piecewise-linear ones (MASKED) also have NAME_with_mask -> (output, mask) and
+# NAME_mask_backward(grad_output, mask, params): mask is a uint8 tensor with one bit per element
+# (element i at bit i % 8 of byte i // 8), which the ops' autograd saves in place of the input.
 POINTWISE = {
     "relu": ("ReLUFunction", ()),
     "elu": ("ELUFunction", ("alpha",)),
@@ -28,11 +31,17 @@ POINTWISE = {
     "tanh": ("TanhFunction", ()),
     "hardshrink": ("HardshrinkFunction", ("lambd",)),
 }
+MASKED = ("relu", "hardtanh", "leaky_relu", "hardshrink")
 
 
 def _contiguous_like(t):
     """The kernels return contiguous tensors whatever the input's strides."""
     return t.new_empty(t.shape)
+
+
+def _mask_like(t):
+    """The bit mask of the masked activations: a byte per 8 elements of t."""
+    return t.new_empty(((t.numel() + 7) // 8,), dtype=torch.uint8)
 
 
 def _make_pointwise(op_name, class_name, params):
@@ -43,6 +52,12 @@ def _make_pointwise(op_name, class_name, params):
         lambda self, *args: _contiguous_like(self))
     torch.library.register_fake(f"fastops::{op_name}_backward")(
         lambda grad_output, self, *args: _contiguous_like(self))
+
+    if op_name in MASKED:
+        torch.library.register_fake(f"fastops::{op_name}_with_mask")(
+            lambda self, *args: (_contiguous_like(self), _mask_like(self)))
+        torch.library.register_fake(f"fastops::{op_name}_mask_backward")(
+            lambda grad_output, mask, *args: _contiguous_like(grad_output))
 
     def forward(input, *args):
         return forward_op(input, *args)
