@@ -10,10 +10,13 @@ or GFLOP/s, that figure as a fraction of the ceiling measured at the start of th
 (copy bandwidth, torch.matmul throughput), and the speed-up of fastops over each peer
 (peer time / fastops time, measured in the same run). Times always synchronise the device.
 The ceiling of each row is in its `ceiling` column (GB/s or GFLOP/s, matching `metric`).
+`saved_mb` is what autograd keeps for backward after one forward. On Linux the harness pins
+glibc's heap thresholds for every peer alike (pin_malloc; --default-malloc keeps them adaptive).
 """
 
 import argparse
 import csv
+import ctypes
 import datetime
 import os
 import platform
@@ -208,6 +211,35 @@ def peak_memory_mb(fn, device):
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def pin_malloc():
+    """Fix glibc's heap trim and mmap thresholds, which it otherwise adapts as it goes. A loop
+    of large allocations can sit just on the trim threshold: every few calls the heap is then
+    given back to the system and the next output faults all its pages in again. Which peer that
+    hits depends on the exact sizes of its allocations, not on its kernels, so the harness fixes
+    the thresholds for every peer alike. Returns whether it could (glibc only)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return (libc.mallopt(m_mmap_threshold, 32 << 20) == 1  # glibc's largest
+            and libc.mallopt(m_trim_threshold, 1 << 30) == 1)
+
+
+def saved_mb(fn, inputs):
+    """MB autograd keeps for backward after one forward: the storages of the tensors it saves
+    (inputs and outputs included, each storage once). Not observable for torch.compile."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*inputs)
+    return sum(storages.values()) / 2**20
+
+
 def step(fn, inputs, mode):
     """The callable that one timed call runs, for a mode."""
     diff = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -258,6 +290,8 @@ def main(argv=None):
     p.add_argument("--min-run-time", type=float, default=0.3, help="seconds per measurement")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: all cores)")
     p.add_argument("--out", default=None, help="CSV path (default bench/results/<device>.csv)")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="keep glibc's adaptive heap thresholds (default: pinned, see pin_malloc)")
     args = p.parse_args(argv)
 
     if args.threads:
@@ -270,6 +304,9 @@ def main(argv=None):
     wanted = set(filter(None, args.ops.split(",")))
     modes = args.modes.split(",")
     name = device_name(args.device)
+    malloc = "glibc default"
+    if not args.default_malloc and platform.system() == "Linux" and pin_malloc():
+        malloc = "glibc thresholds pinned"
 
     providers = {"fastops": lambda c: c.fastops, "torch": lambda c: c.torch}
     if not args.no_compile:
@@ -287,16 +324,18 @@ def main(argv=None):
         ceiling_lines.append(f"{dtype_name}: copy {bandwidth:.1f} GB/s, torch.matmul "
                              f"{matmul:.1f} GFLOP/s")
         print(f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-              f"dtype {dtype_name}")
+              f"dtype {dtype_name}, malloc: {malloc}")
         print(f"ceilings: copy {bandwidth:.1f} GB/s, torch.matmul {matmul:.1f} GFLOP/s\n")
         print(f"{'kernel':<14}{'size':<7}{'mode':<9}{'fastops ms':>11}{'torch ms':>10}"
               f"{'compile ms':>11}{'vs torch':>9}{'vs comp':>8}{'achieved':>16}{'of ceil':>8}"
-              f"{'peak MB':>9}{'torch MB':>9}")
+              f"{'peak MB':>9}{'torch MB':>9}{'saved MB':>9}{'torch':>7}")
         cases = [c for c in make_cases(args.device, dtype, sizes)
                  if not wanted or c.kernel in wanted]
         for case in cases:
             torch._dynamo.reset()
             fns = {prov: make(case) for prov, make in providers.items()}
+            saved = {prov: saved_mb(fns[prov], case.inputs) if prov != "compile" else float("nan")
+                     for prov in fns}
             for mode in modes:
                 times, peaks = {}, {}
                 for prov, fn in fns.items():
@@ -312,7 +351,8 @@ def main(argv=None):
                       f"{times['compile'][1] * 1e3 if 'compile' in times else float('nan'):>11.3f}"
                       f"{vs['torch']:>9.2f}{vs.get('compile', float('nan')):>8.2f}"
                       f"{rate:>10.1f} {case.unit:<7}{rate / ceiling:>7.0%}"
-                      f"{peaks['fastops']:>9.1f}{peaks['torch']:>9.1f}")
+                      f"{peaks['fastops']:>9.1f}{peaks['torch']:>9.1f}"
+                      f"{saved['fastops']:>9.1f}{saved['torch']:>7.1f}")
                 for prov, (p20, p50, p80) in times.items():
                     rows.append({
                         "kernel": case.kernel, "provider": prov, "mode": mode,
@@ -324,7 +364,8 @@ def main(argv=None):
                         "fraction_of_ceiling": f"{case.work(mode) / p50 / 1e9 / ceiling:.3f}",
                         "fastops_speedup": f"{p50 / ours:.3f}",
                         "peak_mb": f"{peaks[prov]:.1f}",
-                        "device": name, "threads": torch.get_num_threads(),
+                        "saved_mb": f"{saved[prov]:.2f}",
+                        "device": name, "threads": torch.get_num_threads(), "malloc": malloc,
                         "torch": torch.__version__, "timestamp": stamp,
                     })
             del fns
@@ -350,15 +391,18 @@ def summary_markdown(rows, name, ceiling_lines):
         by_key.setdefault(key, {})[r["provider"]] = r
     gpu = rows[0]["peak_mb"] != "nan"
     lines = [f"Forward+backward on {name} ({rows[0]['threads']} threads, torch "
-             f"{torch.__version__}); ceilings measured in the same run: "
+             f"{torch.__version__}, malloc: {rows[0]['malloc']}); ceilings measured in the same "
+             "run: "
              + "; ".join(ceiling_lines) + ". Speed-up = peer time / fastops time."
+             + " Saved MB: what autograd keeps for backward after one fastops forward (torch's "
+             "in brackets)."
              + (" Peak MB: memory one fastops call allocates beyond its inputs (torch's in "
                 "brackets)." if gpu else "")]
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
         lines += ["", f"**{dtype}**", "",
                   "| kernel | shape | fastops ms | torch ms | compile ms | vs torch | vs compile "
-                  "| achieved | of ceiling |" + (" peak MB |" if gpu else ""),
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "")]
+                  "| achieved | of ceiling | saved MB |" + (" peak MB |" if gpu else ""),
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "")]
         for (dt, kernel, size, shape, mode), prov in by_key.items():
             if mode != "fwd+bwd" or dt != dtype:
                 continue
@@ -370,7 +414,8 @@ def summary_markdown(rows, name, ceiling_lines):
                     f"| {float(prov['torch']['fastops_speedup']):.2f} "
                     f"| {float(comp['fastops_speedup']) if comp else float('nan'):.2f} "
                     f"| {float(ours['value']):.1f} {ours['metric']} "
-                    f"| {float(ours['fraction_of_ceiling']):.0%} |")
+                    f"| {float(ours['fraction_of_ceiling']):.0%} "
+                    f"| {float(ours['saved_mb']):.1f} ({float(prov['torch']['saved_mb']):.1f}) |")
             if gpu:
                 line += f" {float(ours['peak_mb']):.0f} ({float(prov['torch']['peak_mb']):.0f}) |"
             lines.append(line)
