@@ -365,3 +365,20 @@ def test_relu_gradient_passes_nan_like_torch():
     got = torch.autograd.grad(F.relu(x), x, torch.ones(3))[0]
     want = torch.autograd.grad(TF.relu(x), x, torch.ones(3))[0]
     torch.testing.assert_close(got, want)
+
+
+def test_masked_ops_compile_fullgraph():
+    """The masked forms (and their fake kernels) trace under torch.compile without graph breaks,
+    and the compiled gradient is torch's."""
+    def fo(x):
+        return (F.hardtanh(F.relu(x) * 2 - 1, -0.5, 0.5).sum() + F.leaky_relu(x, 0.1).sum()
+                + F.hardshrink(x).sum())
+
+    def ref(x):
+        return (TF.hardtanh(TF.relu(x) * 2 - 1, -0.5, 0.5).sum() + TF.leaky_relu(x, 0.1).sum()
+                + TF.hardshrink(x).sum())
+
+    x = torch.randn(37, 53, requires_grad=True)
+    compiled = torch.compile(fo, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(torch.autograd.grad(compiled(x), x)[0],
+                               torch.autograd.grad(ref(x), x)[0])
