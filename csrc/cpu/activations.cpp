@@ -3,7 +3,6 @@
 // of channels) have loops of their own.
 #include <torch/library.h>
 
-#include <cstring>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -66,21 +65,24 @@ Tensor unary_backward(const Tensor& grad_output, const Tensor& self, const F& f,
 // writes f.mask(x) packed 8 elements to a byte (bit j of byte i is element 8i + j), and the
 // backward needs only those bits, 1/32 of the bytes of a float32 input. Each runs over chunks of
 // kMaskChunk elements: a vectorised loop between the data and one byte per element in a stack
-// buffer, and a SWAR loop packing (or unpacking) 8 of those bytes per 64-bit word. The loops
+// buffer, and a loop packing (or unpacking) 8 of those bytes per 64-bit word. The loops
 // take restrict pointers: a byte pointer may alias anything, and they would not vectorise. f by
 // value: its parameters then cannot alias them either.
 constexpr int64_t kMaskChunk = 512;  // a multiple of 8
 
-FO_ALWAYS_INLINE uint8_t pack_bits(const uint8_t* bytes) {  // 8 bytes of 0/1 -> 8 bits
-  uint64_t v;
-  std::memcpy(&v, bytes, 8);
-  return static_cast<uint8_t>((v * 0x0102040810204080ULL) >> 56);
+// 8 bytes of 0/1 (a little-endian word) -> 8 bits, and back; loops over whole words vectorise.
+FO_ALWAYS_INLINE void pack_words(const uint64_t* __restrict words, uint8_t* __restrict bits,
+                                 int64_t n) {
+  for (int64_t k = 0; k < n; ++k)
+    bits[k] = static_cast<uint8_t>((words[k] * 0x0102040810204080ULL) >> 56);
 }
 
-FO_ALWAYS_INLINE void unpack_bits(uint8_t bits, uint8_t* bytes) {  // 8 bits -> 8 bytes of 0/1
-  const uint64_t e = (bits * 0x0101010101010101ULL) & 0x8040201008040201ULL;
-  const uint64_t v = ((e + 0x7F7F7F7F7F7F7F7FULL) & 0x8080808080808080ULL) >> 7;
-  std::memcpy(bytes, &v, 8);
+FO_ALWAYS_INLINE void unpack_words(const uint8_t* __restrict bits, uint64_t* __restrict words,
+                                   int64_t n) {
+  for (int64_t k = 0; k < n; ++k) {
+    const uint64_t e = (bits[k] * 0x0101010101010101ULL) & 0x8040201008040201ULL;
+    words[k] = ((e + 0x7F7F7F7F7F7F7F7FULL) & 0x8080808080808080ULL) >> 7;
+  }
 }
 
 template <class scalar_t, class F>
@@ -125,12 +127,13 @@ std::tuple<Tensor, Tensor> masked_forward(const Tensor& self, const F& f, const 
     for_mask_bytes(n, [&](int64_t begin, int64_t end) {
       dispatch_isa([&]() FO_INLINE_LAMBDA {
         const F fl = params_in_dtype<scalar_t>(f);
-        alignas(64) uint8_t bytes[kMaskChunk];
+        uint64_t words[kMaskChunk / 8];
+        uint8_t* bytes = reinterpret_cast<uint8_t*>(words);
         for (int64_t c = begin; c < end; c += kMaskChunk) {
           const int64_t len = std::min(kMaskChunk, end - c);
           masked_forward_chunk(xp + c, yp + c, bytes, len, fl);
           for (int64_t i = len; i < ((len + 7) & ~int64_t{7}); ++i) bytes[i] = 0;
-          for (int64_t k = 0; k < (len + 7) / 8; ++k) mp[c / 8 + k] = pack_bits(bytes + 8 * k);
+          pack_words(words, mp + c / 8, (len + 7) / 8);
         }
       });
     });
@@ -151,11 +154,11 @@ Tensor masked_backward(const Tensor& grad_output, const Tensor& mask, const F& f
     scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
     for_mask_bytes(n, [&](int64_t begin, int64_t end) {
       dispatch_isa([&]() FO_INLINE_LAMBDA {
-        alignas(64) uint8_t bytes[kMaskChunk];
+        uint64_t words[kMaskChunk / 8];
         for (int64_t c = begin; c < end; c += kMaskChunk) {
           const int64_t len = std::min(kMaskChunk, end - c);
-          for (int64_t k = 0; k < (len + 7) / 8; ++k) unpack_bits(mp[c / 8 + k], bytes + 8 * k);
-          masked_backward_chunk(gp + c, bytes, gxp + c, len, f);
+          unpack_words(mp + c / 8, words, (len + 7) / 8);
+          masked_backward_chunk(gp + c, reinterpret_cast<const uint8_t*>(words), gxp + c, len, f);
         }
       });
     });

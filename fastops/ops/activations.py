@@ -5,7 +5,8 @@ parameters. The autograd.Function classes are made from the rows; PReLU (a weigh
 gradient) and Maxout (changes the shape) are written out below.
 
 The ops themselves carry the same formulas in C++ (csrc/autograd.cpp), so torch.ops.fastops.*
-and the functional forms are differentiable without going through these classes.
+and the functional forms are differentiable without going through these classes. There the
+MASKED activations save a bit mask instead of the input; these classes save the input.
 """
 
 import torch
