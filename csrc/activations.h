@@ -271,4 +271,30 @@ struct Prelu {
 
 #define FO_UNPAREN(...) __VA_ARGS__
 
+// The kernels of every pointwise activation for one device, registered from inside a
+// TORCH_LIBRARY_IMPL(fastops, KEY, m) block. The CPU and the CUDA file each define
+// unary_forward, unary_backward, masked_forward and masked_backward (functor-templated) for their
+// device and expand FO_IMPL_POINTWISE_ACTIVATIONS() there.
+#define FO_IMPL_UNARY_KERNELS(name, schema_params, cpp_params, make)                          \
+  m.impl(#name, [](const at::Tensor& self FO_UNPAREN cpp_params) {                            \
+    return unary_forward(self, FO_UNPAREN make, "fastops." #name);                            \
+  });                                                                                          \
+  m.impl(#name "_backward",                                                                   \
+         [](const at::Tensor& grad_output, const at::Tensor& self FO_UNPAREN cpp_params) {      \
+           return unary_backward(grad_output, self, FO_UNPAREN make,                             \
+                                 "fastops." #name "_backward");                                  \
+         });
+#define FO_IMPL_MASKED_KERNELS(name, schema_params, cpp_params, make)                         \
+  m.impl(#name "_with_mask", [](const at::Tensor& self FO_UNPAREN cpp_params) {               \
+    return masked_forward(self, FO_UNPAREN make, "fastops." #name "_with_mask");             \
+  });                                                                                          \
+  m.impl(#name "_mask_backward",                                                              \
+         [](const at::Tensor& grad_output, const at::Tensor& mask FO_UNPAREN cpp_params) {      \
+           return masked_backward(grad_output, mask, FO_UNPAREN make,                            \
+                                  "fastops." #name "_mask_backward");                            \
+         });
+#define FO_IMPL_POINTWISE_ACTIVATIONS()                       \
+  FASTOPS_POINTWISE_ACTIVATIONS(FO_IMPL_UNARY_KERNELS) \
+  FASTOPS_MASKED_ACTIVATIONS(FO_IMPL_MASKED_KERNELS)
+
 }  // namespace fastops

@@ -1025,28 +1025,7 @@ Tensor maxout_backward(const Tensor& grad_output, const Tensor& self, int64_t po
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastops, CUDA, m) {
-#define FO_IMPL_ACTIVATION(name, schema_params, cpp_params, make)                          \
-  m.impl(#name, [](const Tensor& self FO_UNPAREN cpp_params) {                              \
-    return unary_forward(self, FO_UNPAREN make, "fastops." #name);                          \
-  });                                                                                        \
-  m.impl(#name "_backward",                                                                 \
-         [](const Tensor& grad_output, const Tensor& self FO_UNPAREN cpp_params) {             \
-           return unary_backward(grad_output, self, FO_UNPAREN make,                           \
-                                 "fastops." #name "_backward");                                \
-         });
-  FASTOPS_POINTWISE_ACTIVATIONS(FO_IMPL_ACTIVATION)
-#undef FO_IMPL_ACTIVATION
-#define FO_IMPL_MASKED(name, schema_params, cpp_params, make)                              \
-  m.impl(#name "_with_mask", [](const Tensor& self FO_UNPAREN cpp_params) {                 \
-    return masked_forward(self, FO_UNPAREN make, "fastops." #name "_with_mask");           \
-  });                                                                                        \
-  m.impl(#name "_mask_backward",                                                            \
-         [](const Tensor& grad_output, const Tensor& mask FO_UNPAREN cpp_params) {            \
-           return masked_backward(grad_output, mask, FO_UNPAREN make,                          \
-                                  "fastops." #name "_mask_backward");                          \
-         });
-  FASTOPS_MASKED_ACTIVATIONS(FO_IMPL_MASKED)
-#undef FO_IMPL_MASKED
+  FO_IMPL_POINTWISE_ACTIVATIONS()
   m.impl("prelu", &prelu_forward);
   m.impl("prelu_backward", &prelu_backward);
   m.impl("maxout", &maxout_forward);
