@@ -32,7 +32,8 @@ POINTWISE = {
     "tanh": ("TanhFunction", ()),
     "hardshrink": ("HardshrinkFunction", ("lambd",)),
 }
-MASKED = ("relu", "hardtanh", "leaky_relu", "hardshrink")
+# Derived from the registered ops, so the list lives only in csrc/activations.h.
+MASKED = tuple(op for op in POINTWISE if hasattr(torch.ops.fastops, op + "_with_mask"))
 
 
 def _contiguous_like(t):
