@@ -80,4 +80,29 @@ void check_maxout_grad(const Tensor& grad_output, const Tensor& self, const Maxo
   check_same_device(self, grad_output, op, "self", "grad_output");
 }
 
+void check_maxout_indexed_pool(int64_t pool_size, const char* op) {
+  TORCH_CHECK(pool_size >= 1 && pool_size <= kMaxoutIndexedPoolLimit, op,
+              ": pool_size must be in [1, ", kMaxoutIndexedPoolLimit,
+              "] for the saved indices to fit a byte, got ", pool_size,
+              " (maxout and maxout_backward take any pool size)");
+}
+
+MaxoutLayout maxout_indices_layout(const Tensor& grad_output, const Tensor& indices,
+                                   int64_t pool_size, const char* op) {
+  check_maxout_indexed_pool(pool_size, op);
+  check_floating(grad_output, op, "grad_output");
+  TORCH_CHECK(indices.defined(), op, ": indices is an undefined tensor");
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kByte, op,
+                   ": expected indices to be a uint8 tensor (from maxout_with_indices), got ",
+                   indices.scalar_type());
+  TORCH_CHECK(grad_output.dim() >= 2, op,
+              ": expected grad_output of at least 2 dims (N, C / pool_size, ...), got ",
+              grad_output.dim(), " dims");
+  check_same_shape(grad_output, indices, op, "grad_output", "indices");
+  check_same_device(grad_output, indices, op, "grad_output", "indices");
+  const int64_t outer = grad_output.size(0), groups = grad_output.size(1);
+  const int64_t inner = outer * groups == 0 ? 0 : grad_output.numel() / (outer * groups);
+  return {outer, groups, pool_size, inner};
+}
+
 }  // namespace fastops

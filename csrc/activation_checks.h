@@ -42,4 +42,14 @@ std::vector<int64_t> maxout_output_shape(const at::Tensor& self, const MaxoutLay
 void check_maxout_grad(const at::Tensor& grad_output, const at::Tensor& self,
                        const MaxoutLayout& l, const char* op);
 
+// What maxout_with_indices saves for backward: per output, the member (0 .. k-1) its gradient
+// goes to, as uint8 in the output's shape. A byte holds it for pool sizes up to 256.
+constexpr int64_t kMaxoutIndexedPoolLimit = 256;
+void check_maxout_indexed_pool(int64_t pool_size, const char* op);
+// maxout_indices_backward: grad_output floating with at least 2 dims, indices uint8 of its shape
+// and device. Returns the layout of the forward's input, whose shape is grad_output's with
+// dim 1 times pool_size.
+MaxoutLayout maxout_indices_layout(const at::Tensor& grad_output, const at::Tensor& indices,
+                                   int64_t pool_size, const char* op);
+
 }  // namespace fastops

@@ -13,8 +13,10 @@
 #include <torch/library.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
+#include "activation_checks.h"
 #include "activations.h"
 
 namespace fastops {
@@ -149,6 +151,9 @@ struct PreluFn : torch::autograd::Function<PreluFn> {
   }
 };
 
+// Pool sizes up to 256 save the argmax of each output (one byte, from maxout_with_indices)
+// instead of the input, and the backward only scatters the gradient; larger pool sizes save the
+// input and maxout_backward recomputes the argmax.
 struct MaxoutFn : torch::autograd::Function<MaxoutFn> {
   // the op this node differentiates, called below autograd
   static const auto& op() {
@@ -156,17 +161,28 @@ struct MaxoutFn : torch::autograd::Function<MaxoutFn> {
     return handle;
   }
   static Tensor forward(AutogradContext* ctx, const Tensor& self, int64_t pool_size) {
-    ctx->save_for_backward({self});
+    static const auto with_indices = typed_op<std::tuple<Tensor, Tensor>(const Tensor&, int64_t)>(
+        "fastops::maxout_with_indices");
     ctx->saved_data["pool_size"] = pool_size;
+    const bool indexed = pool_size <= kMaxoutIndexedPoolLimit;
+    ctx->saved_data["indexed"] = indexed;
     at::AutoDispatchBelowADInplaceOrView guard;
-    return op().call(self, pool_size);
+    if (!indexed) {
+      ctx->save_for_backward({self});
+      return op().call(self, pool_size);
+    }
+    auto [output, indices] = with_indices.call(self, pool_size);
+    ctx->save_for_backward({indices});
+    return output;
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     static const auto backward_op =
         typed_op<Tensor(const Tensor&, const Tensor&, int64_t)>("fastops::maxout_backward");
+    static const auto indices_backward_op = typed_op<Tensor(const Tensor&, const Tensor&, int64_t)>(
+        "fastops::maxout_indices_backward");
     if (!grads[0].defined() || !ctx->needs_input_grad(0)) return {Tensor(), Tensor()};
-    return {backward_op.call(grads[0], ctx->get_saved_variables()[0],
-                    ctx->saved_data["pool_size"].toInt()),
+    const auto& op = ctx->saved_data["indexed"].toBool() ? indices_backward_op : backward_op;
+    return {op.call(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["pool_size"].toInt()),
             Tensor()};
   }
 };

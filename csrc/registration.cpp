@@ -66,6 +66,11 @@ TORCH_LIBRARY(fastops, m) {
   // Maxout over dim 1: output channel j is the max of input channels j*k .. j*k+k-1.
   m.def("maxout(Tensor self, int pool_size) -> Tensor");
   m.def("maxout_backward(Tensor grad_output, Tensor self, int pool_size) -> Tensor");
+  // The same forward that also returns, per output, the member its gradient goes to (uint8,
+  // pool_size <= 256), and the backward that scatters grad_output by it: autograd then keeps one
+  // byte per output instead of the input.
+  m.def("maxout_with_indices(Tensor self, int pool_size) -> (Tensor, Tensor)");
+  m.def("maxout_indices_backward(Tensor grad_output, Tensor indices, int pool_size) -> Tensor");
 
   // log_softmax over dim; backward takes the forward's output.
   m.def("log_softmax(Tensor self, int dim) -> Tensor");

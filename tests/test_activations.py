@@ -382,3 +382,88 @@ def test_masked_ops_compile_fullgraph():
     compiled = torch.compile(fo, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(torch.autograd.grad(compiled(x), x)[0],
                                torch.autograd.grad(ref(x), x)[0])
+
+
+# ---- Maxout with saved indices ----------------------------------------------------------------
+# (shape, pool size): members side by side (2-D) and along inner positions (N, C, ...), pool
+# sizes 1 to 256, runs longer than one block of the CPU kernels.
+MAXOUT_INDEXED = [((7, 12), 2), ((5, 12), 3), ((2049, 20), 4), ((5, 12), 6), ((3, 8, 5), 4),
+                  ((3, 6, 1, 7), 3), ((2, 1000, 1100), 5), ((4, 4), 1), ((3, 512), 256),
+                  ((0, 4), 2), ((2, 4, 0), 2)]
+
+
+def tied_input(shape, dtype, device, gen):
+    """Half-integers (many exact ties inside a group) with NaN and infinities sprinkled in."""
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2).round() / 2
+    flat = x.view(-1)
+    for i, v in zip(range(0, flat.numel(), 7), [float("nan"), float("inf"), -float("inf")] * 9):
+        flat[i] = v
+    return x.to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,k", MAXOUT_INDEXED, ids=str)
+def test_maxout_indices_match_the_input_forms(shape, k, dtype, device):
+    """maxout_with_indices gives maxout's output and torch.max's indices (the first maximum, NaN
+    winning); maxout_indices_backward gives, from those bytes alone, exactly what
+    maxout_backward gives from the input."""
+    gen = torch.Generator().manual_seed(3)
+    x = tied_input(shape, dtype, device, gen)
+    ops = torch.ops.fastops
+    out, idx = ops.maxout_with_indices(x, k)
+    torch.testing.assert_close(out, ops.maxout(x, k), atol=0, rtol=0, equal_nan=True)
+    assert idx.dtype == torch.uint8 and idx.shape == out.shape
+    if x.numel() and dtype != torch.float16:  # torch.max has no Half kernel on every device
+        groups = x.reshape(shape[0], shape[1] // k, k, *shape[2:])
+        assert torch.equal(idx.long(), groups.max(dim=2).indices)
+    g = torch.randn(out.shape, generator=gen).to(device=device, dtype=dtype)
+    grad = ops.maxout_indices_backward(g, idx, k)
+    torch.testing.assert_close(grad, ops.maxout_backward(g, x, k), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("k,saved", [(4, [(torch.uint8, 3 * 25 * 5)]),
+                                     (300, [(torch.float32, 3 * 300 * 5)])])
+def test_maxout_autograd_saves_indices(k, saved, device):
+    """Under autograd maxout keeps one byte per output for backward (the input only for pool
+    sizes past 256), and its gradient is torch's."""
+    x = torch.randn(3, 100 if k == 4 else 300, 5, device=device, requires_grad=True)
+    got = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: got.append(t) or t, lambda t: t):
+        out = F.maxout(x, k)
+    assert [(t.dtype, t.numel()) for t in got] == saved
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0],
+                               torch.autograd.grad(torch_maxout(x, k), x, g)[0])
+
+
+def test_maxout_indices_opcheck(device):
+    x = torch.randn(5, 12, 3, device=device)
+    out, idx = torch.ops.fastops.maxout_with_indices(x, 4)
+    torch.library.opcheck(torch.ops.fastops.maxout_with_indices, (x, 4))
+    torch.library.opcheck(torch.ops.fastops.maxout_indices_backward,
+                          (torch.randn_like(out), idx, 4))
+
+
+def test_maxout_indices_bad_inputs():
+    ops = torch.ops.fastops
+    with pytest.raises(RuntimeError, match=r"pool_size must be in \[1, 256\]"):
+        ops.maxout_with_indices(torch.randn(2, 514), 257)
+    g = torch.randn(2, 3)
+    with pytest.raises(TypeError, match="uint8"):
+        ops.maxout_indices_backward(g, torch.zeros(2, 3, dtype=torch.int64), 2)
+    with pytest.raises(RuntimeError, match="shape"):
+        ops.maxout_indices_backward(g, torch.zeros(2, 4, dtype=torch.uint8), 2)
+    with pytest.raises(RuntimeError, match=r"pool_size must be in \[1, 256\]"):
+        ops.maxout_indices_backward(g, torch.zeros(2, 3, dtype=torch.uint8), 0)
+    with pytest.raises(RuntimeError, match="at least 2 dims"):
+        ops.maxout_indices_backward(torch.randn(3), torch.zeros(3, dtype=torch.uint8), 2)
+
+
+def test_maxout_compile_fullgraph():
+    """maxout_with_indices and its backward (and their fake kernels) trace under torch.compile
+    without graph breaks, and the compiled gradient is torch's."""
+    x = torch.randn(6, 12, 5, requires_grad=True)
+    compiled = torch.compile(lambda t: (F.maxout(t, 3) ** 2).sum(), fullgraph=True,
+                             backend="aot_eager")
+    torch.testing.assert_close(torch.autograd.grad(compiled(x), x)[0],
+                               torch.autograd.grad((torch_maxout(x, 3) ** 2).sum(), x)[0])

@@ -295,8 +295,8 @@ std::tuple<Tensor, Tensor> prelu_backward(const Tensor& grad_output, const Tenso
 // self viewed as (outer, groups, k, inner); output (outer, groups, inner): maxout_layout of
 // activation_checks.h. NaN wins the max, and among equal values the first channel does.
 
-// Both directions loop over the k members of a group outermost, so the innermost loop runs over
-// many groups (inner == 1: stride-k loads) or over the contiguous `inner` positions.
+// The max (and argmax) loops run over the k members of a group outermost, so the innermost loop
+// runs over many groups (inner == 1: stride-k loads) or over the contiguous `inner` positions.
 
 }  // namespace
 
@@ -345,33 +345,84 @@ Tensor maxout_forward(const Tensor& self, int64_t pool_size) {
 
 namespace {
 
-// One run of `count` outputs whose group members sit at x[i * si + j * sj], j < k: the
-// gradient goes to the first member equal to the group's max (NaN matching NaN). Each loop runs
-// over the outputs of the run, so it vectorises without branches (a branchy loop over the
-// members would mispredict on every comparison of random data).
+// The backward kernels work on runs of at most kMaxoutRun outputs, staged in local arrays.
 constexpr int64_t kMaxoutRun = 1024;
 
+// Calls run(members, in, out, count, si, sj) on runs of at most kMaxoutRun outputs, in parallel
+// and inside dispatch_isa (run must be a FO_INLINE_LAMBDA): member j of output i of the run sits
+// at in + i * si + j * sj in the input, the output at out + i. members is std::true_type when the
+// k members of an output are side by side (inner == 1: si = k, sj = 1), std::false_type when the
+// run goes along the contiguous inner positions of one group (si = 1, sj = inner).
+template <class Run>
+void for_each_maxout_run(const MaxoutLayout& l, const Run& run) {
+  const int64_t rows = l.outer * l.groups, k = l.k, inner = l.inner;
+  if (inner == 1) {
+    const int64_t runs = (rows + kMaxoutRun - 1) / kMaxoutRun;
+    at::parallel_for(0, runs, std::max<int64_t>(1, kElementwiseGrain / (k * kMaxoutRun)),
+                     [&](int64_t begin, int64_t end) {
+      dispatch_isa([&]() FO_INLINE_LAMBDA {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t g0 = r * kMaxoutRun;
+          run(std::true_type{}, g0 * k, g0, std::min(kMaxoutRun, rows - g0), k, int64_t{1});
+        }
+      });
+    });
+  } else if (inner > 1) {
+    const int64_t per_row = (inner + kMaxoutRun - 1) / kMaxoutRun;
+    at::parallel_for(0, rows * per_row,
+                     std::max<int64_t>(1, kElementwiseGrain / (k * std::min(inner, kMaxoutRun))),
+                     [&](int64_t begin, int64_t end) {
+      dispatch_isa([&]() FO_INLINE_LAMBDA {
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t row = r / per_row, s0 = (r % per_row) * kMaxoutRun;
+          run(std::false_type{}, row * k * inner + s0, row * inner + s0,
+              std::min(kMaxoutRun, inner - s0), int64_t{1}, inner);
+        }
+      });
+    });
+  }
+}
+
+// The argmax of each output of a run: the member where maxout_takes last fired, i.e. the first
+// maximum (the first NaN if there is one). Each loop runs over the outputs of the run, so it
+// vectorises without branches (a branchy loop over the members would mispredict on every
+// comparison of random data).
 template <class scalar_t, class acc>
-FO_ALWAYS_INLINE void maxout_backward_run(const scalar_t* x, const scalar_t* g, scalar_t* gx,
-                                          int64_t count, int64_t k, int64_t si, int64_t sj) {
-  acc best[kMaxoutRun];
-  int32_t arg[kMaxoutRun];
-  for (int64_t i = 0; i < count; ++i) best[i] = static_cast<acc>(x[i * si]);
+FO_ALWAYS_INLINE void maxout_argmax_run(const scalar_t* __restrict x, int64_t count, int64_t k,
+                                        int64_t si, int64_t sj, acc* __restrict best,
+                                        int32_t* __restrict arg) {
+  for (int64_t i = 0; i < count; ++i) {
+    best[i] = static_cast<acc>(x[i * si]);
+    arg[i] = 0;
+  }
   for (int64_t j = 1; j < k; ++j)
     for (int64_t i = 0; i < count; ++i) {
       const acc v = static_cast<acc>(x[i * si + j * sj]);
-      best[i] = maxout_takes(v, best[i]) ? v : best[i];
+      const bool takes = maxout_takes(v, best[i]);
+      best[i] = takes ? v : best[i];
+      arg[i] = takes ? static_cast<int32_t>(j) : arg[i];
     }
-  for (int64_t i = 0; i < count; ++i) arg[i] = 0;
-  for (int64_t j = k - 1; j >= 0; --j)  // ends on the first match
-    for (int64_t i = 0; i < count; ++i) {
-      const acc v = static_cast<acc>(x[i * si + j * sj]);
-      const bool match = (v == best[i]) | ((v != v) & (best[i] != best[i]));
-      arg[i] = match ? static_cast<int32_t>(j) : arg[i];
-    }
-  for (int64_t j = 0; j < k; ++j)
-    for (int64_t i = 0; i < count; ++i)
-      gx[i * si + j * sj] = arg[i] == j ? g[i] : static_cast<scalar_t>(0);
+}
+
+// gx of a run: g[i] at member arg[i] of output i, 0 at the others. Members side by side: the
+// run's k * count gradients are one block, zeroed in one vectorised fill (it stays in L1), then
+// each output stores its gradient at its member (one scalar store per output); a select per
+// member would need k interleaved strided stores, which the vectoriser serves badly (3-4x
+// slower for k = 3, 4). Along inner positions each member's stores are contiguous, so there the
+// select vectorises as it is.
+template <bool Members, class scalar_t, class Index>
+FO_ALWAYS_INLINE void maxout_scatter_run(const scalar_t* __restrict g,
+                                         const Index* __restrict arg, scalar_t* __restrict gx,
+                                         int64_t count, int64_t k, int64_t si, int64_t sj) {
+  const scalar_t zero = static_cast<scalar_t>(0);
+  if constexpr (Members) {
+    for (int64_t p = 0; p < count * k; ++p) gx[p] = zero;
+    for (int64_t i = 0; i < count; ++i) gx[i * k + arg[i]] = g[i];
+  } else {
+    for (int64_t j = 0; j < k; ++j)
+      for (int64_t i = 0; i < count; ++i)
+        gx[i * si + j * sj] = static_cast<int64_t>(arg[i]) == j ? g[i] : zero;
+  }
 }
 
 Tensor maxout_backward(const Tensor& grad_output, const Tensor& self, int64_t pool_size) {
@@ -386,33 +437,73 @@ Tensor maxout_backward(const Tensor& grad_output, const Tensor& self, int64_t po
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
-    const int64_t rows = l.outer * l.groups, k = l.k, inner = l.inner;
-    if (inner == 1) {  // runs of consecutive groups, members side by side
-      const int64_t runs = (rows + kMaxoutRun - 1) / kMaxoutRun;
-      at::parallel_for(0, runs, std::max<int64_t>(1, kElementwiseGrain / (k * kMaxoutRun)),
-                       [&](int64_t begin, int64_t end) {
-        dispatch_isa([&]() FO_INLINE_LAMBDA {
-          for (int64_t r = begin; r < end; ++r) {
-            const int64_t g0 = r * kMaxoutRun, count = std::min(kMaxoutRun, rows - g0);
-            maxout_backward_run<scalar_t, acc>(xp + g0 * k, gp + g0, gxp + g0 * k, count, k, k, 1);
-          }
-        });
-      });
-    } else {  // runs along the contiguous inner positions of one group
-      const int64_t per_row = (inner + kMaxoutRun - 1) / kMaxoutRun;
-      at::parallel_for(0, rows * per_row,
-                       std::max<int64_t>(1, kElementwiseGrain / (k * std::min(inner, kMaxoutRun))),
-                       [&](int64_t begin, int64_t end) {
-        dispatch_isa([&]() FO_INLINE_LAMBDA {
-          for (int64_t r = begin; r < end; ++r) {
-            const int64_t row = r / per_row, s0 = (r % per_row) * kMaxoutRun;
-            const int64_t count = std::min(kMaxoutRun, inner - s0);
-            maxout_backward_run<scalar_t, acc>(xp + row * k * inner + s0, gp + row * inner + s0,
-                                               gxp + row * k * inner + s0, count, k, 1, inner);
-          }
-        });
-      });
-    }
+    for_each_maxout_run(l, [&](auto members, int64_t in, int64_t out, int64_t count, int64_t si,
+                               int64_t sj) FO_INLINE_LAMBDA {
+      acc best[kMaxoutRun];
+      int32_t arg[kMaxoutRun];
+      maxout_argmax_run(xp + in, count, l.k, si, sj, best, arg);
+      maxout_scatter_run<decltype(members)::value>(gp + out, arg, gxp + in, count, l.k, si, sj);
+    });
+  });
+  return gx;
+}
+
+// ---- Maxout with saved indices --------------------------------------------------------------
+// The forward also writes, per output, the member its gradient goes to; the backward scatters
+// grad_output by it, reading one byte per output instead of the k inputs.
+
+template <class scalar_t, class acc>
+FO_ALWAYS_INLINE void maxout_store_run(const acc* __restrict best, const int32_t* __restrict arg,
+                                       scalar_t* __restrict y, uint8_t* __restrict idx,
+                                       int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    y[i] = static_cast<scalar_t>(best[i]);
+    idx[i] = static_cast<uint8_t>(arg[i]);
+  }
+}
+
+std::tuple<Tensor, Tensor> maxout_with_indices(const Tensor& self, int64_t pool_size) {
+  const char* op = "fastops.maxout_with_indices";
+  const MaxoutLayout l = maxout_layout(self, pool_size, op);
+  check_maxout_indexed_pool(pool_size, op);
+  const Tensor x = self.contiguous();
+  const std::vector<int64_t> shape = maxout_output_shape(self, l);
+  Tensor y = at::empty(shape, x.options());
+  Tensor idx = at::empty(shape, x.options().dtype(at::kByte));
+  FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    uint8_t* ip = idx.mutable_data_ptr<uint8_t>();
+    for_each_maxout_run(l, [&](auto, int64_t in, int64_t out, int64_t count, int64_t si,
+                               int64_t sj) FO_INLINE_LAMBDA {
+      acc best[kMaxoutRun];
+      int32_t arg[kMaxoutRun];
+      maxout_argmax_run(xp + in, count, l.k, si, sj, best, arg);
+      maxout_store_run(best, arg, yp + out, ip + out, count);
+    });
+  });
+  return {y, idx};
+}
+
+Tensor maxout_indices_backward(const Tensor& grad_output, const Tensor& indices,
+                               int64_t pool_size) {
+  const char* op = "fastops.maxout_indices_backward";
+  const MaxoutLayout l = maxout_indices_layout(grad_output, indices, pool_size, op);
+  const Tensor g = grad_output.contiguous();
+  const Tensor idx = indices.contiguous();
+  std::vector<int64_t> shape(g.sizes().begin(), g.sizes().end());
+  shape[1] *= pool_size;
+  Tensor gx = at::empty(shape, g.options());
+  FO_DISPATCH_FLOATING(g.scalar_type(), [&] {
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const uint8_t* ip = idx.const_data_ptr<uint8_t>();
+    scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+    for_each_maxout_run(l, [&](auto members, int64_t in, int64_t out, int64_t count,
+                               int64_t si, int64_t sj) FO_INLINE_LAMBDA {
+      maxout_scatter_run<decltype(members)::value>(gp + out, ip + out, gxp + in, count, l.k, si,
+                                                   sj);
+    });
   });
   return gx;
 }
@@ -425,6 +516,8 @@ TORCH_LIBRARY_IMPL(fastops, CPU, m) {
   m.impl("prelu_backward", &prelu_backward);
   m.impl("maxout", &maxout_forward);
   m.impl("maxout_backward", &maxout_backward);
+  m.impl("maxout_with_indices", &maxout_with_indices);
+  m.impl("maxout_indices_backward", &maxout_indices_backward);
 }
 
 }  // namespace cpu

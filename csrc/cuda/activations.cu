@@ -10,7 +10,8 @@
 //   channel's run, or per block of rows and column of the (outer, C * inner) view), a second
 //   sums each channel's partials in a fixed order. The partition depends on the shape (and on
 //   whether the pointers allow 16-byte access), never on the device: bitwise reproducible.
-// - Maxout: each output reads its k members; the backward recomputes the argmax from the input.
+// - Maxout: each output reads its k members; maxout_backward recomputes the argmax from the
+//   input, maxout_indices_backward reads the one maxout_with_indices saved.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -19,6 +20,7 @@
 #include <initializer_list>
 #include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "../activation_checks.h"
 #include "cuda_common.cuh"
@@ -920,6 +922,53 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// With saved indices: the forward also writes, per output, the member its gradient goes to (the
+// argmax, as the backward kernels above find it); the backward then reads one byte and one
+// gradient per output instead of k inputs. One output (forward) or one element of gx
+// (backward) per thread, in grid-stride loops; I is the type of the index divisions.
+template <class I, class scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    maxout_indices_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
+                          uint8_t* __restrict__ idx, int64_t n_out, int64_t k, I inner) {
+  using acc = acc_t<scalar_t>;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+#pragma unroll 1
+  for (int64_t o = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; o < n_out;
+       o += stride) {
+    const I row = static_cast<I>(o) / inner, pos = static_cast<I>(o) - row * inner;
+    const scalar_t* src = x + static_cast<int64_t>(row) * k * inner + pos;
+    acc best = to_acc(src[0]);
+    int arg = 0;
+#pragma unroll 4
+    for (int64_t j = 1; j < k; ++j) {
+      const acc cand = to_acc(src[j * inner]);
+      const bool takes = maxout_takes(cand, best);
+      best = takes ? cand : best;
+      arg = takes ? static_cast<int>(j) : arg;
+    }
+    y[o] = static_cast<scalar_t>(best);
+    idx[o] = static_cast<uint8_t>(arg);
+  }
+}
+
+template <class I, class scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    maxout_indices_backward_kernel(const scalar_t* __restrict__ g,
+                                   const uint8_t* __restrict__ idx, scalar_t* __restrict__ gx,
+                                   int64_t n_in, I k, I inner) {
+  const scalar_t zero = static_cast<scalar_t>(0.0f);
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+#pragma unroll 1
+  for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < n_in;
+       p += stride) {
+    // p = (row * k + j) * inner + pos; its output is row * inner + pos
+    const I q = static_cast<I>(p) / inner, pos = static_cast<I>(p) - q * inner;
+    const I row = q / k, j = q - row * k;
+    const int64_t o = static_cast<int64_t>(row) * inner + pos;
+    gx[p] = static_cast<I>(idx[o]) == j ? g[o] : zero;
+  }
+}
+
 // Calls fn(std::integral_constant<int, M>) for the widest M <= kVec<scalar_t> (a power of two)
 // dividing k with every pointer aligned to M elements.
 template <class scalar_t, class Fn>
@@ -1022,6 +1071,54 @@ Tensor maxout_backward(const Tensor& grad_output, const Tensor& self, int64_t po
   return gx;
 }
 
+std::tuple<Tensor, Tensor> maxout_with_indices(const Tensor& self, int64_t pool_size) {
+  const char* op = "fastops.maxout_with_indices";
+  const MaxoutLayout l = maxout_layout(self, pool_size, op);
+  check_maxout_indexed_pool(pool_size, op);
+  KernelScope scope(self);
+  const Tensor x = self.contiguous();
+  const std::vector<int64_t> shape = maxout_output_shape(self, l);
+  Tensor y = at::empty(shape, x.options());
+  Tensor idx = at::empty(shape, x.options().dtype(at::kByte));
+  const int64_t n_out = y.numel();
+  if (n_out == 0) return {y, idx};
+  FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    with_index_type(x.numel(), [&](auto index) {
+      using I = decltype(index);
+      maxout_indices_kernel<<<grid_for(n_out, kThreads), kThreads, 0, scope.stream>>>(
+          xp, y.mutable_data_ptr<scalar_t>(), idx.mutable_data_ptr<uint8_t>(), n_out, l.k,
+          static_cast<I>(l.inner));
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {y, idx};
+}
+
+Tensor maxout_indices_backward(const Tensor& grad_output, const Tensor& indices,
+                               int64_t pool_size) {
+  const char* op = "fastops.maxout_indices_backward";
+  const MaxoutLayout l = maxout_indices_layout(grad_output, indices, pool_size, op);
+  KernelScope scope(grad_output);
+  const Tensor g = grad_output.contiguous();
+  const Tensor idx = indices.contiguous();
+  std::vector<int64_t> shape(g.sizes().begin(), g.sizes().end());
+  shape[1] *= pool_size;
+  Tensor gx = at::empty(shape, g.options());
+  const int64_t n_in = gx.numel();
+  if (n_in == 0) return gx;
+  FO_DISPATCH_FLOATING(g.scalar_type(), [&] {
+    with_index_type(n_in, [&](auto index) {
+      using I = decltype(index);
+      maxout_indices_backward_kernel<<<grid_for(n_in, kThreads), kThreads, 0, scope.stream>>>(
+          g.const_data_ptr<scalar_t>(), idx.const_data_ptr<uint8_t>(),
+          gx.mutable_data_ptr<scalar_t>(), n_in, static_cast<I>(l.k), static_cast<I>(l.inner));
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return gx;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastops, CUDA, m) {
@@ -1030,6 +1127,8 @@ TORCH_LIBRARY_IMPL(fastops, CUDA, m) {
   m.impl("prelu_backward", &prelu_backward);
   m.impl("maxout", &maxout_forward);
   m.impl("maxout_backward", &maxout_backward);
+  m.impl("maxout_with_indices", &maxout_with_indices);
+  m.impl("maxout_indices_backward", &maxout_indices_backward);
 }
 
 }  // namespace gpu

@@ -144,6 +144,23 @@ def _maxout_backward_fake(grad_output, self, pool_size):
     return _contiguous_like(self)
 
 
+@torch.library.register_fake("fastops::maxout_with_indices")
+def _maxout_with_indices_fake(self, pool_size):
+    shape = _maxout_shape(self, pool_size)
+    torch._check(pool_size <= 256, lambda: (
+        f"fastops.maxout_with_indices: pool_size must be in [1, 256], got {pool_size}"))
+    return self.new_empty(shape), self.new_empty(shape, dtype=torch.uint8)
+
+
+@torch.library.register_fake("fastops::maxout_indices_backward")
+def _maxout_indices_backward_fake(grad_output, indices, pool_size):
+    torch._check(grad_output.dim() >= 2, lambda: (
+        "fastops.maxout_indices_backward: expected grad_output of at least 2 dims"))
+    shape = list(grad_output.shape)
+    shape[1] = shape[1] * pool_size
+    return grad_output.new_empty(shape)
+
+
 class MaxoutFunction(torch.autograd.Function):
     """fastops.maxout with its own backward. apply(input, pool_size): output channel j is the
     max of input channels j*k .. j*k+k-1 (dim 1); the gradient goes to the max."""
