@@ -196,21 +196,29 @@ struct LeakyRelu {
   template <class T> FO_HD T backward(T x, T g) const { return backward_masked(mask(x), g); }
 };
 
+// Sigmoid and Tanh have a derivative that is a polynomial of their output y:
+//   backward_from_output(y, g) -> g * f'(x)
+// so their autograd saves the output (as torch's does) and its backward is a memory-bound
+// multiply instead of an exp and a division per element.
 struct Sigmoid {
   template <class T> FO_HD T forward(T x) const { return fo_sigmoid(x); }
+  template <class T> FO_HD T backward_from_output(T y, T g) const { return g * y * (T(1) - y); }
   template <class T> FO_HD T backward(T x, T g) const {
-    const T s = fo_sigmoid(x);
-    return g * s * (T(1) - s);
+    return backward_from_output(fo_sigmoid(x), g);
   }
 };
-
 struct Tanh {
   template <class T> FO_HD T forward(T x) const { return fo_tanh(x); }
-  template <class T> FO_HD T backward(T x, T g) const {
-    const T t = fo_tanh(x);
-    return g * (T(1) - t * t);
-  }
+  template <class T> FO_HD T backward_from_output(T y, T g) const { return g * (T(1) - y * y); }
+  template <class T> FO_HD T backward(T x, T g) const { return backward_from_output(fo_tanh(x), g); }
 };
+// NAME_output_backward's functor: the pointwise backward loops call backward(saved, g), here
+// with the saved tensor being the output.
+template <class F> struct FromOutput {
+  F f;
+  template <class T> FO_HD T backward(T y, T g) const { return f.backward_from_output(y, g); }
+};
+template <class F> FO_HD FromOutput<F> from_output(const F& f) { return FromOutput<F>{f}; }
 
 struct Hardshrink {
   double lambd;
@@ -250,24 +258,28 @@ struct Prelu {
 //   X(op name, extra schema arguments, the same as C++ parameters, functor built from them)
 // The C++ parameters are always named a and b, so the fused linear+activation op, which takes
 // (a, b) for every activation, builds its functor from the same expression. The masked ones
-// (functors with mask/backward_masked) also get NAME_with_mask and NAME_mask_backward ops,
-// which their autograd uses.
+// (functors with mask/backward_masked) also get NAME_with_mask and NAME_mask_backward ops, the
+// output ones (backward_from_output) NAME_output_backward(grad_output, output): their autograd
+// uses these. The input ones save the input and call NAME_backward.
 #define FASTOPS_MASKED_ACTIVATIONS(X)                                                        \
   X(relu, "", (), (Relu{}))                                                                 \
   X(hardtanh, ", float min_val, float max_val", (, double a, double b), (Hardtanh{a, b}))   \
   X(leaky_relu, ", float negative_slope", (, double a), (LeakyRelu{a}))                     \
   X(hardshrink, ", float lambd", (, double a), (Hardshrink{a}))
 
-#define FASTOPS_UNMASKED_ACTIVATIONS(X)                                                      \
+#define FASTOPS_INPUT_ACTIVATIONS(X)                                                        \
   X(elu, ", float alpha", (, double a), (Elu{a}))                                           \
   X(gelu, "", (), (Gelu{}))                                                                 \
-  X(gelu_tanh, "", (), (GeluTanh{}))                                                        \
+  X(gelu_tanh, "", (), (GeluTanh{}))
+
+#define FASTOPS_OUTPUT_ACTIVATIONS(X)                                                        \
   X(sigmoid, "", (), (Sigmoid{}))                                                           \
   X(tanh, "", (), (Tanh{}))
 
 #define FASTOPS_POINTWISE_ACTIVATIONS(X) \
   FASTOPS_MASKED_ACTIVATIONS(X)          \
-  FASTOPS_UNMASKED_ACTIVATIONS(X)
+  FASTOPS_INPUT_ACTIVATIONS(X)           \
+  FASTOPS_OUTPUT_ACTIVATIONS(X)
 
 #define FO_UNPAREN(...) __VA_ARGS__
 
@@ -293,8 +305,15 @@ struct Prelu {
            return masked_backward(grad_output, mask, FO_UNPAREN make,                            \
                                   "fastops." #name "_mask_backward");                            \
          });
-#define FO_IMPL_POINTWISE_ACTIVATIONS()                       \
+#define FO_IMPL_OUTPUT_KERNELS(name, schema_params, cpp_params, make)                         \
+  m.impl(#name "_output_backward",                                                            \
+         [](const at::Tensor& grad_output, const at::Tensor& output FO_UNPAREN cpp_params) {    \
+           return unary_backward(grad_output, output, from_output(FO_UNPAREN make),              \
+                                 "fastops." #name "_output_backward");                           \
+         });
+#define FO_IMPL_POINTWISE_ACTIVATIONS()                     \
   FASTOPS_POINTWISE_ACTIVATIONS(FO_IMPL_UNARY_KERNELS) \
-  FASTOPS_MASKED_ACTIVATIONS(FO_IMPL_MASKED_KERNELS)
+  FASTOPS_MASKED_ACTIVATIONS(FO_IMPL_MASKED_KERNELS)   \
+  FASTOPS_OUTPUT_ACTIVATIONS(FO_IMPL_OUTPUT_KERNELS)
 
 }  // namespace fastops

@@ -111,6 +111,33 @@ struct MaskedPointwiseFn : torch::autograd::Function<MaskedPointwiseFn> {
   }
 };
 
+// Sigmoid and Tanh: in float32 and float64 the output is saved (their derivative is a
+// polynomial of it, as torch computes it) and backward calls NAME_output_backward(grad, output).
+// A float16/bfloat16 output is too coarse for that (near saturation 1 - y * y rounds to 0 where
+// the true derivative does not), so there the input is saved, as PointwiseFn does.
+struct OutputPointwiseFn : torch::autograd::Function<OutputPointwiseFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& self, const c10::OperatorHandle& op,
+                        const std::vector<double>& params) {
+    torch::jit::Stack stack{self};
+    push_params(stack, params);
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      op.callBoxed(&stack);
+    }
+    Tensor output = stack[0].toTensor();
+    const bool from_output =
+        self.scalar_type() == at::kFloat || self.scalar_type() == at::kDouble;
+    ctx->save_for_backward({from_output ? output : self});
+    ctx->saved_data["backward_op"] =
+        op.schema().name() + (from_output ? "_output_backward" : "_backward");
+    ctx->saved_data["params"] = params;
+    return output;
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    return PointwiseFn::pointwise_backward(ctx, grads);
+  }
+};
+
 template <class Fn>
 void pointwise_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                         torch::jit::Stack* stack) {
@@ -451,10 +478,15 @@ TORCH_LIBRARY_IMPL(fastops, Autograd, m) {
          torch::CppFunction::makeFromBoxedFunction<&pointwise_autograd<MaskedPointwiseFn>>());
   FASTOPS_MASKED_ACTIVATIONS(FO_AUTOGRAD_MASKED)
 #undef FO_AUTOGRAD_MASKED
-#define FO_AUTOGRAD_UNMASKED(name, ...) \
+#define FO_AUTOGRAD_INPUT(name, ...) \
   m.impl(#name, torch::CppFunction::makeFromBoxedFunction<&pointwise_autograd<PointwiseFn>>());
-  FASTOPS_UNMASKED_ACTIVATIONS(FO_AUTOGRAD_UNMASKED)
-#undef FO_AUTOGRAD_UNMASKED
+  FASTOPS_INPUT_ACTIVATIONS(FO_AUTOGRAD_INPUT)
+#undef FO_AUTOGRAD_INPUT
+#define FO_AUTOGRAD_OUTPUT(name, ...) \
+  m.impl(#name,                       \
+         torch::CppFunction::makeFromBoxedFunction<&pointwise_autograd<OutputPointwiseFn>>());
+  FASTOPS_OUTPUT_ACTIVATIONS(FO_AUTOGRAD_OUTPUT)
+#undef FO_AUTOGRAD_OUTPUT
   m.impl("prelu", [](const Tensor& self, const Tensor& weight) {
     if (needs_graph(self, weight)) return PreluFn::apply(self, weight);
     at::AutoDispatchBelowADInplaceOrView guard;

@@ -57,6 +57,10 @@ TORCH_LIBRARY(fastops, m) {
   m.def(#name "_mask_backward(Tensor grad_output, Tensor mask" schema_params ") -> Tensor");
   FASTOPS_MASKED_ACTIVATIONS(FO_DEF_MASKED)
 #undef FO_DEF_MASKED
+#define FO_DEF_OUTPUT(name, schema_params, cpp_params, make) \
+  m.def(#name "_output_backward(Tensor grad_output, Tensor output" schema_params ") -> Tensor");
+  FASTOPS_OUTPUT_ACTIVATIONS(FO_DEF_OUTPUT)
+#undef FO_DEF_OUTPUT
 
   // PReLU: weight of 1 or C (= self.size(1)) slopes. backward returns (grad_self, grad_weight).
   m.def("prelu(Tensor self, Tensor weight) -> Tensor");

@@ -384,6 +384,70 @@ def test_masked_ops_compile_fullgraph():
                                torch.autograd.grad(ref(x), x)[0])
 
 
+
+# ---- the output forms of Sigmoid and Tanh -----------------------------------------------------
+OUTPUT = {"sigmoid": torch.sigmoid, "tanh": torch.tanh}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("op", list(OUTPUT))
+def test_output_backward_matches_torch(op, dtype, device):
+    """NAME_output_backward(grad, output) is torch's backward from the output: in float32 and
+    float64 bit for bit NAME_backward(grad, input) (which recomputes that output); in 16-bit
+    types within the rounding of the saved output, as torch's own."""
+    gen = torch.Generator().manual_seed(5)
+    x = masked_input(100_003, dtype, device, gen)
+    g = torch.randn(x.shape, generator=gen).to(device=device, dtype=dtype)
+    ops = torch.ops.fastops
+    y = getattr(ops, op)(x)
+    got = getattr(ops, op + "_output_backward")(g, y)
+    assert got.dtype == dtype and got.shape == x.shape
+    if dtype in (torch.float32, torch.float64):
+        torch.testing.assert_close(got, getattr(ops, op + "_backward")(g, x), atol=0, rtol=0,
+                                   equal_nan=True)
+    xt = x.detach().requires_grad_(True)
+    want = torch.autograd.grad(OUTPUT[op](xt), xt, g)[0]
+    torch.testing.assert_close(got, want, equal_nan=True, **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("op", list(OUTPUT))
+def test_output_autograd_saves_the_output(op, dtype, device):
+    """Under autograd Sigmoid and Tanh keep their output for backward (as torch does) in float32
+    and float64, their input in 16-bit types (whose rounded output would lose the derivative
+    near saturation), and their gradient is torch's."""
+    x = torch.randn(3, 1001, device=device, dtype=dtype, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = getattr(torch.ops.fastops, op)(x)
+    keeps = out if dtype in (torch.float32, torch.float64) else x
+    assert len(saved) == 1 and saved[0].data_ptr() == keeps.data_ptr()
+    if dtype not in (torch.float32, torch.float64):
+        return
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0],
+                               torch.autograd.grad(OUTPUT[op](x), x, g)[0])
+    # like torch's: changing the saved output in place is caught, not silently differentiated
+    out = getattr(torch.ops.fastops, op)(x)
+    out.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+@pytest.mark.parametrize("op", list(OUTPUT))
+def test_output_backward_opcheck(op, device):
+    y = getattr(torch.ops.fastops, op)(torch.randn(5, 7, device=device))
+    torch.library.opcheck(getattr(torch.ops.fastops, op + "_output_backward"),
+                          (torch.randn_like(y), y))
+
+
+def test_output_forms_compile_fullgraph():
+    x = torch.randn(37, 53, requires_grad=True)
+    compiled = torch.compile(lambda t: (F.sigmoid(t) * F.tanh(t)).sum(), fullgraph=True,
+                             backend="aot_eager")
+    torch.testing.assert_close(torch.autograd.grad(compiled(x), x)[0],
+                               torch.autograd.grad((torch.sigmoid(x) * torch.tanh(x)).sum(), x)[0])
+
 # ---- Maxout with saved indices ----------------------------------------------------------------
 # (shape, pool size): members side by side (2-D) and along inner positions (N, C, ...), pool
 # sizes 1 to 256, runs longer than one block of the CPU kernels.

@@ -6,13 +6,14 @@ gradient) and Maxout (changes the shape) are written out below.
 
 The ops themselves carry the same formulas in C++ (csrc/autograd.cpp), so torch.ops.fastops.*
 and the functional forms are differentiable without going through these classes. There the
-MASKED activations save a bit mask instead of the input; these classes save the input.
+MASKED activations save a bit mask instead of the input and the OUTPUT ones their output;
+these classes save the input.
 """
 
 import torch
 
 __all__ = [
-    "POINTWISE", "MASKED", "ReLUFunction", "ELUFunction", "GELUFunction", "GELUTanhFunction",
+    "POINTWISE", "MASKED", "OUTPUT", "ReLUFunction", "ELUFunction", "GELUFunction", "GELUTanhFunction",
     "HardtanhFunction", "LeakyReLUFunction", "SigmoidFunction", "TanhFunction",
     "HardshrinkFunction", "PReLUFunction", "MaxoutFunction",
 ]
@@ -32,8 +33,11 @@ POINTWISE = {
     "tanh": ("TanhFunction", ()),
     "hardshrink": ("HardshrinkFunction", ("lambd",)),
 }
-# Derived from the registered ops, so the list lives only in csrc/activations.h.
+# Sigmoid and Tanh (OUTPUT) also have NAME_output_backward(grad_output, output, params), the
+# gradient from the forward's output, which the ops' autograd saves in place of the input.
+# Both lists are derived from the registered ops, so they live only in csrc/activations.h.
 MASKED = tuple(op for op in POINTWISE if hasattr(torch.ops.fastops, op + "_with_mask"))
+OUTPUT = tuple(op for op in POINTWISE if hasattr(torch.ops.fastops, op + "_output_backward"))
 
 
 def _contiguous_like(t):
@@ -60,6 +64,9 @@ def _make_pointwise(op_name, class_name, params):
             lambda self, *args: (_contiguous_like(self), _mask_like(self)))
         torch.library.register_fake(f"fastops::{op_name}_mask_backward")(
             lambda grad_output, mask, *args: _contiguous_like(grad_output))
+    if op_name in OUTPUT:
+        torch.library.register_fake(f"fastops::{op_name}_output_backward")(
+            lambda grad_output, output, *args: _contiguous_like(output))
 
     def forward(input, *args):
         return forward_op(input, *args)
