@@ -521,6 +521,13 @@ def test_maxout_indices_bad_inputs():
         ops.maxout_indices_backward(g, torch.zeros(2, 3, dtype=torch.uint8), 0)
     with pytest.raises(RuntimeError, match="at least 2 dims"):
         ops.maxout_indices_backward(torch.randn(3), torch.zeros(3, dtype=torch.uint8), 2)
+    bad = torch.zeros(2, 3, dtype=torch.uint8)
+    bad[1, 2] = 2  # pool size 2: members 0 and 1 only
+    with pytest.raises(IndexError, match="below pool_size"):
+        ops.maxout_indices_backward(g, bad, 2)
+    with pytest.raises(IndexError, match="below pool_size"):
+        ops.maxout_indices_backward(torch.randn(2, 3, 4),
+                                    torch.full((2, 3, 4), 255, dtype=torch.uint8), 3)
 
 
 def test_maxout_compile_fullgraph():

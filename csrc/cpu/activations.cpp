@@ -3,6 +3,8 @@
 // of channels) have loops of their own.
 #include <torch/library.h>
 
+#include <algorithm>
+#include <atomic>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -345,7 +347,8 @@ Tensor maxout_forward(const Tensor& self, int64_t pool_size) {
 
 namespace {
 
-// The backward kernels work on runs of at most kMaxoutRun outputs, staged in local arrays.
+// The argmax and scatter loops work on runs of at most kMaxoutRun outputs, staged in local
+// arrays.
 constexpr int64_t kMaxoutRun = 1024;
 
 // Calls run(members, in, out, count, si, sj) on runs of at most kMaxoutRun outputs, in parallel
@@ -495,16 +498,27 @@ Tensor maxout_indices_backward(const Tensor& grad_output, const Tensor& indices,
   std::vector<int64_t> shape(g.sizes().begin(), g.sizes().end());
   shape[1] *= pool_size;
   Tensor gx = at::empty(shape, g.options());
+  // An index past the pool would make the scatter write outside its block: each run checks its
+  // indices first (a vectorised max over bytes it reads anyway) and the call then raises.
+  std::atomic<bool> out_of_range{false};
   FO_DISPATCH_FLOATING(g.scalar_type(), [&] {
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const uint8_t* ip = idx.const_data_ptr<uint8_t>();
     scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
     for_each_maxout_run(l, [&](auto members, int64_t in, int64_t out, int64_t count,
                                int64_t si, int64_t sj) FO_INLINE_LAMBDA {
+      uint8_t top = 0;
+      for (int64_t i = 0; i < count; ++i) top = std::max(top, ip[out + i]);
+      if (top >= l.k) {
+        out_of_range.store(true, std::memory_order_relaxed);
+        return;
+      }
       maxout_scatter_run<decltype(members)::value>(gp + out, ip + out, gxp + in, count, l.k, si,
                                                    sj);
     });
   });
+  TORCH_CHECK_INDEX(!out_of_range.load(), op, ": indices must be below pool_size (", pool_size,
+                    "); they are the ones maxout_with_indices returns");
   return gx;
 }
 

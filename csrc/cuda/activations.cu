@@ -965,7 +965,11 @@ __global__ void __launch_bounds__(kThreads)
     const I q = static_cast<I>(p) / inner, pos = static_cast<I>(p) - q * inner;
     const I row = q / k, j = q - row * k;
     const int64_t o = static_cast<int64_t>(row) * inner + pos;
-    gx[p] = static_cast<I>(idx[o]) == j ? g[o] : zero;
+    const I arg = static_cast<I>(idx[o]);
+    // indices come from maxout_with_indices; one past the pool is a caller's bug (the CPU
+    // kernel raises an IndexError)
+    CUDA_KERNEL_ASSERT(arg < k);
+    gx[p] = arg == j ? g[o] : zero;
   }
 }
 
