@@ -13,8 +13,8 @@ these classes save the input.
 import torch
 
 __all__ = [
-    "POINTWISE", "MASKED", "OUTPUT", "ReLUFunction", "ELUFunction", "GELUFunction", "GELUTanhFunction",
-    "HardtanhFunction", "LeakyReLUFunction", "SigmoidFunction", "TanhFunction",
+    "POINTWISE", "MASKED", "OUTPUT", "ReLUFunction", "ELUFunction", "GELUFunction",
+    "GELUTanhFunction", "HardtanhFunction", "LeakyReLUFunction", "SigmoidFunction", "TanhFunction",
     "HardshrinkFunction", "PReLUFunction", "MaxoutFunction",
 ]
 
