@@ -8,7 +8,8 @@ and forward+backward, at a small and a large size.
 Each row reports the median time (p20/p80 beside it), the achieved GB/s (bytes that must move)
 or GFLOP/s, that figure as a fraction of the ceiling measured at the start of the same run
 (copy bandwidth, torch.matmul throughput), and the speed-up of fastops over each peer
-(peer time / fastops time, measured in the same run). Times always synchronise the device.
+(peer time / fastops time, measured in the same run: after 3 warm-up calls each, the peers
+take turns, 3 rounds of a third of --min-run-time each). Times always synchronise the device.
 The ceiling of each row is in its `ceiling` column (GB/s or GFLOP/s, matching `metric`).
 `saved_mb` is what autograd keeps for backward after one forward. On Linux the harness pins
 glibc's heap thresholds for every peer alike (pin_malloc; --default-malloc keeps them adaptive).
@@ -168,11 +169,9 @@ def softmax_cases(size, shapes, randn, g, device, es):
 # Timing
 
 
-def time_fn(fn, device, min_run_time):
-    """(p20, p50, p80) seconds per call, device synchronised."""
+def sample_times(fn, device, min_run_time):
+    """Seconds per call of fn, one sample per timed block, over about min_run_time."""
     if device == "cuda":
-        for _ in range(3):
-            fn()
         torch.cuda.synchronize()
         # Time batches of calls between two events, so that launch gaps of short calls do not
         # count more than they would in a training loop; a batch lasts about a millisecond.
@@ -184,19 +183,32 @@ def time_fn(fn, device, min_run_time):
         reps = max(1, min(100, int(1e-3 / max(start.elapsed_time(end) / 1e3, 1e-6))))
         times = []
         budget = datetime.datetime.now() + datetime.timedelta(seconds=min_run_time)
-        while len(times) < 10 or datetime.datetime.now() < budget:
+        while len(times) < 4 or datetime.datetime.now() < budget:
             start.record()
             for _ in range(reps):
                 fn()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3 / reps)
-    else:
-        # Timer runs on one thread unless told otherwise
-        m = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
-                            ).blocked_autorange(min_run_time=min_run_time)
-        times = m.times
-    return tuple(float(np.percentile(times, q)) for q in (20, 50, 80))
+        return times
+    # Timer runs on one thread unless told otherwise
+    return list(benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()
+                                ).blocked_autorange(min_run_time=min_run_time).times)
+
+
+def time_interleaved(calls, device, min_run_time, rounds=3):
+    """{provider: (p20, p50, p80) seconds per call}. Each call is warmed up (3 calls: caches,
+    the allocator, first-touch page faults), then the providers take turns, `rounds` times
+    min_run_time / rounds each, so that the drift of a shared machine falls on all alike."""
+    for fn in calls.values():
+        for _ in range(3):
+            fn()
+    samples = {prov: [] for prov in calls}
+    for _ in range(rounds):
+        for prov, fn in calls.items():
+            samples[prov] += sample_times(fn, device, min_run_time / rounds)
+    return {prov: tuple(float(np.percentile(t, q)) for q in (20, 50, 80))
+            for prov, t in samples.items()}
 
 
 def peak_memory_mb(fn, device):
@@ -260,11 +272,11 @@ def ceilings(device, dtype, min_run_time):
     n = (64 if device == "cuda" else 16) * 1024 * 1024  # 256 MB (beyond any L2) / 64 MB
     src = torch.randn(n, device=device)
     dst = torch.empty_like(src)
-    copy_s = time_fn(lambda: dst.copy_(src), device, min_run_time)[1]
+    copy_s = time_interleaved({"copy": lambda: dst.copy_(src)}, device, min_run_time)["copy"][1]
     size = 4096 if device == "cuda" else 1024
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    mm_s = time_fn(lambda: torch.matmul(a, b), device, min_run_time)[1]
+    mm_s = time_interleaved({"mm": lambda: torch.matmul(a, b)}, device, min_run_time)["mm"][1]
     return 2 * n * 4 / copy_s / 1e9, 2 * size ** 3 / mm_s / 1e9
 
 
@@ -337,11 +349,10 @@ def main(argv=None):
             saved = {prov: saved_mb(fns[prov], case.inputs) if prov != "compile" else float("nan")
                      for prov in fns}
             for mode in modes:
-                times, peaks = {}, {}
-                for prov, fn in fns.items():
-                    call = step(fn, case.inputs, mode)
-                    times[prov] = time_fn(call, args.device, args.min_run_time)
-                    peaks[prov] = peak_memory_mb(call, args.device)
+                calls = {prov: step(fn, case.inputs, mode) for prov, fn in fns.items()}
+                times = time_interleaved(calls, args.device, args.min_run_time)
+                peaks = {prov: peak_memory_mb(call, args.device) for prov, call in calls.items()}
+                del calls
                 ours = times["fastops"][1]
                 rate = case.work(mode) / ours / 1e9
                 ceiling = bandwidth if case.unit == "GB/s" else matmul
