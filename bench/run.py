@@ -75,6 +75,8 @@ SIZES = {
         "small": dict(elementwise=(256, 256), linear=(256, 256, 256), softmax=(256, 1000)),
         "large": dict(elementwise=(2048, 2048), linear=(1024, 1024, 1024),
                       softmax=(4096, 32000)),
+        # 64 MB tensors: past the L3 and past malloc's mmap threshold (fresh pages every call)
+        "xl": dict(elementwise=(4096, 4096)),
     },
     "cuda": {
         "small": dict(elementwise=(256, 256), linear=(256, 256, 256), softmax=(256, 1000)),

@@ -236,6 +236,21 @@ def test_wrong_device():
         F.prelu(torch.randn(2, 3, device="cuda"), torch.ones(3))
 
 
+@pytest.mark.parametrize("name", ["relu", "gelu", "sigmoid", "maxout", "prelu_channels"])
+def test_outputs_past_the_mmap_threshold(name, device):
+    """Outputs of 32 MB and more are allocated differently (advised for huge pages on Linux):
+    values and gradients are still torch's."""
+    gen = torch.Generator().manual_seed(1)
+    args, kwargs = make_args(name, shape_for(name, (1024, 3000)), torch.float32, device, True,
+                             gen)
+    out, want = run_both(name, args, kwargs)
+    torch.testing.assert_close(out, want)
+    g = torch.randn(out.shape, generator=gen).to(device)
+    for a, b in zip(torch.autograd.grad(out, args, g), torch.autograd.grad(want, args, g)):
+        # PReLU's weight gradient sums 1024 rows per channel, in another order than torch's
+        torch.testing.assert_close(a, b, **(dict(atol=1e-4, rtol=1e-3) if a.dim() == 1 else {}))
+
+
 def test_isa_reported():
     assert fastops.cpu_isa() in ("avx512", "avx2", "baseline")
 

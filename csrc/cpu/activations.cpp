@@ -23,7 +23,7 @@ template <class F>
 Tensor unary_forward(const Tensor& self, const F& f, const char* op) {
   check_floating(self, op, "self");
   const Tensor x = self.contiguous();
-  Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  Tensor y = empty_output(x);
   FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -45,7 +45,7 @@ Tensor unary_backward(const Tensor& grad_output, const Tensor& self, const F& f,
   check_unary_backward(grad_output, self, op);
   const Tensor x = self.contiguous();
   const Tensor g = grad_output.contiguous();
-  Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  Tensor gx = empty_output(x);
   FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -121,7 +121,7 @@ std::tuple<Tensor, Tensor> masked_forward(const Tensor& self, const F& f, const 
   const Tensor x = self.contiguous();
   const int64_t n = x.numel();
   Tensor mask = at::empty({mask_bytes(n)}, x.options().dtype(at::kByte));
-  Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  Tensor y = empty_output(x);
   FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
@@ -149,7 +149,7 @@ Tensor masked_backward(const Tensor& grad_output, const Tensor& mask, const F& f
   const Tensor g = grad_output.contiguous();
   const Tensor m = mask.contiguous();
   const int64_t n = g.numel();
-  Tensor gx = at::empty_like(g, at::MemoryFormat::Contiguous);
+  Tensor gx = empty_output(g);
   FO_DISPATCH_FLOATING(g.scalar_type(), [&] {
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const uint8_t* mp = m.const_data_ptr<uint8_t>();
@@ -177,7 +177,7 @@ Tensor prelu_forward(const Tensor& self, const Tensor& weight) {
   const ChannelLayout l = prelu_layout(self, weight, op);
   const Tensor x = self.contiguous();
   const Tensor w = weight.contiguous();
-  Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  Tensor y = empty_output(x);
   const Prelu f;
   FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
     using acc = acc_t<scalar_t>;
@@ -224,7 +224,7 @@ std::tuple<Tensor, Tensor> prelu_backward(const Tensor& grad_output, const Tenso
   const Tensor x = self.contiguous();
   const Tensor g = grad_output.contiguous();
   const Tensor w = weight.contiguous();
-  Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  Tensor gx = empty_output(x);
   Tensor gw = at::empty_like(w, at::MemoryFormat::Contiguous);
   const Prelu f;
   const int64_t n = x.numel();
@@ -307,7 +307,7 @@ Tensor maxout_forward(const Tensor& self, int64_t pool_size) {
   const char* op = "fastops.maxout";
   const MaxoutLayout l = maxout_layout(self, pool_size, op);
   const Tensor x = self.contiguous();
-  Tensor y = at::empty(maxout_output_shape(self, l), x.options());
+  Tensor y = empty_output(maxout_output_shape(self, l), x.options());
   FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -434,7 +434,7 @@ Tensor maxout_backward(const Tensor& grad_output, const Tensor& self, int64_t po
   check_maxout_grad(grad_output, self, l, op);
   const Tensor x = self.contiguous();
   const Tensor g = grad_output.contiguous();
-  Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  Tensor gx = empty_output(x);
   FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
     using acc = acc_t<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -471,7 +471,7 @@ std::tuple<Tensor, Tensor> maxout_with_indices(const Tensor& self, int64_t pool_
   check_maxout_indexed_pool(pool_size, op);
   const Tensor x = self.contiguous();
   const std::vector<int64_t> shape = maxout_output_shape(self, l);
-  Tensor y = at::empty(shape, x.options());
+  Tensor y = empty_output(shape, x.options());
   Tensor idx = at::empty(shape, x.options().dtype(at::kByte));
   FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
     using acc = acc_t<scalar_t>;
@@ -497,7 +497,7 @@ Tensor maxout_indices_backward(const Tensor& grad_output, const Tensor& indices,
   const Tensor idx = indices.contiguous();
   std::vector<int64_t> shape(g.sizes().begin(), g.sizes().end());
   shape[1] *= pool_size;
-  Tensor gx = at::empty(shape, g.options());
+  Tensor gx = empty_output(shape, g.options());
   // An index past the pool would make the scatter write outside its block: each run checks its
   // indices first (a vectorised max over bytes it reads anyway) and the call then raises.
   std::atomic<bool> out_of_range{false};

@@ -1,7 +1,12 @@
 #include "cpu_common.h"
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace fastops {
 namespace cpu {
@@ -37,6 +42,21 @@ const char* isa_name(Isa isa) {
     case Isa::avx2: return "avx2";
     default: return "baseline";
   }
+}
+
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  at::Tensor out = at::empty(sizes, options);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const uintptr_t bytes = static_cast<uintptr_t>(out.nbytes());
+  if (bytes >= 16 * kHuge) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t b = (p + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t e = (p + bytes) & ~(kHuge - 1);
+    if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
 }
 
 }  // namespace cpu

@@ -55,6 +55,16 @@ template <class Body>
 inline void dispatch_isa(const Body& body) { body(); }
 #endif
 
+// A contiguous tensor for a kernel's output. A fresh allocation of 32 MB or more is mmapped by
+// malloc, and its first touch costs a page fault per 4 KB page, often more than the kernel
+// itself; advising transparent huge pages before the first touch cuts the faults 512-fold.
+// Only an advice: without THP nothing changes. (With THP defrag on madvise, a fault may stall
+// while the kernel compacts memory, the first few times a process asks; see the README.)
+at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+inline at::Tensor empty_output(const at::Tensor& like) {
+  return empty_output(like.sizes(), like.options());
+}
+
 // Elements per parallel task for cheap elementwise loops.
 constexpr int64_t kElementwiseGrain = 32768;
 

@@ -19,10 +19,6 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "../activations.h"
 #include "../loss_checks.h"
 #include "cpu_common.h"
@@ -71,25 +67,6 @@ FO_ALWAYS_INLINE v16f load16(const T* p) {
 }
 
 FO_ALWAYS_INLINE v16f vmax16(v16f a, v16f b) { return a > b ? a : b; }
-
-// A contiguous tensor like x for a large output (the gradient of a big logits matrix). A fresh
-// allocation of hundreds of MB is mmapped by malloc and its first touch costs a page fault per
-// 4 KB page, several times the cost of the kernel itself; advising transparent huge pages before
-// the first touch cuts the faults 512-fold. Only an advice: without THP nothing changes.
-Tensor empty_output(const Tensor& x) {
-  Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const uintptr_t bytes = static_cast<uintptr_t>(out.nbytes());
-  if (bytes >= 16 * kHuge) {
-    const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
-    const uintptr_t b = (p + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t e = (p + bytes) & ~(kHuge - 1);
-    if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
-  }
-#endif
-  return out;
-}
 
 // ---- target checks and sums ----------------------------------------------------------------
 
