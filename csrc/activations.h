@@ -210,7 +210,9 @@ struct Sigmoid {
 struct Tanh {
   template <class T> FO_HD T forward(T x) const { return fo_tanh(x); }
   template <class T> FO_HD T backward_from_output(T y, T g) const { return g * (T(1) - y * y); }
-  template <class T> FO_HD T backward(T x, T g) const { return backward_from_output(fo_tanh(x), g); }
+  template <class T> FO_HD T backward(T x, T g) const {
+    return backward_from_output(fo_tanh(x), g);
+  }
 };
 // NAME_output_backward's functor: the pointwise backward loops call backward(saved, g), here
 // with the saved tensor being the output.

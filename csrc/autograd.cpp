@@ -208,8 +208,9 @@ struct MaxoutFn : torch::autograd::Function<MaxoutFn> {
     static const auto indices_backward_op = typed_op<Tensor(const Tensor&, const Tensor&, int64_t)>(
         "fastops::maxout_indices_backward");
     if (!grads[0].defined() || !ctx->needs_input_grad(0)) return {Tensor(), Tensor()};
-    const auto& op = ctx->saved_data["indexed"].toBool() ? indices_backward_op : backward_op;
-    return {op.call(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["pool_size"].toInt()),
+    const auto& from = ctx->saved_data["indexed"].toBool() ? indices_backward_op : backward_op;
+    return {from.call(grads[0], ctx->get_saved_variables()[0],
+                      ctx->saved_data["pool_size"].toInt()),
             Tensor()};
   }
 };
