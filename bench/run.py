@@ -1,5 +1,5 @@
 """Benchmark harness: every fastops op against torch eager and torch.compile, forward, backward
-and forward+backward, at a small and a large size.
+and forward+backward, at a small and a large size (and on the CPU an xl one, 64 MB tensors).
 
     python -m bench.run                      # all ops, CPU, float32, writes bench/results/<device>.csv
     python -m bench.run --ops elu,gelu --sizes large --no-compile
