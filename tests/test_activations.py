@@ -399,7 +399,6 @@ def test_masked_ops_compile_fullgraph():
                                torch.autograd.grad(ref(x), x)[0])
 
 
-
 # ---- the output forms of Sigmoid and Tanh -----------------------------------------------------
 OUTPUT = {"sigmoid": torch.sigmoid, "tanh": torch.tanh}
 
@@ -462,6 +461,7 @@ def test_output_forms_compile_fullgraph():
                              backend="aot_eager")
     torch.testing.assert_close(torch.autograd.grad(compiled(x), x)[0],
                                torch.autograd.grad((torch.sigmoid(x) * torch.tanh(x)).sum(), x)[0])
+
 
 # ---- Maxout with saved indices ----------------------------------------------------------------
 # (shape, pool size): members side by side (2-D) and along inner positions (N, C, ...), pool
