@@ -14,6 +14,7 @@
 
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "activation_checks.h"
@@ -62,23 +63,35 @@ c10::OperatorHandle op_named(const std::string& name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "");
 }
 
+// Runs op(self, params) below autograd and returns the stack holding its outputs.
+torch::jit::Stack call_below_autograd(const c10::OperatorHandle& op, const Tensor& self,
+                                      const std::vector<double>& params) {
+  torch::jit::Stack stack{self};
+  push_params(stack, params);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  op.callBoxed(&stack);
+  return stack;
+}
+
+// What pointwise_backward needs: the one saved tensor, and the op it calls with the params.
+void remember_backward(AutogradContext* ctx, const Tensor& saved, std::string backward_op,
+                       const std::vector<double>& params) {
+  ctx->save_for_backward({saved});
+  ctx->saved_data["backward_op"] = std::move(backward_op);
+  ctx->saved_data["params"] = params;
+}
+
 // Saves the input; backward calls NAME_backward(grad, self, params).
 struct PointwiseFn : torch::autograd::Function<PointwiseFn> {
   static Tensor forward(AutogradContext* ctx, const Tensor& self, const c10::OperatorHandle& op,
                         const std::vector<double>& params) {
-    ctx->save_for_backward({self});
-    ctx->saved_data["backward_op"] = op.schema().name() + "_backward";
-    ctx->saved_data["params"] = params;
-    at::AutoDispatchBelowADInplaceOrView guard;
-    torch::jit::Stack stack{self};
-    push_params(stack, params);
-    op.callBoxed(&stack);
-    return stack[0].toTensor();
+    remember_backward(ctx, self, op.schema().name() + "_backward", params);
+    return call_below_autograd(op, self, params)[0].toTensor();
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     return pointwise_backward(ctx, grads);
   }
-  // Shared with MaskedPointwiseFn: backward_op(grad, saved tensor, params).
+  // Shared with the other pointwise nodes: backward_op(grad, saved tensor, params).
   static tensor_list pointwise_backward(AutogradContext* ctx, const tensor_list& grads) {
     if (!grads[0].defined() || !ctx->needs_input_grad(0)) return {Tensor(), Tensor(), Tensor()};
     const auto backward_op = op_named(ctx->saved_data["backward_op"].toStringRef());
@@ -95,16 +108,9 @@ struct MaskedPointwiseFn : torch::autograd::Function<MaskedPointwiseFn> {
   static Tensor forward(AutogradContext* ctx, const Tensor& self, const c10::OperatorHandle& op,
                         const std::vector<double>& params) {
     const std::string name = op.schema().name();
-    torch::jit::Stack stack{self};
-    push_params(stack, params);
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      op_named(name + "_with_mask").callBoxed(&stack);
-    }
-    ctx->save_for_backward({stack[1].toTensor()});
-    ctx->saved_data["backward_op"] = name + "_mask_backward";
-    ctx->saved_data["params"] = params;
-    return stack[0].toTensor();
+    const torch::jit::Stack out = call_below_autograd(op_named(name + "_with_mask"), self, params);
+    remember_backward(ctx, out[1].toTensor(), name + "_mask_backward", params);
+    return out[0].toTensor();
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     return PointwiseFn::pointwise_backward(ctx, grads);
@@ -118,19 +124,12 @@ struct MaskedPointwiseFn : torch::autograd::Function<MaskedPointwiseFn> {
 struct OutputPointwiseFn : torch::autograd::Function<OutputPointwiseFn> {
   static Tensor forward(AutogradContext* ctx, const Tensor& self, const c10::OperatorHandle& op,
                         const std::vector<double>& params) {
-    torch::jit::Stack stack{self};
-    push_params(stack, params);
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      op.callBoxed(&stack);
-    }
-    Tensor output = stack[0].toTensor();
+    Tensor output = call_below_autograd(op, self, params)[0].toTensor();
     const bool from_output =
         self.scalar_type() == at::kFloat || self.scalar_type() == at::kDouble;
-    ctx->save_for_backward({from_output ? output : self});
-    ctx->saved_data["backward_op"] =
-        op.schema().name() + (from_output ? "_output_backward" : "_backward");
-    ctx->saved_data["params"] = params;
+    remember_backward(ctx, from_output ? output : self,
+                      op.schema().name() + (from_output ? "_output_backward" : "_backward"),
+                      params);
     return output;
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
