@@ -105,4 +105,10 @@ MaxoutLayout maxout_indices_layout(const Tensor& grad_output, const Tensor& indi
   return {outer, groups, pool_size, inner};
 }
 
+std::vector<int64_t> maxout_input_shape(const Tensor& grad_output, const MaxoutLayout& l) {
+  std::vector<int64_t> shape(grad_output.sizes().begin(), grad_output.sizes().end());
+  shape[1] *= l.k;
+  return shape;
+}
+
 }  // namespace fastops

@@ -51,5 +51,7 @@ void check_maxout_indexed_pool(int64_t pool_size, const char* op);
 // dim 1 times pool_size.
 MaxoutLayout maxout_indices_layout(const at::Tensor& grad_output, const at::Tensor& indices,
                                    int64_t pool_size, const char* op);
+// The forward's input shape: grad_output's with dim 1 times the pool size.
+std::vector<int64_t> maxout_input_shape(const at::Tensor& grad_output, const MaxoutLayout& l);
 
 }  // namespace fastops

@@ -300,53 +300,6 @@ std::tuple<Tensor, Tensor> prelu_backward(const Tensor& grad_output, const Tenso
 // The max (and argmax) loops run over the k members of a group outermost, so the innermost loop
 // runs over many groups (inner == 1: stride-k loads) or over the contiguous `inner` positions.
 
-}  // namespace
-
-// Also the maxout of the fused linear (declared in cpu_common.h).
-Tensor maxout_forward(const Tensor& self, int64_t pool_size) {
-  const char* op = "fastops.maxout";
-  const MaxoutLayout l = maxout_layout(self, pool_size, op);
-  const Tensor x = self.contiguous();
-  Tensor y = empty_output(maxout_output_shape(self, l), x.options());
-  FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
-    using acc = acc_t<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    const int64_t rows = l.outer * l.groups, k = l.k, inner = l.inner;
-    const int64_t grain = std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(1, k * inner));
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-      dispatch_isa([&]() FO_INLINE_LAMBDA {
-        // the groups [begin, end), each `inner` outputs wide, as one run of outputs
-        const int64_t count = (end - begin) * inner;
-        scalar_t* yr = yp + begin * inner;
-        for (int64_t j = 0; j < k; ++j) {
-          if (inner == 1) {
-            const scalar_t* xr = xp + begin * k + j;
-            for (int64_t i = 0; i < count; ++i) {
-              const acc v = static_cast<acc>(xr[i * k]);
-              const acc best = static_cast<acc>(yr[i]);
-              yr[i] = static_cast<scalar_t>(j == 0 || maxout_takes(v, best) ? v : best);
-            }
-          } else {
-            for (int64_t row = begin; row < end; ++row) {
-              const scalar_t* xr = xp + (row * k + j) * inner;
-              scalar_t* yrow = yp + row * inner;
-              for (int64_t s = 0; s < inner; ++s) {
-                const acc v = static_cast<acc>(xr[s]);
-                const acc best = static_cast<acc>(yrow[s]);
-                yrow[s] = static_cast<scalar_t>(j == 0 || maxout_takes(v, best) ? v : best);
-              }
-            }
-          }
-        }
-      });
-    });
-  });
-  return y;
-}
-
-namespace {
-
 // The argmax and scatter loops work on runs of at most kMaxoutRun outputs, staged in local
 // arrays.
 constexpr int64_t kMaxoutRun = 1024;
@@ -407,6 +360,13 @@ FO_ALWAYS_INLINE void maxout_argmax_run(const scalar_t* __restrict x, int64_t co
     }
 }
 
+// The run's outputs from its maxima (restrict: else the stores may alias the stack arrays).
+template <class scalar_t, class acc>
+FO_ALWAYS_INLINE void maxout_store_values(const acc* __restrict best, scalar_t* __restrict y,
+                                          int64_t count) {
+  for (int64_t i = 0; i < count; ++i) y[i] = static_cast<scalar_t>(best[i]);
+}
+
 // gx of a run: g[i] at member arg[i] of output i, 0 at the others. Members side by side: the
 // run's k * count gradients are one block, zeroed in one vectorised fill (it stays in L1), then
 // each output stores its gradient at its member (one scalar store per output); a select per
@@ -427,6 +387,31 @@ FO_ALWAYS_INLINE void maxout_scatter_run(const scalar_t* __restrict g,
         gx[i * si + j * sj] = static_cast<int64_t>(arg[i]) == j ? g[i] : zero;
   }
 }
+
+}  // namespace
+
+// Also the maxout of the fused linear (declared in cpu_common.h).
+Tensor maxout_forward(const Tensor& self, int64_t pool_size) {
+  const char* op = "fastops.maxout";
+  const MaxoutLayout l = maxout_layout(self, pool_size, op);
+  const Tensor x = self.contiguous();
+  Tensor y = empty_output(maxout_output_shape(self, l), x.options());
+  FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    for_each_maxout_run(l, [&](auto, int64_t in, int64_t out, int64_t count, int64_t si,
+                               int64_t sj) FO_INLINE_LAMBDA {
+      acc best[kMaxoutRun];
+      int32_t arg[kMaxoutRun];
+      maxout_argmax_run(xp + in, count, l.k, si, sj, best, arg);
+      maxout_store_values(best, yp + out, count);
+    });
+  });
+  return y;
+}
+
+namespace {
 
 Tensor maxout_backward(const Tensor& grad_output, const Tensor& self, int64_t pool_size) {
   const char* op = "fastops.maxout_backward";
@@ -495,9 +480,7 @@ Tensor maxout_indices_backward(const Tensor& grad_output, const Tensor& indices,
   const MaxoutLayout l = maxout_indices_layout(grad_output, indices, pool_size, op);
   const Tensor g = grad_output.contiguous();
   const Tensor idx = indices.contiguous();
-  std::vector<int64_t> shape(g.sizes().begin(), g.sizes().end());
-  shape[1] *= pool_size;
-  Tensor gx = empty_output(shape, g.options());
+  Tensor gx = empty_output(maxout_input_shape(g, l), g.options());
   // An index past the pool would make the scatter write outside its block: each run checks its
   // indices first (a vectorised max over bytes it reads anyway) and the call then raises.
   std::atomic<bool> out_of_range{false};

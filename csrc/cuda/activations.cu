@@ -1106,9 +1106,7 @@ Tensor maxout_indices_backward(const Tensor& grad_output, const Tensor& indices,
   KernelScope scope(grad_output);
   const Tensor g = grad_output.contiguous();
   const Tensor idx = indices.contiguous();
-  std::vector<int64_t> shape(g.sizes().begin(), g.sizes().end());
-  shape[1] *= pool_size;
-  Tensor gx = at::empty(shape, g.options());
+  Tensor gx = at::empty(maxout_input_shape(g, l), g.options());
   const int64_t n_in = gx.numel();
   if (n_in == 0) return gx;
   FO_DISPATCH_FLOATING(g.scalar_type(), [&] {
