@@ -1,6 +1,7 @@
 // The math of every activation, written once: a small functor per activation with
 //   forward(x)     -> f(x)
 //   backward(x, g) -> g * f'(x)   (from the saved input x)
+//   double_backward(x, g, gg) -> gg * g * f''(x)   (d/dx of backward, for second order)
 // The functors are plain scalar code usable on the host (where the CPU loops vectorise them) and
 // on the device. T is the compute type: float (also for float16/bfloat16 data) or double.
 #pragma once
@@ -134,6 +135,8 @@ struct Relu {
   template <class T> FO_HD bool mask(T x) const { return !(x <= T(0)); }
   template <class T> FO_HD T backward_masked(bool m, T g) const { return m ? g : T(0); }
   template <class T> FO_HD T backward(T x, T g) const { return backward_masked(mask(x), g); }
+  // f'' = 0 (torch: zeros, whatever g and gg hold); so for every piecewise-linear one
+  template <class T> FO_HD T double_backward(T, T, T) const { return T(0); }
 };
 
 struct Elu {
@@ -143,6 +146,9 @@ struct Elu {
   }
   template <class T> FO_HD T backward(T x, T g) const {
     return x > T(0) ? g : g * T(alpha) * fo_exp(x);
+  }
+  template <class T> FO_HD T double_backward(T x, T g, T gg) const {
+    return x > T(0) ? T(0) : gg * g * T(alpha) * fo_exp(x);
   }
 };
 
@@ -157,6 +163,12 @@ struct Gelu {
     T cdf, pdf;
     fo_normal_cdf_pdf(x, cdf, pdf);
     return g * (cdf + x * pdf);
+  }
+  // f'' = 2 phi + x phi' = phi (2 - x^2)
+  template <class T> FO_HD T double_backward(T x, T g, T gg) const {
+    T cdf, pdf;
+    fo_normal_cdf_pdf(x, cdf, pdf);
+    return gg * g * pdf * (T(2) - x * x);
   }
 };
 
@@ -174,6 +186,16 @@ struct GeluTanh {
     const T s = fo_sigmoid(u2);
     return g * (s + x * s * (T(1) - s) * du2);
   }
+  // f' = s + x s' u2', s' = s (1 - s), so f'' = s' (2 u2' + x (1 - 2 s) u2'^2 + x u2'')
+  template <class T> FO_HD T double_backward(T x, T g, T gg) const {
+    const T x2 = x * x;
+    const T u2 = T(2 * 0.79788456080286535588) * (x + T(0.044715) * x2 * x);
+    const T du2 = T(2 * 0.79788456080286535588) * (T(1) + T(3 * 0.044715) * x2);
+    const T d2u2 = T(2 * 0.79788456080286535588 * 6 * 0.044715) * x;
+    const T s = fo_sigmoid(u2);
+    const T ds = s * (T(1) - s);
+    return gg * g * ds * (T(2) * du2 + x * (T(1) - T(2) * s) * du2 * du2 + x * d2u2);
+  }
 };
 
 struct Hardtanh {
@@ -184,6 +206,7 @@ struct Hardtanh {
   template <class T> FO_HD bool mask(T x) const { return x > T(min_val) && x < T(max_val); }
   template <class T> FO_HD T backward_masked(bool m, T g) const { return m ? g : T(0); }
   template <class T> FO_HD T backward(T x, T g) const { return backward_masked(mask(x), g); }
+  template <class T> FO_HD T double_backward(T, T, T) const { return T(0); }
 };
 
 struct LeakyRelu {
@@ -194,6 +217,7 @@ struct LeakyRelu {
     return m ? g : g * T(negative_slope);
   }
   template <class T> FO_HD T backward(T x, T g) const { return backward_masked(mask(x), g); }
+  template <class T> FO_HD T double_backward(T, T, T) const { return T(0); }
 };
 
 // Sigmoid and Tanh have a derivative that is a polynomial of their output y:
@@ -206,6 +230,14 @@ struct Sigmoid {
   template <class T> FO_HD T backward(T x, T g) const {
     return backward_from_output(fo_sigmoid(x), g);
   }
+  // d/dy of backward_from_output
+  template <class T> FO_HD T output_double_backward(T y, T g, T gg) const {
+    return gg * g * (T(1) - T(2) * y);
+  }
+  template <class T> FO_HD T double_backward(T x, T g, T gg) const {
+    const T y = fo_sigmoid(x);
+    return output_double_backward(y, g, gg) * y * (T(1) - y);
+  }
 };
 struct Tanh {
   template <class T> FO_HD T forward(T x) const { return fo_tanh(x); }
@@ -213,12 +245,22 @@ struct Tanh {
   template <class T> FO_HD T backward(T x, T g) const {
     return backward_from_output(fo_tanh(x), g);
   }
+  template <class T> FO_HD T output_double_backward(T y, T g, T gg) const {
+    return T(-2) * gg * g * y;
+  }
+  template <class T> FO_HD T double_backward(T x, T g, T gg) const {
+    const T y = fo_tanh(x);
+    return output_double_backward(y, g, gg) * (T(1) - y * y);
+  }
 };
 // NAME_output_backward's functor: the pointwise backward loops call backward(saved, g), here
 // with the saved tensor being the output.
 template <class F> struct FromOutput {
   F f;
   template <class T> FO_HD T backward(T y, T g) const { return f.backward_from_output(y, g); }
+  template <class T> FO_HD T double_backward(T y, T g, T gg) const {
+    return f.output_double_backward(y, g, gg);
+  }
 };
 template <class F> FO_HD FromOutput<F> from_output(const F& f) { return FromOutput<F>{f}; }
 
@@ -232,6 +274,7 @@ struct Hardshrink {
   }
   template <class T> FO_HD T backward_masked(bool m, T g) const { return m ? g : T(0); }
   template <class T> FO_HD T backward(T x, T g) const { return backward_masked(mask(x), g); }
+  template <class T> FO_HD T double_backward(T, T, T) const { return T(0); }
 };
 
 // torch compares hardshrink's lambd after rounding it to the input's dtype; fastops does the same
@@ -287,7 +330,8 @@ struct Prelu {
 
 // The kernels of every pointwise activation for one device, registered from inside a
 // TORCH_LIBRARY_IMPL(fastops, KEY, m) block. The CPU and the CUDA file each define
-// unary_forward, unary_backward, masked_forward and masked_backward (functor-templated) for their
+// unary_forward, unary_backward, unary_double_backward, masked_forward and masked_backward
+// (functor-templated) for their
 // device and expand FO_IMPL_POINTWISE_ACTIVATIONS() there.
 #define FO_IMPL_UNARY_KERNELS(name, schema_params, cpp_params, make)                          \
   m.impl(#name, [](const at::Tensor& self FO_UNPAREN cpp_params) {                            \
@@ -297,6 +341,12 @@ struct Prelu {
          [](const at::Tensor& grad_output, const at::Tensor& self FO_UNPAREN cpp_params) {      \
            return unary_backward(grad_output, self, FO_UNPAREN make,                             \
                                  "fastops." #name "_backward");                                  \
+         });                                                                                   \
+  m.impl(#name "_double_backward",                                                            \
+         [](const at::Tensor& grad_grad, const at::Tensor& grad_output,                        \
+            const at::Tensor& self FO_UNPAREN cpp_params) {                                    \
+           return unary_double_backward(grad_grad, grad_output, self, FO_UNPAREN make,           \
+                                        "fastops." #name "_double_backward");                    \
          });
 #define FO_IMPL_MASKED_KERNELS(name, schema_params, cpp_params, make)                         \
   m.impl(#name "_with_mask", [](const at::Tensor& self FO_UNPAREN cpp_params) {               \
@@ -312,6 +362,13 @@ struct Prelu {
          [](const at::Tensor& grad_output, const at::Tensor& output FO_UNPAREN cpp_params) {    \
            return unary_backward(grad_output, output, from_output(FO_UNPAREN make),              \
                                  "fastops." #name "_output_backward");                           \
+         });                                                                                   \
+  m.impl(#name "_output_double_backward",                                                     \
+         [](const at::Tensor& grad_grad, const at::Tensor& grad_output,                        \
+            const at::Tensor& output FO_UNPAREN cpp_params) {                                  \
+           return unary_double_backward(grad_grad, grad_output, output,                          \
+                                        from_output(FO_UNPAREN make),                            \
+                                        "fastops." #name "_output_double_backward");             \
          });
 #define FO_IMPL_POINTWISE_ACTIVATIONS()                     \
   FASTOPS_POINTWISE_ACTIVATIONS(FO_IMPL_UNARY_KERNELS) \

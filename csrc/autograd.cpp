@@ -7,6 +7,14 @@
 // computes only the gradients that are needed. Non-differentiable outputs (the saved
 // pre-activation, lse, total_weight) are marked so, and undefined incoming gradients are not
 // materialised as zeros.
+//
+// Higher order: a node's backward calls the backward ops below autograd in an ordinary backward,
+// and through their own autograd when the backward is itself recorded (create_graph=True); the
+// backward ops' derivative formulas live in fastops.ops (Python), registered for their Autograd
+// key. torch.func transforms and forward-mode AD (dual tensors) run the op's Python
+// autograd.Function instead of these nodes, which have no jvp or vmap rule: fastops.ops registers
+// it for the FuncTorchDynamicLayerFrontMode key, where the transforms find it first, and the
+// kernels below redispatch dual tensors to it.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -49,6 +57,50 @@ bool requires_grad(const c10::optional<Tensor>& t) { return t.has_value() && req
 template <class... Tensors>
 bool needs_graph(const Tensors&... tensors) {
   return at::GradMode::is_enabled() && (requires_grad(tensors) || ...);
+}
+
+// Runs a node's calls of backward ops: below autograd in an ordinary backward (grad mode off);
+// through their autograd, to be differentiated again, when the backward is recorded.
+class BackwardCalls {
+  c10::optional<at::AutoDispatchBelowADInplaceOrView> below_;
+
+ public:
+  BackwardCalls() {
+    if (!at::GradMode::is_enabled()) below_.emplace();
+  }
+};
+
+// Forward-mode AD: a dual tensor (torch.autograd.forward_ad) among the inputs. Such a call goes
+// to the Python autograd.Function of the op (its jvp formula), registered as the op's kernel for
+// kPythonAutograd by fastops.ops.
+bool has_tangent(const Tensor& t) { return t.defined() && t._fw_grad(0).defined(); }
+bool has_tangent(const c10::optional<Tensor>& t) { return t.has_value() && has_tangent(*t); }
+template <class... Tensors>
+bool needs_forward_ad(const Tensors&... tensors) {
+  return (has_tangent(tensors) || ...);
+}
+const c10::DispatchKeySet kPythonAutograd(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
+
+void check_python_autograd(const c10::OperatorHandle& op) {
+  TORCH_CHECK(op.hasKernelForDispatchKey(c10::DispatchKey::FuncTorchDynamicLayerFrontMode),
+              op.schema().name(),
+              ": forward-mode AD needs the jvp formulas of the fastops Python package; import "
+              "fastops, or use reverse mode");
+}
+
+// The piecewise-linear activations and the indexed maxout save nothing that leads back to their
+// input (a bit mask, byte indices), yet the derivative of their backward by the input must come
+// out as zeros, as torch's does, not as "does not require grad". Their node therefore has a
+// second output, the tie (a zero broadcast to the input's shape, no memory), saved for backward:
+// a recorded backward adds it to its result, which so depends on the input through this node.
+Tensor new_tie(const Tensor& self) { return at::zeros({}, self.options()).expand(self.sizes()); }
+
+// grad_input of a node with a tie. grad_tie is the gradient that came back through the tie: it
+// is there only in a double backward, and its derivative by the input is zero.
+Tensor tied(Tensor grad_input, const Tensor& tie, const Tensor& grad_tie) {
+  if (!grad_input.defined())
+    return grad_tie.defined() ? at::zeros(tie.sizes(), tie.options()) : Tensor();
+  return at::GradMode::is_enabled() ? grad_input + tie : grad_input;
 }
 
 // ---- pointwise activations: NAME(self, float params...) and NAME_backward(grad, self, params)
@@ -97,6 +149,7 @@ struct PointwiseFn : torch::autograd::Function<PointwiseFn> {
     const auto backward_op = op_named(ctx->saved_data["backward_op"].toStringRef());
     torch::jit::Stack stack{grads[0], ctx->get_saved_variables()[0]};
     push_params(stack, ctx->saved_data["params"].toDoubleVector());
+    BackwardCalls calls;
     backward_op.callBoxed(&stack);
     return {stack[0].toTensor(), Tensor(), Tensor()};
   }
@@ -105,15 +158,21 @@ struct PointwiseFn : torch::autograd::Function<PointwiseFn> {
 // The piecewise-linear activations: the forward runs NAME_with_mask and saves its bit mask (1
 // bit per element) instead of the input; backward calls NAME_mask_backward(grad, mask).
 struct MaskedPointwiseFn : torch::autograd::Function<MaskedPointwiseFn> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& self, const c10::OperatorHandle& op,
-                        const std::vector<double>& params) {
+  static tensor_list forward(AutogradContext* ctx, const Tensor& self,
+                             const c10::OperatorHandle& op, const std::vector<double>& params) {
     const std::string name = op.schema().name();
     const torch::jit::Stack out = call_below_autograd(op_named(name + "_with_mask"), self, params);
     remember_backward(ctx, out[1].toTensor(), name + "_mask_backward", params);
-    return out[0].toTensor();
+    Tensor tie = new_tie(self);
+    ctx->save_for_backward({out[1].toTensor(), tie});
+    ctx->set_materialize_grads(false);
+    return {out[0].toTensor(), tie};
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
-    return PointwiseFn::pointwise_backward(ctx, grads);
+    if (!ctx->needs_input_grad(0)) return {Tensor(), Tensor(), Tensor()};
+    Tensor grad_input;
+    if (grads[0].defined()) grad_input = PointwiseFn::pointwise_backward(ctx, grads)[0];
+    return {tied(grad_input, ctx->get_saved_variables()[1], grads[1]), Tensor(), Tensor()};
   }
 };
 
@@ -137,12 +196,20 @@ struct OutputPointwiseFn : torch::autograd::Function<OutputPointwiseFn> {
   }
 };
 
+Tensor first_output(Tensor t) { return t; }
+Tensor first_output(const tensor_list& t) { return t[0]; }
+
 template <class Fn>
 void pointwise_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
                         torch::jit::Stack* stack) {
   const size_t n = op.schema().arguments().size();
   auto args = torch::jit::last(*stack, n);
   const Tensor self = args[0].toTensor();
+  if (needs_forward_ad(self)) {
+    check_python_autograd(op);
+    op.redispatchBoxed(kPythonAutograd, stack);
+    return;
+  }
   if (!needs_graph(self)) {
     op.redispatchBoxed(keys & c10::after_autograd_keyset, stack);
     return;
@@ -150,7 +217,7 @@ void pointwise_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
   std::vector<double> params;
   for (size_t i = 1; i < n; ++i) params.push_back(args[i].toDouble());
   torch::jit::drop(*stack, n);
-  torch::jit::push(*stack, Fn::apply(self, op, params));
+  torch::jit::push(*stack, first_output(Fn::apply(self, op, params)));
 }
 
 // ---- prelu, maxout ---------------------------------------------------------------------------
@@ -172,6 +239,7 @@ struct PreluFn : torch::autograd::Function<PreluFn> {
     const bool need_self = ctx->needs_input_grad(0), need_weight = ctx->needs_input_grad(1);
     if (!grads[0].defined() || !(need_self || need_weight)) return {Tensor(), Tensor()};
     const auto saved = ctx->get_saved_variables();
+    BackwardCalls calls;
     auto [grad_self, grad_weight] = backward_op.call(grads[0], saved[0], saved[1]);
     return {if_needed(need_self, grad_self), if_needed(need_weight, grad_weight)};
   }
@@ -186,31 +254,42 @@ struct MaxoutFn : torch::autograd::Function<MaxoutFn> {
     static const auto handle = typed_op<Tensor(const Tensor&, int64_t)>("fastops::maxout");
     return handle;
   }
-  static Tensor forward(AutogradContext* ctx, const Tensor& self, int64_t pool_size) {
+  // Returns (output, tie); see new_tie.
+  static tensor_list forward(AutogradContext* ctx, const Tensor& self, int64_t pool_size) {
     static const auto with_indices = typed_op<std::tuple<Tensor, Tensor>(const Tensor&, int64_t)>(
         "fastops::maxout_with_indices");
     ctx->saved_data["pool_size"] = pool_size;
     const bool indexed = pool_size <= kMaxoutIndexedPoolLimit;
     ctx->saved_data["indexed"] = indexed;
-    at::AutoDispatchBelowADInplaceOrView guard;
-    if (!indexed) {
-      ctx->save_for_backward({self});
-      return op().call(self, pool_size);
+    ctx->set_materialize_grads(false);
+    Tensor output, saved;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      if (indexed) {
+        std::tie(output, saved) = with_indices.call(self, pool_size);
+      } else {
+        output = op().call(self, pool_size);
+        saved = self;
+      }
     }
-    auto [output, indices] = with_indices.call(self, pool_size);
-    ctx->save_for_backward({indices});
-    return output;
+    Tensor tie = new_tie(self);
+    ctx->save_for_backward({saved, tie});
+    return {output, tie};
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     static const auto backward_op =
         typed_op<Tensor(const Tensor&, const Tensor&, int64_t)>("fastops::maxout_backward");
     static const auto indices_backward_op = typed_op<Tensor(const Tensor&, const Tensor&, int64_t)>(
         "fastops::maxout_indices_backward");
-    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return {Tensor(), Tensor()};
+    if (!ctx->needs_input_grad(0)) return {Tensor(), Tensor()};
     const auto& from = ctx->saved_data["indexed"].toBool() ? indices_backward_op : backward_op;
-    return {from.call(grads[0], ctx->get_saved_variables()[0],
-                      ctx->saved_data["pool_size"].toInt()),
-            Tensor()};
+    const auto saved = ctx->get_saved_variables();
+    Tensor grad_input;
+    if (grads[0].defined()) {
+      BackwardCalls calls;
+      grad_input = from.call(grads[0], saved[0], ctx->saved_data["pool_size"].toInt());
+    }
+    return {tied(grad_input, saved[1], grads[1]), Tensor()};
   }
 };
 
@@ -242,6 +321,7 @@ struct LinearFn : torch::autograd::Function<LinearFn> {
     if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2]))
       return {Tensor(), Tensor(), Tensor()};
     const auto saved = ctx->get_saved_variables();
+    BackwardCalls calls;
     auto [gi, gw, gb] = backward_op.call(grads[0], saved[0], saved[1], mask);
     return {if_needed(mask[0], gi), if_needed(mask[1], gw), if_needed(mask[2], gb)};
   }
@@ -268,7 +348,7 @@ struct LinearActFn : torch::autograd::Function<LinearActFn> {
     ctx->set_materialize_grads(false);
     ctx->mark_non_differentiable({preact});
     ctx->save_for_backward({input, weight, save_preact ? preact : Tensor(),
-                            value_or_undefined(act_weight)});
+                            value_or_undefined(act_weight), value_or_undefined(bias)});
     ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["a"] = a;
@@ -294,8 +374,14 @@ struct LinearActFn : torch::autograd::Function<LinearActFn> {
     TORCH_CHECK(ctx->saved_data["save_preact"].toBool(),
                 "fastops.linear_act: backward needs the pre-activation, but forward ran with "
                 "save_preact=False; pass save_preact=True when a gradient is needed");
+    // A recorded backward differentiates through the pre-activation too, which the saved one
+    // (a non-differentiable output) would cut off: recompute it with its graph.
+    const Tensor z = at::GradMode::is_enabled()
+                         ? LinearFn::op().call(input, weight, optional_of(saved[4]))
+                         : preact;
+    BackwardCalls calls;
     auto [gi, gw, gb, gaw] =
-        backward_op.call(grads[0], input, weight, preact, ctx->saved_data["activation"].toStringRef(),
+        backward_op.call(grads[0], input, weight, z, ctx->saved_data["activation"].toStringRef(),
                 ctx->saved_data["a"].toDouble(), ctx->saved_data["b"].toDouble(),
                 optional_of(act_weight), mask);
     result[0] = if_needed(mask[0], gi);
@@ -328,6 +414,7 @@ struct LogSoftmaxFn : torch::autograd::Function<LogSoftmaxFn> {
     static const auto backward_op = typed_op<Tensor(const Tensor&, const Tensor&, int64_t)>(
         "fastops::log_softmax_backward");
     if (!grads[0].defined() || !ctx->needs_input_grad(0)) return {Tensor(), Tensor()};
+    BackwardCalls calls;
     return {backward_op.call(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["dim"].toInt()),
             Tensor()};
   }
@@ -364,6 +451,7 @@ struct NllLossFn : torch::autograd::Function<NllLossFn> {
     tensor_list result(5);
     if (!grads[0].defined() || !ctx->needs_input_grad(0)) return result;
     const auto saved = ctx->get_saved_variables();
+    BackwardCalls calls;
     result[0] = backward_op.call(grads[0], saved[0], saved[1], optional_of(saved[2]),
                         ctx->saved_data["reduction"].toInt(),
                         ctx->saved_data["ignore_index"].toInt(), saved[3]);
@@ -376,8 +464,13 @@ struct NllLossFn : torch::autograd::Function<NllLossFn> {
 Tensor soft_target_grad(const Tensor& grad_loss, const Tensor& self,
                         const c10::optional<Tensor>& weight, int64_t reduction,
                         double label_smoothing, const Tensor& lse) {
+  static const auto log_softmax = typed_op<Tensor(const Tensor&, int64_t)>("fastops::log_softmax");
   const int64_t class_dim = self.dim() == 1 ? 0 : 1;
-  Tensor g = (self.to(lse.scalar_type()) - lse.unsqueeze(class_dim)) * -(1.0 - label_smoothing);
+  // A recorded backward needs log_softmax(self) with its graph; lse is not differentiable.
+  const Tensor logp = at::GradMode::is_enabled()
+                          ? log_softmax.call(self, class_dim).to(lse.scalar_type())
+                          : self.to(lse.scalar_type()) - lse.unsqueeze(class_dim);
+  Tensor g = logp * -(1.0 - label_smoothing);
   if (weight.has_value() && weight->defined()) {
     std::vector<int64_t> shape(self.dim(), 1);
     shape[class_dim] = -1;
@@ -430,6 +523,7 @@ struct CrossEntropyFn : torch::autograd::Function<CrossEntropyFn> {
     const auto weight = optional_of(saved[2]);
     const int64_t reduction = ctx->saved_data["reduction"].toInt();
     const double label_smoothing = ctx->saved_data["label_smoothing"].toDouble();
+    BackwardCalls calls;
     if (ctx->needs_input_grad(0))
       result[0] = backward_op.call(grads[0], self, target, weight, reduction,
                           ctx->saved_data["ignore_index"].toInt(), label_smoothing, lse,
@@ -461,11 +555,19 @@ struct MseLossFn : torch::autograd::Function<MseLossFn> {
     const std::array<bool, 2> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
     if (!grads[0].defined() || !(mask[0] || mask[1])) return {Tensor(), Tensor(), Tensor()};
     const auto saved = ctx->get_saved_variables();
+    BackwardCalls calls;
     auto [grad_self, grad_target] =
         backward_op.call(grads[0], saved[0], saved[1], ctx->saved_data["reduction"].toInt(), mask);
     return {if_needed(mask[0], grad_self), if_needed(mask[1], grad_target), Tensor()};
   }
 };
+
+// A call with dual tensors, sent to the op's Python autograd.Function (see needs_forward_ad).
+template <class Sig, class... Args>
+auto python_autograd(const c10::TypedOperatorHandle<Sig>& op, const Args&... args) {
+  check_python_autograd(op);
+  return op.redispatch(kPythonAutograd, args...);
+}
 
 std::tuple<Tensor, Tensor> tuple2(const tensor_list& t) { return {t[0], t[1]}; }
 std::tuple<Tensor, Tensor, Tensor> tuple3(const tensor_list& t) { return {t[0], t[1], t[2]}; }
@@ -488,17 +590,23 @@ TORCH_LIBRARY_IMPL(fastops, Autograd, m) {
   FASTOPS_OUTPUT_ACTIVATIONS(FO_AUTOGRAD_OUTPUT)
 #undef FO_AUTOGRAD_OUTPUT
   m.impl("prelu", [](const Tensor& self, const Tensor& weight) {
+    if (needs_forward_ad(self, weight))
+      return python_autograd(PreluFn::op(), self, weight);
     if (needs_graph(self, weight)) return PreluFn::apply(self, weight);
     at::AutoDispatchBelowADInplaceOrView guard;
     return PreluFn::op().call(self, weight);
   });
   m.impl("maxout", [](const Tensor& self, int64_t pool_size) {
-    if (needs_graph(self)) return MaxoutFn::apply(self, pool_size);
+    if (needs_forward_ad(self))
+      return python_autograd(MaxoutFn::op(), self, pool_size);
+    if (needs_graph(self)) return MaxoutFn::apply(self, pool_size)[0];
     at::AutoDispatchBelowADInplaceOrView guard;
     return MaxoutFn::op().call(self, pool_size);
   });
   m.impl("linear", [](const Tensor& input, const Tensor& weight,
                       const c10::optional<Tensor>& bias) {
+    if (needs_forward_ad(input, weight, bias))
+      return python_autograd(LinearFn::op(), input, weight, bias);
     if (needs_graph(input, weight, bias)) return LinearFn::apply(input, weight, bias);
     at::AutoDispatchBelowADInplaceOrView guard;
     return LinearFn::op().call(input, weight, bias);
@@ -507,6 +615,9 @@ TORCH_LIBRARY_IMPL(fastops, Autograd, m) {
                           const c10::optional<Tensor>& bias, c10::string_view activation,
                           double a, double b, const c10::optional<Tensor>& act_weight,
                           bool save_preact) {
+    if (needs_forward_ad(input, weight, bias, act_weight))
+      return python_autograd(LinearActFn::op(), input, weight, bias, activation, a, b,
+                             act_weight, save_preact);
     if (needs_graph(input, weight, bias, act_weight))
       return tuple2(
           LinearActFn::apply(input, weight, bias, activation, a, b, act_weight, save_preact));
@@ -515,6 +626,8 @@ TORCH_LIBRARY_IMPL(fastops, Autograd, m) {
                                   save_preact);
   });
   m.impl("log_softmax", [](const Tensor& self, int64_t dim) {
+    if (needs_forward_ad(self))
+      return python_autograd(LogSoftmaxFn::op(), self, dim);
     if (needs_graph(self)) return LogSoftmaxFn::apply(self, dim);
     at::AutoDispatchBelowADInplaceOrView guard;
     return LogSoftmaxFn::op().call(self, dim);
@@ -522,6 +635,8 @@ TORCH_LIBRARY_IMPL(fastops, Autograd, m) {
   m.impl("nll_loss", [](const Tensor& self, const Tensor& target,
                         const c10::optional<Tensor>& weight, int64_t reduction,
                         int64_t ignore_index) {
+    if (needs_forward_ad(self, target, weight))
+      return python_autograd(NllLossFn::op(), self, target, weight, reduction, ignore_index);
     if (needs_graph(self, target, weight))
       return tuple2(NllLossFn::apply(self, target, weight, reduction, ignore_index));
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -530,6 +645,9 @@ TORCH_LIBRARY_IMPL(fastops, Autograd, m) {
   m.impl("cross_entropy", [](const Tensor& self, const Tensor& target,
                              const c10::optional<Tensor>& weight, int64_t reduction,
                              int64_t ignore_index, double label_smoothing) {
+    if (needs_forward_ad(self, target, weight))
+      return python_autograd(CrossEntropyFn::op(), self, target, weight, reduction, ignore_index,
+                                     label_smoothing);
     if (needs_graph(self, target, weight))
       return tuple3(CrossEntropyFn::apply(self, target, weight, reduction, ignore_index,
                                           label_smoothing));
@@ -538,6 +656,8 @@ TORCH_LIBRARY_IMPL(fastops, Autograd, m) {
                                      label_smoothing);
   });
   m.impl("mse_loss", [](const Tensor& self, const Tensor& target, int64_t reduction) {
+    if (needs_forward_ad(self, target))
+      return python_autograd(MseLossFn::op(), self, target, reduction);
     if (needs_graph(self, target)) return MseLossFn::apply(self, target, reduction);
     at::AutoDispatchBelowADInplaceOrView guard;
     return MseLossFn::op().call(self, target, reduction);

@@ -42,10 +42,14 @@ TORCH_LIBRARY(fastops, m) {
       "-> (Tensor, Tensor, Tensor, Tensor)");
 
   // Pointwise activations: NAME(Tensor self, params) and NAME_backward(grad_output, self,
-  // params), the backward taking the forward's input.
+  // params), the backward taking the forward's input; NAME_double_backward(grad_grad,
+  // grad_output, self, params) = grad_grad * grad_output * f''(self), the backward's derivative
+  // by self (its derivative by grad_output is NAME_backward itself).
 #define FO_DEF_ACTIVATION(name, schema_params, cpp_params, make)                           \
   m.def(#name "(Tensor self" schema_params ") -> Tensor");                                \
-  m.def(#name "_backward(Tensor grad_output, Tensor self" schema_params ") -> Tensor");
+  m.def(#name "_backward(Tensor grad_output, Tensor self" schema_params ") -> Tensor");   \
+  m.def(#name "_double_backward(Tensor grad_grad, Tensor grad_output, Tensor self"         \
+        schema_params ") -> Tensor");
   FASTOPS_POINTWISE_ACTIVATIONS(FO_DEF_ACTIVATION)
 #undef FO_DEF_ACTIVATION
   // The piecewise-linear ones also: NAME_with_mask(self, params) -> (output, mask), mask the
@@ -57,8 +61,11 @@ TORCH_LIBRARY(fastops, m) {
   m.def(#name "_mask_backward(Tensor grad_output, Tensor mask" schema_params ") -> Tensor");
   FASTOPS_MASKED_ACTIVATIONS(FO_DEF_MASKED)
 #undef FO_DEF_MASKED
-#define FO_DEF_OUTPUT(name, schema_params, cpp_params, make) \
-  m.def(#name "_output_backward(Tensor grad_output, Tensor output" schema_params ") -> Tensor");
+  // Sigmoid, Tanh: the backward from the output, and its derivative by the output.
+#define FO_DEF_OUTPUT(name, schema_params, cpp_params, make)                                    \
+  m.def(#name "_output_backward(Tensor grad_output, Tensor output" schema_params ") -> Tensor"); \
+  m.def(#name "_output_double_backward(Tensor grad_grad, Tensor grad_output, Tensor output"     \
+        schema_params ") -> Tensor");
   FASTOPS_OUTPUT_ACTIVATIONS(FO_DEF_OUTPUT)
 #undef FO_DEF_OUTPUT
 

@@ -63,6 +63,34 @@ Tensor unary_backward(const Tensor& grad_output, const Tensor& self, const F& f,
   return gx;
 }
 
+// gg * g * f''(x): the derivative of the backward by its input, for second-order gradients.
+template <class F>
+Tensor unary_double_backward(const Tensor& grad_grad, const Tensor& grad_output,
+                             const Tensor& self, const F& f, const char* op) {
+  check_unary_backward(grad_output, self, op);
+  check_unary_backward(grad_grad, self, op);
+  const Tensor x = self.contiguous();
+  const Tensor g = grad_output.contiguous();
+  const Tensor gg = grad_grad.contiguous();
+  Tensor out = empty_output(x);
+  FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
+    using acc = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const scalar_t* ggp = gg.const_data_ptr<scalar_t>();
+    scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, x.numel(), kElementwiseGrain, [&](int64_t begin, int64_t end) {
+      dispatch_isa([&]() FO_INLINE_LAMBDA {
+        const F fl = params_in_dtype<scalar_t>(f);
+        for (int64_t i = begin; i < end; ++i)
+          op_[i] = static_cast<scalar_t>(fl.double_backward(
+              static_cast<acc>(xp[i]), static_cast<acc>(gp[i]), static_cast<acc>(ggp[i])));
+      });
+    });
+  });
+  return out;
+}
+
 // The masked forms of the piecewise-linear activations (see activations.h): the forward also
 // writes f.mask(x) packed 8 elements to a byte (bit j of byte i is element 8i + j), and the
 // backward needs only those bits, 1/32 of the bytes of a float32 input. Each runs over chunks of

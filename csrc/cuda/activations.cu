@@ -202,6 +202,39 @@ Tensor unary_backward(const Tensor& grad_output, const Tensor& self, const F& f,
   return gx;
 }
 
+// gg * g * f''(x), for second-order gradients: one element per thread (not a hot path).
+template <class scalar_t, class F>
+__global__ void __launch_bounds__(kThreads)
+    double_backward_kernel(const scalar_t* __restrict__ gg, const scalar_t* __restrict__ g,
+                           const scalar_t* __restrict__ x, scalar_t* __restrict__ out, int64_t n,
+                           F f) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n;
+       i += stride)
+    out[i] = static_cast<scalar_t>(f.double_backward(to_acc(x[i]), to_acc(g[i]), to_acc(gg[i])));
+}
+
+template <class F>
+Tensor unary_double_backward(const Tensor& grad_grad, const Tensor& grad_output,
+                             const Tensor& self, const F& f, const char* op) {
+  check_unary_backward(grad_output, self, op);
+  check_unary_backward(grad_grad, self, op);
+  KernelScope scope(self);
+  const Tensor x = self.contiguous();
+  const Tensor g = grad_output.contiguous();
+  const Tensor gg = grad_grad.contiguous();
+  Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  const int64_t n = x.numel();
+  if (n == 0) return out;
+  FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
+    double_backward_kernel<<<grid_for(n, kThreads), kThreads, 0, scope.stream>>>(
+        gg.const_data_ptr<scalar_t>(), g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+        out.mutable_data_ptr<scalar_t>(), n, params_in_dtype<scalar_t>(f));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 // ---- Masked forms of the piecewise-linear activations ------------------------------------
 // forward: y = f(x) and the bit mask of f.mask(x) (bit j of byte i is element 8i + j);
 // backward: gx = f.backward_masked(bit, g). Each thread takes groups of 8 elements, one mask

@@ -10,6 +10,9 @@ keyword arguments; ``activation_params`` turns them into the (op name, a, b) the
 
 import torch
 
+from fastops.ops import _dispatch
+from fastops.ops.activations import _maxout_gather
+
 # The functional `linear` is left out of __all__: a star import of it into fastops.ops would
 # shadow this module's name there. Import it from here (or fastops.functional).
 __all__ = [
@@ -142,6 +145,24 @@ _ops = torch.ops.fastops
 
 # ---- autograd -----------------------------------------------------------------------------------
 
+def _add(a, b):
+    return b if a is None else (a if b is None else a + b)
+
+
+def _rows(t, batch):
+    """A batch-first (B, *, n) tensor as (B, rows, n)."""
+    return t.reshape(batch, -1, t.shape[-1])
+
+
+def _batched_linear(x, w, bias):
+    """x W^T + b for batch-first x (B, *, in) and weight (B, out, in): per-sample weights
+    (ensembles) under vmap, one batched matmul."""
+    y = torch.bmm(_rows(x, x.shape[0]), w.transpose(1, 2)).reshape(*x.shape[:-1], w.shape[1])
+    if bias is not None:
+        y = y + bias.reshape(bias.shape[0], *[1] * (y.dim() - 2), bias.shape[-1])
+    return y
+
+
 class LinearFunction(torch.autograd.Function):
     """y = x W^T + b with its own backward. apply(input, weight, bias); bias may be None."""
 
@@ -153,6 +174,7 @@ class LinearFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         input, weight, bias = inputs
         ctx.save_for_backward(input, weight)
+        ctx.save_for_forward(input, weight)
         ctx.has_bias = bias is not None
         ctx.set_materialize_grads(False)
 
@@ -165,6 +187,99 @@ class LinearFunction(torch.autograd.Function):
         input, weight = ctx.saved_tensors
         gi, gw, gb = torch.ops.fastops.linear_backward(grad_output, input, weight, mask)
         return (gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None)
+
+    @staticmethod
+    def jvp(ctx, t_input, t_weight, t_bias):
+        input, weight = ctx.saved_tensors
+        out = _ops.linear(t_input, weight, t_bias) if t_input is not None else None
+        if t_weight is not None:
+            out = _add(out, _ops.linear(input, t_weight, None if t_input is not None else t_bias))
+        elif t_input is None and t_bias is not None:
+            out = t_bias.expand(*input.shape[:-1], weight.shape[0])
+        return out
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias):
+        x = _dispatch.batch_first(input, in_dims[0], info.batch_size)
+        if in_dims[1] is None and in_dims[2] is None:
+            return LinearFunction.apply(x, weight, bias), 0
+        w = _dispatch.batch_first(weight, in_dims[1], info.batch_size)
+        b = None if bias is None else _dispatch.batch_first(bias, in_dims[2], info.batch_size)
+        return _batched_linear(x, w, b), 0
+
+
+class _LinearBackward(torch.autograd.Function):
+    """The autograd of linear_backward(grad_output, input, weight, output_mask) ->
+    (grad_input = g W, grad_weight = g^T x, grad_bias = sum g), each bilinear, so every
+    derivative is again a fastops linear or linear_backward."""
+
+    @staticmethod
+    def forward(grad_output, input, weight, output_mask):
+        return torch.ops.fastops.linear_backward(grad_output, input, weight, output_mask)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:3])
+        ctx.save_for_forward(*inputs[:3])
+        ctx.mask = list(inputs[3])
+        ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def backward(ctx, gg_input, gg_weight, gg_bias):
+        g, input, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gg_input = gg_input if ctx.mask[0] else None
+        gg_weight = gg_weight if ctx.mask[1] else None
+        gg_bias = gg_bias if ctx.mask[2] else None
+        d_g = d_input = d_weight = None
+        if need[0]:
+            if gg_input is not None:
+                d_g = _ops.linear(gg_input, weight, None)
+            if gg_weight is not None:
+                d_g = _add(d_g, _ops.linear(input, gg_weight, None))
+            if gg_bias is not None:
+                d_g = _add(d_g, gg_bias.expand(g.shape))
+        if need[1] and gg_weight is not None:
+            d_input = _ops.linear_backward(g, input, gg_weight, [True, False, False])[0]
+        if need[2] and gg_input is not None:
+            d_weight = _ops.linear_backward(g, gg_input, weight, [False, True, False])[1]
+        return d_g, d_input, d_weight, None
+
+    @staticmethod
+    def jvp(ctx, t_g, t_input, t_weight, _):
+        g, input, weight = ctx.saved_tensors
+        m = ctx.mask
+        out = list(_ops.linear_backward(t_g, input, weight, m)) if t_g is not None else [None] * 3
+        if t_weight is not None and m[0]:
+            out[0] = _add(out[0], _ops.linear_backward(g, input, t_weight, [True, False, False])[0])
+        if t_input is not None and m[1]:
+            out[1] = _add(out[1], _ops.linear_backward(g, t_input, weight, [False, True, False])[1])
+        empty = g.new_empty(0)
+        return tuple(o if o is not None and want else (torch.zeros_like(r) if want else empty)
+                     for o, want, r in zip(out, m, (input, weight, weight[:, 0])))
+
+    @staticmethod
+    def vmap(info, in_dims, grad_output, input, weight, output_mask):
+        n = info.batch_size
+        g = _dispatch.batch_first(grad_output, in_dims[0], n)
+        x = _dispatch.batch_first(input, in_dims[1], n)
+        empty = g.new_empty(n, 0)
+        gi = gw = gb = empty
+        if output_mask[0]:
+            if in_dims[2] is None:  # the batch folds into the rows
+                gi = _LinearBackward.apply(g, x, weight, [True, False, False])[0]
+            else:
+                w = _dispatch.batch_first(weight, in_dims[2], n)
+                gi = torch.bmm(_rows(g, n), w).reshape(x.shape)
+        # per-sample weight and bias gradients: one batched matmul, one sum
+        if output_mask[1]:
+            gw = torch.bmm(_rows(g, n).transpose(1, 2), _rows(x, n))
+        if output_mask[2]:
+            gb = _rows(g, n).sum(1)
+        return (gi, gw, gb), (0, 0, 0)
+
+
+_dispatch.transforms_use("linear", LinearFunction.apply)
 
 
 class LinearActFunction(torch.autograd.Function):
@@ -190,12 +305,13 @@ class LinearActFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)
         ctx.has_bias = bias is not None
         ctx.activation, ctx.a, ctx.b, ctx.saved_preact = activation, a, b, save_preact
-        ctx.save_for_backward(input, weight, preact if save_preact else None, act_weight)
+        ctx.save_for_backward(input, weight, preact if save_preact else None, act_weight, bias)
+        ctx.save_for_forward(input, weight, act_weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output, grad_preact):
         need = ctx.needs_input_grad
-        input, weight, preact, act_weight = ctx.saved_tensors
+        input, weight, preact, act_weight, bias = ctx.saved_tensors
         mask = [need[0], need[1], need[2] and ctx.has_bias,
                 need[6] and act_weight is not None]
         if grad_output is None or not any(mask):
@@ -204,10 +320,113 @@ class LinearActFunction(torch.autograd.Function):
             raise RuntimeError(
                 "fastops.LinearActFunction: backward needs the pre-activation, but forward ran "
                 "with save_preact=False; pass save_preact=True when a gradient is needed")
+        if torch.is_grad_enabled():
+            # a recorded backward differentiates through the pre-activation too, which the
+            # saved one (a non-differentiable output) would cut off: recompute it
+            preact = _ops.linear(input, weight, bias)
         gi, gw, gb, gaw = torch.ops.fastops.linear_act_backward(
             grad_output, input, weight, preact, ctx.activation, ctx.a, ctx.b, act_weight, mask)
         return (gi if mask[0] else None, gw if mask[1] else None, gb if mask[2] else None,
                 None, None, None, gaw if mask[3] else None, None)
+
+    @staticmethod
+    def jvp(ctx, t_input, t_weight, t_bias, _act, _a, _b, t_act_weight, _save):
+        input, weight, act_weight, bias = ctx.saved_tensors
+        preact = _ops.linear(input, weight, bias)
+        t_preact = LinearFunction.jvp(_TangentCtx(input, weight), t_input, t_weight, t_bias)
+        out = None
+        if t_preact is not None and ctx.activation == "maxout":  # the tangent at each argmax
+            out = _maxout_gather(_features(t_preact), _features(preact), int(ctx.a))
+            out = out.reshape(*preact.shape[:-1], out.shape[-1])
+        elif t_preact is not None:  # a diagonal derivative: the backward op is the jvp
+            out = _activation_backward(t_preact, preact, ctx.activation, ctx.a, ctx.b, act_weight)
+        if t_act_weight is not None:  # prelu: the slopes act where preact <= 0
+            out = _add(out, _activation(preact, "prelu", 0.0, 0.0, t_act_weight)
+                       - _activation(preact, "relu", 0.0, 0.0, None))
+        return out, None
+
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, activation, a, b, act_weight, save_preact):
+        n = info.batch_size
+        x = _dispatch.batch_first(input, in_dims[0], n)
+        if all(d is None for d in in_dims[1:]):
+            out, preact = LinearActFunction.apply(x, weight, bias, activation, a, b, act_weight,
+                                                  save_preact)
+            return (out, preact), (0, 0 if save_preact else None)
+        # per-sample weights: a batched matmul, then the activation
+        w = _dispatch.batch_first(weight, in_dims[1], n)
+        bias = None if bias is None else _dispatch.batch_first(bias, in_dims[2], n)
+        preact = _batched_linear(x, w, bias)
+        if act_weight is not None and in_dims[6] is not None:
+            aw = _dispatch.batch_first(act_weight, in_dims[6], n)
+            out = torch.stack([_activation(preact[i], activation, a, b, aw[i]) for i in range(n)])
+        else:
+            out = _activation(preact, activation, a, b, act_weight)
+        return (out, preact.detach() if save_preact else preact.new_empty(n, 0)), (0, 0)
+
+
+class _TangentCtx:
+    """What LinearFunction.jvp reads from its ctx, for reuse by LinearActFunction.jvp."""
+
+    def __init__(self, *saved):
+        self.saved_tensors = saved
+
+
+_dispatch.transforms_use("linear_act", LinearActFunction.apply)
+
+
+_dispatch.differentiable("linear_backward", _LinearBackward.apply)
+
+
+def _features(t):
+    """t as (rows, features): the fused activation (prelu slopes, maxout groups) acts over the
+    last dim, the output features."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def _act_params(activation, a, b):
+    n = len(LINEAR_ACTIVATIONS["gelu" if activation == "gelu_tanh" else activation])
+    return (a, b)[:n]
+
+
+def _activation(preact, activation, a, b, act_weight):
+    """act(preact) by the fastops op of the activation."""
+    z = _features(preact)
+    if activation == "prelu":
+        y = _ops.prelu(z, act_weight)
+    elif activation == "maxout":
+        y = _ops.maxout(z, int(a))
+    else:
+        y = getattr(_ops, activation)(z, *_act_params(activation, a, b))
+    return y.reshape(*preact.shape[:-1], y.shape[-1])
+
+
+def _activation_backward(grad, preact, activation, a, b, act_weight):
+    """grad (output-shaped) times d act / d preact, by the fastops backward op of the
+    activation."""
+    g, z = _features(grad), _features(preact)
+    if activation == "prelu":
+        r = _ops.prelu_backward(g, z, act_weight)[0]
+    elif activation == "maxout":
+        r = _ops.maxout_backward(g, z, int(a))
+    else:
+        r = getattr(_ops, activation + "_backward")(g, z, *_act_params(activation, a, b))
+    return r.reshape(preact.shape)
+
+
+def _linear_act_backward(grad_output, input, weight, preact, activation, a, b, act_weight,
+                         output_mask):
+    """linear_act_backward as a composite of differentiable fastops ops: its derivatives (by
+    the pre-activation too) are theirs."""
+    grad_preact = _activation_backward(grad_output, preact, activation, a, b, act_weight)
+    gi, gw, gb = _ops.linear_backward(grad_preact, input, weight, list(output_mask[:3]))
+    gaw = grad_output.new_empty(0)
+    if output_mask[3]:
+        gaw = _ops.prelu_backward(_features(grad_output), _features(preact), act_weight)[1]
+    return gi, gw, gb, gaw
+
+
+_dispatch.differentiable("linear_act_backward", _linear_act_backward)
 
 
 # ---- functional forms ---------------------------------------------------------------------------

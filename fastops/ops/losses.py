@@ -10,6 +10,8 @@ import warnings
 import torch
 from torch.nn import _reduction as _Reduction
 
+from fastops.ops import _dispatch
+
 _ops = torch.ops.fastops
 
 __all__ = [
@@ -95,6 +97,7 @@ class LogSoftmaxFunction(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         ctx.dim = inputs[1]
         ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -102,6 +105,62 @@ class LogSoftmaxFunction(torch.autograd.Function):
             return None, None
         (output,) = ctx.saved_tensors
         return torch.ops.fastops.log_softmax_backward(grad_output, output, ctx.dim), None
+
+    @staticmethod
+    def jvp(ctx, t_input, _):
+        (output,) = ctx.saved_tensors
+        return t_input - (output.exp() * t_input).sum(ctx.dim, keepdim=True)
+
+    @staticmethod
+    def vmap(info, in_dims, input, dim):
+        x = _dispatch.batch_first(input, in_dims[0], info.batch_size)
+        return LogSoftmaxFunction.apply(x, _batched_dim(dim, x)), 0
+
+
+def _batched_dim(dim, x):
+    """dim of the logical tensor as a dim of the batch-first physical x."""
+    return dim % max(x.dim() - 1, 1) + 1
+
+
+class _LogSoftmaxBackward(torch.autograd.Function):
+    """The autograd of log_softmax_backward(g, y, dim) = g - exp(y) * sum(g, dim)."""
+
+    @staticmethod
+    def forward(grad_output, output, dim):
+        return torch.ops.fastops.log_softmax_backward(grad_output, output, dim)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:2])
+        ctx.save_for_forward(*inputs[:2])
+        ctx.dim = inputs[2]
+
+    @staticmethod
+    def backward(ctx, grad_grad):
+        g, y = ctx.saved_tensors
+        # the transpose of g -> g - exp(y) sum(g): gg - sum(gg exp(y))
+        d_g = grad_grad - (grad_grad * y.exp()).sum(ctx.dim, keepdim=True)
+        d_y = -grad_grad * y.exp() * g.sum(ctx.dim, keepdim=True)
+        return d_g, d_y, None
+
+    @staticmethod
+    def jvp(ctx, t_g, t_y, _):
+        g, y = ctx.saved_tensors
+        out = torch.ops.fastops.log_softmax_backward(t_g, y, ctx.dim) if t_g is not None else None
+        if t_y is not None:
+            d = -t_y * y.exp() * g.sum(ctx.dim, keepdim=True)
+            out = d if out is None else out + d
+        return out
+
+    @staticmethod
+    def vmap(info, in_dims, grad_output, output, dim):
+        g, y = (_dispatch.batch_first(t, d, info.batch_size)
+                for t, d in zip((grad_output, output), in_dims))
+        return _LogSoftmaxBackward.apply(g, y, _batched_dim(dim, y)), 0
+
+
+_dispatch.transforms_use("log_softmax", LogSoftmaxFunction.apply)
+_dispatch.differentiable("log_softmax_backward", _LogSoftmaxBackward.apply)
 
 
 class NLLLossFunction(torch.autograd.Function):
@@ -120,6 +179,7 @@ class NLLLossFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(total_weight)
         ctx.reduction, ctx.ignore_index = reduction, ignore_index
         ctx.save_for_backward(input, target, weight, total_weight)
+        ctx.fwd_inputs = inputs
 
     @staticmethod
     def backward(ctx, grad_loss, grad_total_weight=None):
@@ -129,6 +189,24 @@ class NLLLossFunction(torch.autograd.Function):
         grad_input = torch.ops.fastops.nll_loss_backward(
             grad_loss, input, target, weight, ctx.reduction, ctx.ignore_index, total_weight)
         return grad_input, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, t_input, *_):
+        # linear in the input; total_weight does not move
+        input, target, weight, _, ignore_index = ctx.fwd_inputs
+        loss, total_weight = torch.ops.fastops.nll_loss(t_input, target, weight, ctx.reduction,
+                                                        ignore_index)
+        return loss, None
+
+    @staticmethod
+    def vmap(info, in_dims, input, target, weight, reduction, ignore_index):
+        if in_dims[2] is not None:  # class weights per sample
+            return _dispatch.vmap_loop(NLLLossFunction.apply, info, in_dims, input, target,
+                                       weight, reduction, ignore_index)
+        x, t = _batch_rows(info, in_dims, input, target)
+        loss, _ = NLLLossFunction.apply(_fold(x, x), _fold(t, x), weight, 0, ignore_index)
+        total_weight = _sample_total_weight(x, t, weight, ignore_index)
+        return (_reduce_samples(loss, t, reduction, total_weight), total_weight), (0, 0)
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -152,6 +230,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         ctx.reduction, ctx.ignore_index = reduction, ignore_index
         ctx.label_smoothing = label_smoothing
         ctx.save_for_backward(input, target, weight, lse, total_weight)
+        ctx.save_for_forward(input, target, weight, lse, total_weight)
 
     @staticmethod
     def backward(ctx, grad_loss, grad_lse=None, grad_total_weight=None):
@@ -168,12 +247,93 @@ class CrossEntropyFunction(torch.autograd.Function):
                                             ctx.label_smoothing, lse)
         return grad_input, grad_target, None, None, None, None
 
+    @staticmethod
+    def jvp(ctx, t_input, t_target, *_):
+        # the loss is a sum over elements of (d loss / d x) * t_x: the backward at grad 1
+        input, target, weight, lse, total_weight = ctx.saved_tensors
+        class_dim = 0 if input.dim() == 1 else 1
+        ones = input.new_ones(lse.shape if ctx.reduction == 0 else ())
+        out = None
+        for t, grad in ((t_input, lambda: torch.ops.fastops.cross_entropy_backward(
+                            ones, input, target, weight, ctx.reduction, ctx.ignore_index,
+                            ctx.label_smoothing, lse, total_weight)),
+                        (t_target if target.is_floating_point() else None,
+                         lambda: _soft_target_grad(ones, input, weight, ctx.reduction,
+                                                   ctx.label_smoothing, lse))):
+            if t is not None:
+                d = grad() * t
+                d = d.sum(class_dim) if ctx.reduction == 0 else d.sum()
+                out = d if out is None else out + d
+        return out, None, None
+
+    @staticmethod
+    def vmap(info, in_dims, input, target, weight, reduction, ignore_index, label_smoothing):
+        if in_dims[2] is not None:  # class weights per sample
+            return _dispatch.vmap_loop(CrossEntropyFunction.apply, info, in_dims, input, target,
+                                       weight, reduction, ignore_index, label_smoothing)
+        x, t = _batch_rows(info, in_dims, input, target)
+        loss, lse, _ = CrossEntropyFunction.apply(_fold(x, x), _fold(t, x), weight, 0, ignore_index,
+                                                  label_smoothing)
+        if t.is_floating_point():  # probabilities: a mean over the rows
+            rows = x.numel() // (x.shape[0] * x.shape[_class_dim(x)])
+            total_weight = torch.full((x.shape[0],), float(rows), dtype=lse.dtype,
+                                      device=x.device)
+            rows_shape = t.shape[:_class_dim(x)] + t.shape[_class_dim(x) + 1:]
+        else:
+            total_weight = _sample_total_weight(x, t, weight, ignore_index)
+            rows_shape = t.shape
+        lse = lse.reshape(rows_shape)
+        loss = _reduce_samples(loss, lse, reduction, total_weight)
+        return (loss, lse, total_weight), (0, 0, 0)
+
+
+# ---- vmap of the classification losses: the batch folds into the rows -------------------------
+
+def _class_dim(x):
+    """The class dim of a batch-first physical input: (B, C) or (B, N, C, d..)."""
+    return 1 if x.dim() == 2 else 2
+
+
+def _batch_rows(info, in_dims, input, target):
+    return (_dispatch.batch_first(input, in_dims[0], info.batch_size),
+            _dispatch.batch_first(target, in_dims[1], info.batch_size))
+
+
+def _fold(t, x):
+    """(B, N, ...) -> (B*N, ...); a (B, C) input x, one row per sample, is rows already."""
+    return t.flatten(0, 1) if x.dim() > 2 else t
+
+
+def _sample_total_weight(x, target, weight, ignore_index):
+    """Per sample, the sum of the class weights of the targets that are not ignored."""
+    valid = target != ignore_index
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if weight is None:
+        w = valid.to(acc)
+    else:
+        w = weight.to(acc)[target.clamp(0, x.shape[_class_dim(x)] - 1)] * valid
+    return w.reshape(x.shape[0], -1).sum(1)
+
+
+def _reduce_samples(loss, rows, reduction, total_weight):
+    """Per-row losses (reduction 'none' of the folded call) -> per sample."""
+    n = total_weight.shape[0]
+    if reduction == 0:
+        return loss.reshape(rows.shape)
+    total = loss.reshape(n, -1).sum(1)
+    if reduction == 1:
+        total = (total.to(total_weight.dtype) / total_weight).to(loss.dtype)
+    return total
+
 
 def _soft_target_grad(grad_loss, input, weight, reduction, label_smoothing, lse):
     """d loss / d target for probability targets: -(1 - eps) * w_c * log_softmax(input)_c
     times the row's incoming gradient."""
     class_dim = 0 if input.dim() == 1 else 1
-    logp = input.to(lse.dtype) - lse.unsqueeze(class_dim)
+    if torch.is_grad_enabled():  # recorded: with the graph of log_softmax (lse has none)
+        logp = torch.ops.fastops.log_softmax(input, class_dim).to(lse.dtype)
+    else:
+        logp = input.to(lse.dtype) - lse.unsqueeze(class_dim)
     g = -(1.0 - label_smoothing) * logp
     if weight is not None:
         shape = [1] * input.dim()
@@ -202,6 +362,7 @@ class MSELossFunction(torch.autograd.Function):
         input, target, reduction = inputs
         ctx.reduction = reduction
         ctx.save_for_backward(input, target)
+        ctx.save_for_forward(input, target)
 
     @staticmethod
     def backward(ctx, grad_output):
@@ -212,6 +373,113 @@ class MSELossFunction(torch.autograd.Function):
             grad_output, input, target, ctx.reduction, list(ctx.needs_input_grad[:2]))
         return (grad_input if ctx.needs_input_grad[0] else None,
                 grad_target if ctx.needs_input_grad[1] else None, None)
+
+    @staticmethod
+    def jvp(ctx, t_input, t_target, _):
+        input, target = ctx.saved_tensors
+        t = t_input if t_target is None else (-t_target if t_input is None else t_input - t_target)
+        d = 2 * (input - target) * t
+        return d if ctx.reduction == 0 else (d.sum() if ctx.reduction == 2 else d.mean())
+
+    @staticmethod
+    def vmap(info, in_dims, input, target, reduction):
+        x, t = (_dispatch.batch_first(a, d, info.batch_size)
+                for a, d in zip((input, target), in_dims))
+        loss = MSELossFunction.apply(x, t, 0)
+        if reduction != 0:
+            loss = loss.flatten(1).sum(1) if reduction == 2 else loss.flatten(1).mean(1)
+        return loss, 0
+
+
+def _mse_loss_backward(grad_output, input, target, reduction, output_mask):
+    """mse_loss_backward as torch ops, differentiable: 2 (input - target) grad (/ numel)."""
+    scale = grad_output / input.numel() if reduction == 1 else grad_output
+    grad_input = 2 * (input - target) * scale
+    empty = input.new_empty(0)
+    return (grad_input if output_mask[0] else empty,
+            -grad_input if output_mask[1] else empty)
+
+
+class _NLLLossBackward(torch.autograd.Function):
+    """The autograd of nll_loss_backward: linear in grad_output (its derivative there is
+    nll_loss itself), constant in the input."""
+
+    @staticmethod
+    def forward(grad_output, input, target, weight, reduction, ignore_index, total_weight):
+        return torch.ops.fastops.nll_loss_backward(grad_output, input, target, weight, reduction,
+                                                   ignore_index, total_weight)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.fwd_inputs = inputs
+
+    @staticmethod
+    def backward(ctx, grad_grad):
+        _, _, target, weight, reduction, ignore_index, _ = ctx.fwd_inputs
+        d_g = torch.ops.fastops.nll_loss(grad_grad, target, weight, reduction, ignore_index)[0]
+        return d_g, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, t_grad, *_):
+        _, *rest = ctx.fwd_inputs
+        return torch.ops.fastops.nll_loss_backward(t_grad, *rest)
+
+    @staticmethod
+    def vmap(info, in_dims, grad_output, input, target, weight, reduction, ignore_index,
+             total_weight):
+        args = (grad_output, input, target, weight, reduction, ignore_index, total_weight)
+        if in_dims[3] is not None:
+            return _dispatch.vmap_loop(_NLLLossBackward.apply, info, in_dims, *args)
+        n = info.batch_size
+        x, t = _batch_rows(info, in_dims[1:], input, target)
+        g = _dispatch.batch_first(grad_output, in_dims[0], n)
+        if reduction != 0:  # one gradient per sample -> one per row
+            if reduction == 1:
+                g = g / _dispatch.batch_first(total_weight, in_dims[6], n)
+            g = g.reshape(n, *[1] * (t.dim() - 1)).expand(t.shape).to(x.dtype)
+        out = _NLLLossBackward.apply(_fold(g, x), _fold(x, x), _fold(t, x), weight, 0,
+                                     ignore_index, total_weight.new_ones(()))
+        return out.reshape(x.shape), 0
+
+
+def _cross_entropy_backward(grad_output, input, target, weight, reduction, ignore_index,
+                            label_smoothing, lse, total_weight):
+    """cross_entropy_backward as a composite of differentiable ops: the gradient of the
+    log-probabilities (nll_loss_backward, plus the smoothing term), through
+    log_softmax_backward at log_softmax(input). lse and total_weight are taken as the
+    forward's, not differentiated."""
+    class_dim = 0 if input.dim() == 1 else 1
+    classes = input.shape[class_dim]
+    logp = torch.ops.fastops.log_softmax(input, class_dim)
+    shape = [1] * input.dim()
+    shape[class_dim] = -1
+    w = weight.view(shape) if weight is not None else 1.0
+
+    def per_row(t):  # a row-shaped (or 0-d) scale against the input
+        return t.unsqueeze(class_dim) if reduction == 0 else t
+
+    if target.is_floating_point():
+        p = target * (1 - label_smoothing) + label_smoothing / classes
+        scale = grad_output / (input.numel() // max(classes, 1)) if reduction == 1 else grad_output
+        grad_logp = -(p * w) * per_row(scale)
+    else:
+        grad_logp = 0
+        if label_smoothing < 1:
+            grad_logp = (1 - label_smoothing) * torch.ops.fastops.nll_loss_backward(
+                grad_output, logp, target, weight, reduction, ignore_index, total_weight)
+        if label_smoothing > 0:
+            scale = grad_output / total_weight if reduction == 1 else grad_output
+            valid = (target != ignore_index).unsqueeze(class_dim)
+            grad_logp = grad_logp - (label_smoothing / classes) * w * per_row(scale) * valid
+    return torch.ops.fastops.log_softmax_backward(grad_logp.to(input.dtype), logp, class_dim)
+
+
+_dispatch.transforms_use("nll_loss", NLLLossFunction.apply)
+_dispatch.differentiable("nll_loss_backward", _NLLLossBackward.apply)
+_dispatch.transforms_use("cross_entropy", CrossEntropyFunction.apply)
+_dispatch.differentiable("cross_entropy_backward", _cross_entropy_backward)
+_dispatch.transforms_use("mse_loss", MSELossFunction.apply)
+_dispatch.differentiable("mse_loss_backward", _mse_loss_backward)
 
 
 # ---- functional forms (the signatures of torch.nn.functional) --------------------------------
