@@ -8,7 +8,8 @@ have the same parameter names and shapes, so a state_dict moves between them unc
 - MLP(in_features, hidden_sizes, out_features, activation="relu", dropout=0.0)
 - LinearRegression(in_features, out_features=1)
 - MaxoutNet(in_features, hidden_sizes, out_features, pool_size=2, dropout=0.0)
-- GAN(data_dim=2, latent_dim=2, hidden_sizes=(128, 128)): a generator and a discriminator MLP
+- GAN(data_dim=2, latent_dim=2, hidden_sizes=(128, 128), loss="ce"): a generator and a
+  discriminator MLP; loss="wgan-gp" makes the discriminator a critic with a gradient penalty
 """
 
 import torch
@@ -179,23 +180,41 @@ class LinearRegression(_Twin):
 
 class GAN(_Twin):
     """A generator MLP (latent_dim noise -> data_dim, ReLU) and a discriminator MLP
-    (data_dim -> 2 logits: fake, real; LeakyReLU(0.2)). The discriminator is a two-class
-    classifier so both players train with the fused cross entropy:
+    (data_dim -> logits, LeakyReLU(0.2)), trained with one of two losses:
 
-        loss_D = CE(D(real), 1) + CE(D(G(z)), 0)      loss_G = CE(D(G(z)), 1)
+    - loss="ce": the discriminator is a two-class classifier (logits: fake, real) and both
+      players train with the fused cross entropy:
+
+          loss_D = CE(D(real), 1) + CE(D(G(z)), 0)      loss_G = CE(D(G(z)), 1)
+
+    - loss="wgan-gp" (Gulrajani et al., 2017): the discriminator is a critic with one output and
+      no sigmoid, held near 1-Lipschitz by a penalty on its input gradient:
+
+          loss_D = mean D(G(z)) - mean D(real) + gp_weight * mean((|grad D(x_hat)|_2 - 1)^2)
+          loss_G = -mean D(G(z))
+
+      at x_hat = eps * real + (1 - eps) * G(z), eps ~ U[0, 1] per sample. The penalty
+      differentiates the critic's input gradient, so its backward is a double backward.
     """
 
     REAL, FAKE = 1, 0
+    LOSSES = ("ce", "wgan-gp")
 
-    def __init__(self, data_dim=2, latent_dim=2, hidden_sizes=(128, 128), backend="fastops"):
+    def __init__(self, data_dim=2, latent_dim=2, hidden_sizes=(128, 128), loss="ce",
+                 gp_weight=10.0, backend="fastops"):
+        if loss not in self.LOSSES:
+            raise ValueError(f"GAN: loss must be one of {', '.join(self.LOSSES)}, got {loss!r}")
         hidden_sizes = tuple(int(h) for h in hidden_sizes)
         super().__init__(backend, dict(data_dim=data_dim, latent_dim=latent_dim,
-                                       hidden_sizes=hidden_sizes))
+                                       hidden_sizes=hidden_sizes, loss=loss, gp_weight=gp_weight))
         self.latent_dim = latent_dim
+        self.loss = loss
+        self.gp_weight = float(gp_weight)
         self.generator = MLP(latent_dim, hidden_sizes, data_dim, activation="relu",
                              backend=backend)
-        self.discriminator = MLP(data_dim, hidden_sizes, 2, activation="leaky_relu",
-                                 act_kwargs={"negative_slope": 0.2}, backend=backend)
+        self.discriminator = MLP(data_dim, hidden_sizes, 2 if loss == "ce" else 1,
+                                 activation="leaky_relu", act_kwargs={"negative_slope": 0.2},
+                                 backend=backend)
 
     def forward(self, z):
         return self.generator(z)
@@ -210,12 +229,39 @@ class GAN(_Twin):
     def _targets(self, n, label, device):
         return torch.full((n,), label, dtype=torch.long, device=device)
 
-    def discriminator_loss(self, real, fake):
+    def discriminator_loss(self, real, fake, eps=None):
+        """The discriminator's (critic's) loss on a batch of real and one of generated points
+        (detached from the generator). eps: the wgan-gp interpolation weights, one per sample
+        (default: drawn from U[0, 1])."""
+        if self.loss == "wgan-gp":
+            wasserstein, penalty = self.critic_terms(real, fake, eps)
+            return penalty - wasserstein
         ce = functional(self.backend).cross_entropy
         return (ce(self.discriminator(real), self._targets(len(real), self.REAL, real.device))
                 + ce(self.discriminator(fake), self._targets(len(fake), self.FAKE, fake.device)))
 
+    def critic_terms(self, real, fake, eps=None):
+        """wgan-gp: (the critic's estimate of the Wasserstein distance, mean D(real) -
+        mean D(fake); the gradient penalty). The critic's loss is penalty - estimate."""
+        wasserstein = self.discriminator(real).mean() - self.discriminator(fake).mean()
+        return wasserstein, self.gradient_penalty(real, fake, eps)
+
+    def gradient_penalty(self, real, fake, eps=None):
+        """gp_weight * mean((|grad_x D(x)|_2 - 1)^2) at x = eps * real + (1 - eps) * fake."""
+        if eps is None:
+            eps = torch.rand(len(real), *(1,) * (real.dim() - 1), dtype=real.dtype,
+                             device=real.device)
+        x_hat = (eps * real + (1 - eps) * fake).detach().requires_grad_(True)
+        # create_graph: the penalty is a function of this gradient, and its own gradient with
+        # respect to the critic's weights runs backward through the backward
+        (grad,) = torch.autograd.grad(self.discriminator(x_hat).sum(), x_hat, create_graph=True)
+        norm = grad.flatten(1).norm(2, dim=1)
+        mse = functional(self.backend).mse_loss
+        return self.gp_weight * mse(norm, torch.ones_like(norm))
+
     def generator_loss(self, fake):
+        if self.loss == "wgan-gp":
+            return -self.discriminator(fake).mean()
         # the non-saturating loss: G maximises log D(G(z)) rather than minimising log(1 - D)
         ce = functional(self.backend).cross_entropy
         return ce(self.discriminator(fake), self._targets(len(fake), self.REAL, fake.device))

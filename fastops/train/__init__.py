@@ -15,7 +15,7 @@ TRAININGS = {
     "spiral": "3-class 2-D spiral: linear vs ReLU/ELU/GELU/PReLU/Hardtanh/Maxout, SGD and Adam",
     "boston": "linear regression on Boston housing: hand-written update vs torch.optim",
     "mnist": "MLP on the 5,000-digit MNIST sample, fused cross entropy (runs under torchrun)",
-    "gan": "2-D GAN learning a ring of Gaussians",
+    "gan": "2-D GAN learning a ring of Gaussians (--loss ce, or wgan-gp: a gradient penalty)",
 }
 
 
