@@ -4,6 +4,14 @@ and forward+backward, at a small and a large size (and on the CPU an xl one, 64 
     python -m bench.run                      # all ops, CPU, float32, writes bench/results/<device>.csv
     python -m bench.run --ops elu,gelu --sizes large --no-compile
     python -m bench.run --device cuda --dtype float32,bfloat16
+    python -m bench.run --ops gan_gp_step --sizes large --out /tmp/gan_gp.csv   # one case
+
+gan_gp_step is one gradient-penalty step of a WGAN-GP critic (an MLP 2 -> h -> h -> h -> 1 with
+LeakyReLU(0.2); batch 256, h 128 at small, the critic of `fastops-train gan --loss wgan-gp`;
+batch 4096, h 512 at large): its fwd is the forward, the input gradient with create_graph=True
+and the penalty 10 * mean((|grad|_2 - 1)^2); its bwd the backward of the penalty to the weights
+(a double backward); fwd+bwd the whole step. It has no compile peer: torch.compile's autograd
+does not support a double backward.
 
 Each row reports the median time (p20/p80 beside it), the achieved GB/s (bytes that must move)
 or GFLOP/s, that figure as a fraction of the ceiling measured at the start of the same run
@@ -49,6 +57,10 @@ class Case:
     torch: Callable
     work: Callable
     unit: str  # "GB/s" or "GFLOP/s"
+    # fn takes a gradient itself (create_graph=True): its fwd runs with autograd on, its backward
+    # is a double backward, and torch.compile (whose aot_autograd cannot differentiate twice)
+    # sits it out
+    double_backward: bool = False
 
 
 # ------------------------------------------------------------------------------------------
@@ -68,20 +80,23 @@ ELEMENTWISE = {
     "hardshrink": (F.hardshrink, TF.hardshrink, {}),
 }
 # Sizes per device: (rows, cols) of the elementwise ops, (M, K, N) of linear, (batch, classes)
-# of the softmax losses. The CPU's large is 4M elements; the GPU's 2^26, with the linear and
-# cross-entropy shapes of the GPU targets. "xl" exists on the GPU only.
+# of the softmax losses, (batch, hidden width) of the gradient-penalty critic. The CPU's large
+# is 4M elements; the GPU's 2^26, with the linear and cross-entropy shapes of the GPU targets.
+# "xl" is 64 MB elementwise tensors on the CPU, the 131072-class cross entropy on the GPU.
 SIZES = {
     "cpu": {
-        "small": dict(elementwise=(256, 256), linear=(256, 256, 256), softmax=(256, 1000)),
+        "small": dict(elementwise=(256, 256), linear=(256, 256, 256), softmax=(256, 1000),
+                      gan_gp=(256, 128)),
         "large": dict(elementwise=(2048, 2048), linear=(1024, 1024, 1024),
-                      softmax=(4096, 32000)),
+                      softmax=(4096, 32000), gan_gp=(4096, 512)),
         # 64 MB tensors: past the L3 and past malloc's mmap threshold (fresh pages every call)
         "xl": dict(elementwise=(4096, 4096)),
     },
     "cuda": {
-        "small": dict(elementwise=(256, 256), linear=(256, 256, 256), softmax=(256, 1000)),
+        "small": dict(elementwise=(256, 256), linear=(256, 256, 256), softmax=(256, 1000),
+                      gan_gp=(256, 128)),
         "large": dict(elementwise=(8192, 8192), linear=(4096, 4096, 4096),
-                      softmax=(8192, 32768)),
+                      softmax=(8192, 32768), gan_gp=(4096, 512)),
         "xl": dict(softmax=(4096, 131072)),
     },
 }
@@ -109,6 +124,7 @@ def make_cases(device, dtype, sizes):
         cases += elementwise_cases(size, shapes, randn, g, device, dtype, es)
         cases += linear_cases(size, shapes, randn)
         cases += softmax_cases(size, shapes, randn, g, device, es)
+        cases += gan_gp_cases(size, shapes, randn)
     return cases
 
 
@@ -164,6 +180,47 @@ def softmax_cases(size, shapes, randn, g, device, es):
         cases.append(Case("log_softmax", size, f"{bsz}x{classes}", [logits, 1],
                           F.log_softmax, TF.log_softmax,
                           {"fwd": 2 * nb, "bwd": 3 * nb, "fwd+bwd": 5 * nb}.get, "GB/s"))
+    return cases
+
+
+GP_WEIGHT = 10.0
+
+
+def gradient_penalty(hidden_layer, last_layer, mse_loss):
+    """fn(x, w1, b1, ..., wn, bn): the WGAN-GP penalty of the critic hidden_layer(...(x)) ->
+    last_layer, GP_WEIGHT * mean((|d critic / d x|_2 - 1)^2), differentiable in the weights."""
+    def fn(x, *params):
+        x = x.detach().requires_grad_(True)
+        h = x
+        for i in range(0, len(params) - 2, 2):
+            h = hidden_layer(h, params[i], params[i + 1])
+        out = last_layer(h, params[-2], params[-1])
+        (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+        norm = grad.norm(2, dim=1)
+        return GP_WEIGHT * mse_loss(norm, torch.ones_like(norm))
+    return fn
+
+
+def gan_gp_cases(size, shapes, randn):
+    cases = []
+    if "gan_gp" in shapes:
+        bsz, h = shapes["gan_gp"]
+        dims = [2, h, h, h, 1]
+        params = []
+        for fan_in, fan_out in zip(dims[:-1], dims[1:]):
+            params += [randn(fan_out, fan_in, scale=fan_in ** -0.5), randn(fan_out, scale=0.1)]
+        # the GEMM flops of one forward; the input gradient is one more GEMM per layer, and its
+        # backward two (the gradients of its input and of its weight): 4x in all
+        f = 2 * bsz * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
+        flops = {"fwd": 2 * f, "bwd": 2 * f, "fwd+bwd": 4 * f}
+        fastops_fn = gradient_penalty(
+            lambda x, w, b: F.linear_act(x, w, b, "leaky_relu", negative_slope=0.2),
+            F.linear, F.mse_loss)
+        torch_fn = gradient_penalty(
+            lambda x, w, b: TF.leaky_relu(TF.linear(x, w, b), 0.2), TF.linear, TF.mse_loss)
+        cases.append(Case("gan_gp_step", size, f"{bsz}x{'-'.join(map(str, dims))}",
+                          [randn(bsz, 2, grad=False), *params], fastops_fn, torch_fn, flops.get,
+                          "GFLOP/s", double_backward=True))
     return cases
 
 
@@ -254,9 +311,11 @@ def saved_mb(fn, inputs):
     return sum(storages.values()) / 2**20
 
 
-def step(fn, inputs, mode):
+def step(fn, inputs, mode, double_backward=False):
     """The callable that one timed call runs, for a mode."""
     diff = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    if mode == "fwd" and double_backward:
+        return lambda: fn(*inputs)
     if mode == "fwd":
         def run():
             with torch.no_grad():
@@ -264,9 +323,12 @@ def step(fn, inputs, mode):
         return run
     out = fn(*inputs)
     grad = torch.randn_like(out) if out.dim() > 0 else torch.ones_like(out)
+    # an input the output does not depend on (the critic's last bias in a gradient penalty)
+    # gets zeros
     if mode == "bwd":
-        return lambda: torch.autograd.grad(out, diff, grad, retain_graph=True)
-    return lambda: torch.autograd.grad(fn(*inputs), diff, grad)
+        return lambda: torch.autograd.grad(out, diff, grad, retain_graph=True,
+                                           materialize_grads=True)
+    return lambda: torch.autograd.grad(fn(*inputs), diff, grad, materialize_grads=True)
 
 
 def ceilings(device, dtype, min_run_time):
@@ -347,11 +409,13 @@ def main(argv=None):
                  if not wanted or c.kernel in wanted]
         for case in cases:
             torch._dynamo.reset()
-            fns = {prov: make(case) for prov, make in providers.items()}
+            fns = {prov: make(case) for prov, make in providers.items()
+                   if not (prov == "compile" and case.double_backward)}
             saved = {prov: saved_mb(fns[prov], case.inputs) if prov != "compile" else float("nan")
                      for prov in fns}
             for mode in modes:
-                calls = {prov: step(fn, case.inputs, mode) for prov, fn in fns.items()}
+                calls = {prov: step(fn, case.inputs, mode, case.double_backward)
+                         for prov, fn in fns.items()}
                 times = time_interleaved(calls, args.device, args.min_run_time)
                 peaks = {prov: peak_memory_mb(call, args.device) for prov, call in calls.items()}
                 del calls
