@@ -20,8 +20,10 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <mutex>
 #include <string>
 #include <tuple>
+#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -93,7 +95,19 @@ void check_python_autograd(const c10::OperatorHandle& op) {
 // out as zeros, as torch's does, not as "does not require grad". Their node therefore has a
 // second output, the tie (a zero broadcast to the input's shape, no memory), saved for backward:
 // a recorded backward adds it to its result, which so depends on the input through this node.
-Tensor new_tie(const Tensor& self) { return at::zeros({}, self.options()).expand(self.sizes()); }
+Tensor new_tie(const Tensor& self) {
+  // On the CPU, where the allocation shows at small sizes: one zero per thread, kept while the
+  // dtype repeats; nothing writes to a tie. Not for devices (a thread's tensors would outlive
+  // it), nor for the tensors of tracing (fake and functional ones, Python modes).
+  const bool plain_cpu = self.is_cpu() && !self.key_set().has(c10::DispatchKey::Python) &&
+                         !self.key_set().has(c10::DispatchKey::Functionalize) &&
+                         !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python);
+  if (!plain_cpu) return at::zeros({}, self.options()).expand(self.sizes());
+  thread_local Tensor zero;
+  if (!zero.defined() || zero.scalar_type() != self.scalar_type())
+    zero = at::zeros({}, self.options());
+  return zero.expand(self.sizes());
+}
 
 // grad_input of a node with a tie. grad_tie is the gradient that came back through the tie: it
 // is there only in a double backward, and its derivative by the input is zero.
@@ -106,13 +120,32 @@ Tensor tied(Tensor grad_input, const Tensor& tie, const Tensor& grad_tie) {
 // ---- pointwise activations: NAME(self, float params...) and NAME_backward(grad, self, params)
 
 // Boxed kernels serve every pointwise activation: they take the op's float parameters from the
-// stack, whatever their number, and find the ops that do the work by name.
+// stack, whatever their number, and run the op's variants (NAME_backward, NAME_with_mask, ...).
 void push_params(torch::jit::Stack& stack, const std::vector<double>& params) {
   for (double p : params) stack.emplace_back(p);
 }
 
-c10::OperatorHandle op_named(const std::string& name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name.c_str(), "");
+// The variants of a pointwise op, looked up by name once per activation, not on every call.
+struct PointwiseOps {
+  c10::optional<c10::OperatorHandle> backward, with_mask, mask_backward, output_backward;
+};
+
+const PointwiseOps& pointwise_ops(const c10::OperatorHandle& op) {
+  static std::mutex mutex;
+  // node-based: the references handed out stay valid as entries are added
+  static std::unordered_map<c10::OperatorHandle, PointwiseOps> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(op);
+  if (it == cache.end()) {
+    const std::string name = op.schema().name();
+    const auto find = [&](const char* suffix) {
+      return c10::Dispatcher::singleton().findSchema({name + suffix, ""});
+    };
+    it = cache.emplace(op, PointwiseOps{find("_backward"), find("_with_mask"),
+                                        find("_mask_backward"), find("_output_backward")})
+             .first;
+  }
+  return it->second;
 }
 
 // Runs op(self, params) below autograd and returns the stack holding its outputs.
@@ -125,30 +158,33 @@ torch::jit::Stack call_below_autograd(const c10::OperatorHandle& op, const Tenso
   return stack;
 }
 
-// What pointwise_backward needs: the one saved tensor, and the op it calls with the params.
-void remember_backward(AutogradContext* ctx, const Tensor& saved, std::string backward_op,
+// What pointwise_backward needs besides the saved tensor: the op it calls (its handle in the
+// cache of pointwise_ops, which lives as long as the library, kept as an address) and the params.
+void remember_backward(AutogradContext* ctx, const c10::OperatorHandle& backward_op,
                        const std::vector<double>& params) {
-  ctx->save_for_backward({saved});
-  ctx->saved_data["backward_op"] = std::move(backward_op);
-  ctx->saved_data["params"] = params;
+  ctx->saved_data["backward_op"] = reinterpret_cast<int64_t>(&backward_op);
+  if (!params.empty()) ctx->saved_data["params"] = params;
 }
 
 // Saves the input; backward calls NAME_backward(grad, self, params).
 struct PointwiseFn : torch::autograd::Function<PointwiseFn> {
   static Tensor forward(AutogradContext* ctx, const Tensor& self, const c10::OperatorHandle& op,
                         const std::vector<double>& params) {
-    remember_backward(ctx, self, op.schema().name() + "_backward", params);
+    ctx->save_for_backward({self});
+    remember_backward(ctx, *pointwise_ops(op).backward, params);
     return call_below_autograd(op, self, params)[0].toTensor();
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     return pointwise_backward(ctx, grads);
   }
-  // Shared with the other pointwise nodes: backward_op(grad, saved tensor, params).
+  // Shared with the other pointwise nodes: backward_op(grad, first saved tensor, params).
   static tensor_list pointwise_backward(AutogradContext* ctx, const tensor_list& grads) {
     if (!grads[0].defined() || !ctx->needs_input_grad(0)) return {Tensor(), Tensor(), Tensor()};
-    const auto backward_op = op_named(ctx->saved_data["backward_op"].toStringRef());
+    const auto& backward_op = *reinterpret_cast<const c10::OperatorHandle*>(
+        ctx->saved_data["backward_op"].toInt());
     torch::jit::Stack stack{grads[0], ctx->get_saved_variables()[0]};
-    push_params(stack, ctx->saved_data["params"].toDoubleVector());
+    const auto params = ctx->saved_data.find("params");
+    if (params != ctx->saved_data.end()) push_params(stack, params->second.toDoubleVector());
     BackwardCalls calls;
     backward_op.callBoxed(&stack);
     return {stack[0].toTensor(), Tensor(), Tensor()};
@@ -156,15 +192,16 @@ struct PointwiseFn : torch::autograd::Function<PointwiseFn> {
 };
 
 // The piecewise-linear activations: the forward runs NAME_with_mask and saves its bit mask (1
-// bit per element) instead of the input; backward calls NAME_mask_backward(grad, mask).
+// bit per element) instead of the input, and the tie (see new_tie); backward calls
+// NAME_mask_backward(grad, mask).
 struct MaskedPointwiseFn : torch::autograd::Function<MaskedPointwiseFn> {
   static tensor_list forward(AutogradContext* ctx, const Tensor& self,
                              const c10::OperatorHandle& op, const std::vector<double>& params) {
-    const std::string name = op.schema().name();
-    const torch::jit::Stack out = call_below_autograd(op_named(name + "_with_mask"), self, params);
-    remember_backward(ctx, out[1].toTensor(), name + "_mask_backward", params);
+    const PointwiseOps& ops = pointwise_ops(op);
+    const torch::jit::Stack out = call_below_autograd(*ops.with_mask, self, params);
     Tensor tie = new_tie(self);
     ctx->save_for_backward({out[1].toTensor(), tie});
+    remember_backward(ctx, *ops.mask_backward, params);
     ctx->set_materialize_grads(false);
     return {out[0].toTensor(), tie};
   }
@@ -186,9 +223,9 @@ struct OutputPointwiseFn : torch::autograd::Function<OutputPointwiseFn> {
     Tensor output = call_below_autograd(op, self, params)[0].toTensor();
     const bool from_output =
         self.scalar_type() == at::kFloat || self.scalar_type() == at::kDouble;
-    remember_backward(ctx, from_output ? output : self,
-                      op.schema().name() + (from_output ? "_output_backward" : "_backward"),
-                      params);
+    const PointwiseOps& ops = pointwise_ops(op);
+    ctx->save_for_backward({from_output ? output : self});
+    remember_backward(ctx, from_output ? *ops.output_backward : *ops.backward, params);
     return output;
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {

@@ -352,3 +352,29 @@ def test_function_twins_gradgradcheck(device):
     t = torch.randint(0, 5, (4,), device=device)
     assert torch.autograd.gradgradcheck(
         lambda x: fastops.ops.CrossEntropyFunction.apply(x, t, None, 1, -100, 0.1)[0], (x,))
+
+
+@pytest.mark.parametrize("op", list(fastops.ops.POINTWISE))
+def test_double_backward_ops_opcheck_and_values(op, device):
+    """NAME_double_backward = grad_grad * grad_output * f''(self), against torch's second
+    derivative; registered like every other op (opcheck), on any strides."""
+    params = {"elu": (0.7,), "hardtanh": (-0.8, 0.9), "leaky_relu": (0.2,), "hardshrink": (0.3,)}.get(op, ())
+    tf = {"relu": F.relu, "elu": F.elu, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh"),
+          "hardtanh": F.hardtanh, "leaky_relu": F.leaky_relu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+          "hardshrink": F.hardshrink}[op]
+    x = torch.randn(9, 41, device=device, dtype=torch.float64)
+    g, gg = torch.randn_like(x), torch.randn_like(x)
+    double = getattr(torch.ops.fastops, op + "_double_backward")
+    torch.library.opcheck(double, (gg, g, x, *params))
+    xt = x.clone().requires_grad_()
+    d1, = torch.autograd.grad(tf(xt, *params), xt, g, create_graph=True)
+    expected = (torch.autograd.grad(d1, xt, gg, allow_unused=True, materialize_grads=True)[0]
+                if d1.requires_grad else torch.zeros_like(x))
+    torch.testing.assert_close(double(gg.t().contiguous().t(), g, x, *params), expected)
+    if op in fastops.ops.OUTPUT:
+        out_double = getattr(torch.ops.fastops, op + "_output_double_backward")
+        y = tf(x)
+        torch.library.opcheck(out_double, (gg, g, y))
+        # d/dx of g * f'(x) through y = f(x): (d/dy of g h(y)) f'(x)
+        torch.testing.assert_close(out_double(gg, g, y) * (1 - y * y if op == "tanh" else y * (1 - y)),
+                                   expected)
