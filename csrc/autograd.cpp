@@ -349,18 +349,42 @@ struct LinearFn : torch::autograd::Function<LinearFn> {
     return op().call(input, weight, bias);
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    return linear_grads(ctx, grads[0], 0);
+  }
+  // The gradients of input, weight and bias (saved: input, weight), those that are needed, for
+  // a node whose variables from first_input on are linear's.
+  static tensor_list linear_grads(AutogradContext* ctx, const Tensor& grad, int first_input) {
     static const auto backward_op = typed_op<std::tuple<Tensor, Tensor, Tensor>(
         const Tensor&, const Tensor&, const Tensor&, std::array<bool, 3>)>(
         "fastops::linear_backward");
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
-    const std::array<bool, 3> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                   has_bias && ctx->needs_input_grad(2)};
-    if (!grads[0].defined() || !(mask[0] || mask[1] || mask[2]))
+    const std::array<bool, 3> mask{ctx->needs_input_grad(first_input),
+                                   ctx->needs_input_grad(first_input + 1),
+                                   has_bias && ctx->needs_input_grad(first_input + 2)};
+    if (!grad.defined() || !(mask[0] || mask[1] || mask[2]))
       return {Tensor(), Tensor(), Tensor()};
     const auto saved = ctx->get_saved_variables();
     BackwardCalls calls;
-    auto [gi, gw, gb] = backward_op.call(grads[0], saved[0], saved[1], mask);
+    auto [gi, gw, gb] = backward_op.call(grad, saved[0], saved[1], mask);
     return {if_needed(mask[0], gi), if_needed(mask[1], gw), if_needed(mask[2], gb)};
+  }
+};
+
+// linear_act's saved pre-activation given back its graph (input W^T + bias), without computing
+// it again: a recorded backward of linear_act differentiates through it (the saved tensor is a
+// non-differentiable output).
+struct PreactFn : torch::autograd::Function<PreactFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& preact, const Tensor& input,
+                        const Tensor& weight, const c10::optional<Tensor>& bias) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({input, weight});
+    ctx->saved_data["has_bias"] = bias.has_value() && bias->defined();
+    return preact;
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    tensor_list result{Tensor()};
+    for (Tensor& g : LinearFn::linear_grads(ctx, grads[0], 1)) result.push_back(std::move(g));
+    return result;
   }
 };
 
@@ -411,10 +435,9 @@ struct LinearActFn : torch::autograd::Function<LinearActFn> {
     TORCH_CHECK(ctx->saved_data["save_preact"].toBool(),
                 "fastops.linear_act: backward needs the pre-activation, but forward ran with "
                 "save_preact=False; pass save_preact=True when a gradient is needed");
-    // A recorded backward differentiates through the pre-activation too, which the saved one
-    // (a non-differentiable output) would cut off: recompute it with its graph.
+    // A recorded backward differentiates through the pre-activation too (see PreactFn).
     const Tensor z = at::GradMode::is_enabled()
-                         ? LinearFn::op().call(input, weight, optional_of(saved[4]))
+                         ? PreactFn::apply(preact, input, weight, optional_of(saved[4]))
                          : preact;
     BackwardCalls calls;
     auto [gi, gw, gb, gaw] =

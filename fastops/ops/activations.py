@@ -107,7 +107,8 @@ def _make_pointwise(op_name, class_name, params):
     })
     _dispatch.transforms_use(op_name, cls.apply)
     _dispatch.differentiable(op_name + "_backward", _make_pointwise_backward(
-        op_name + "_backward", backward_op, getattr(torch.ops.fastops, op_name + "_double_backward")))
+        op_name + "_backward", backward_op, getattr(torch.ops.fastops, op_name + "_double_backward"),
+        linear_pieces=op_name in MASKED))
     if op_name in OUTPUT:
         backward_from_output = getattr(torch.ops.fastops, op_name + "_output_backward")
         torch.library.register_fake(f"fastops::{op_name}_output_double_backward")(
@@ -121,10 +122,12 @@ def _make_pointwise(op_name, class_name, params):
     return cls
 
 
-def _make_pointwise_backward(name, backward_op, double_op):
+def _make_pointwise_backward(name, backward_op, double_op, linear_pieces=False):
     """The autograd of backward_op(grad_output, saved, *params) = grad_output * f'(...), saved the
     forward's input (or output): by grad_output it is backward_op itself, by saved it is
-    double_op(grad_grad, grad_output, saved, *params). double_op is the last order there is."""
+    double_op(grad_grad, grad_output, saved, *params). double_op is the last order there is.
+    A piecewise-linear f (linear_pieces) has f'' = 0: its derivative by saved is zeros, as in
+    torch, and grad_output need not be kept for it."""
 
     class PointwiseBackward(torch.autograd.Function):
         @staticmethod
@@ -133,26 +136,30 @@ def _make_pointwise_backward(name, backward_op, double_op):
 
         @staticmethod
         def setup_context(ctx, inputs, output):
-            ctx.save_for_backward(*inputs[:2])
-            ctx.save_for_forward(*inputs[:2])
+            kept = inputs[1:2] if linear_pieces else inputs[:2]
+            ctx.save_for_backward(*kept)
+            ctx.save_for_forward(*kept)
             ctx.args = inputs[2:]
 
         @staticmethod
         def backward(ctx, grad_grad):
-            grad_output, saved = ctx.saved_tensors
+            *grad_output, saved = ctx.saved_tensors
             need = ctx.needs_input_grad
             d_grad = backward_op(grad_grad, saved, *ctx.args) if need[0] else None
-            d_saved = _Leaf.apply(double_op, grad_grad, grad_output, saved, *ctx.args) if need[1] else None
+            d_saved = None
+            if need[1]:
+                d_saved = (torch.zeros_like(saved) if linear_pieces else
+                           _Leaf.apply(double_op, grad_grad, grad_output[0], saved, *ctx.args))
             return (d_grad, d_saved) + (None,) * len(ctx.args)
 
         @staticmethod
         def jvp(ctx, t_grad, t_saved, *_):
-            grad_output, saved = ctx.saved_tensors
+            *grad_output, saved = ctx.saved_tensors
             out = backward_op(t_grad, saved, *ctx.args) if t_grad is not None else None
-            if t_saved is not None:
-                d = _Leaf.apply(double_op, t_saved, grad_output, saved, *ctx.args)
+            if t_saved is not None and not linear_pieces:
+                d = _Leaf.apply(double_op, t_saved, grad_output[0], saved, *ctx.args)
                 out = d if out is None else out + d
-            return out
+            return torch.zeros_like(saved) if out is None else out
 
         @staticmethod
         def vmap(info, in_dims, *args):
