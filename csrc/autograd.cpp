@@ -18,6 +18,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <mutex>
@@ -635,6 +636,22 @@ std::tuple<Tensor, Tensor, Tensor> tuple3(const tensor_list& t) { return {t[0], 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastops, Autograd, m) {
+  // Ops with no derivative formula (the second derivatives, the forms that also return a mask or
+  // indices, called below autograd by the nodes here): differentiating through them raises
+  // "derivative ... not implemented" instead of the silent zeros of the default fallback.
+#define FO_NO_DERIVATIVE(name, ...)                                                   \
+  m.impl(#name "_double_backward", torch::autograd::autogradNotImplementedFallback());
+  FASTOPS_POINTWISE_ACTIVATIONS(FO_NO_DERIVATIVE)
+#undef FO_NO_DERIVATIVE
+#define FO_NO_DERIVATIVE(name, ...) \
+  m.impl(#name "_with_mask", torch::autograd::autogradNotImplementedFallback());
+  FASTOPS_MASKED_ACTIVATIONS(FO_NO_DERIVATIVE)
+#undef FO_NO_DERIVATIVE
+#define FO_NO_DERIVATIVE(name, ...) \
+  m.impl(#name "_output_double_backward", torch::autograd::autogradNotImplementedFallback());
+  FASTOPS_OUTPUT_ACTIVATIONS(FO_NO_DERIVATIVE)
+#undef FO_NO_DERIVATIVE
+  m.impl("maxout_with_indices", torch::autograd::autogradNotImplementedFallback());
 #define FO_AUTOGRAD_MASKED(name, ...) \
   m.impl(#name,                       \
          torch::CppFunction::makeFromBoxedFunction<&pointwise_autograd<MaskedPointwiseFn>>());

@@ -378,3 +378,16 @@ def test_double_backward_ops_opcheck_and_values(op, device):
         # d/dx of g * f'(x) through y = f(x): (d/dy of g h(y)) f'(x)
         torch.testing.assert_close(out_double(gg, g, y) * (1 - y * y if op == "tanh" else y * (1 - y)),
                                    expected)
+
+
+@pytest.mark.parametrize("call", [
+    lambda x: torch.ops.fastops.gelu_double_backward(torch.ones_like(x), torch.ones_like(x), x),
+    lambda x: torch.ops.fastops.tanh_output_double_backward(torch.ones_like(x), torch.ones_like(x), x),
+    lambda x: torch.ops.fastops.relu_with_mask(x)[0],
+    lambda x: torch.ops.fastops.maxout_with_indices(x.view(2, 2), 2)[0],
+])
+def test_ops_without_derivative_raise(call, device):
+    """Differentiating an op that has no formula raises; it never gives silent zeros."""
+    x = torch.randn(4, device=device, requires_grad=True)
+    with pytest.raises(RuntimeError, match="not implemented"):
+        torch.autograd.grad(call(x).sum(), x)
