@@ -30,66 +30,10 @@
 
 #include "activation_checks.h"
 #include "activations.h"
+#include "autograd_common.h"
 
 namespace fastops {
 namespace {
-
-using at::Tensor;
-using torch::autograd::AutogradContext;
-using torch::autograd::tensor_list;
-
-template <class Sig>
-c10::TypedOperatorHandle<Sig> typed_op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-c10::optional<Tensor> optional_of(const Tensor& t) {
-  return t.defined() ? c10::optional<Tensor>(t) : c10::nullopt;
-}
-
-Tensor value_or_undefined(const c10::optional<Tensor>& t) {
-  return t.has_value() ? *t : Tensor();
-}
-
-Tensor if_needed(bool needed, Tensor t) { return needed ? std::move(t) : Tensor(); }
-
-// Whether a call must record a graph node: grad mode is on and a tensor argument requires grad.
-// Otherwise the op runs straight below autograd, without the cost of a node.
-bool requires_grad(const Tensor& t) { return t.defined() && t.requires_grad(); }
-bool requires_grad(const c10::optional<Tensor>& t) { return t.has_value() && requires_grad(*t); }
-template <class... Tensors>
-bool needs_graph(const Tensors&... tensors) {
-  return at::GradMode::is_enabled() && (requires_grad(tensors) || ...);
-}
-
-// Runs a node's calls of backward ops: below autograd in an ordinary backward (grad mode off);
-// through their autograd, to be differentiated again, when the backward is recorded.
-class BackwardCalls {
-  c10::optional<at::AutoDispatchBelowADInplaceOrView> below_;
-
- public:
-  BackwardCalls() {
-    if (!at::GradMode::is_enabled()) below_.emplace();
-  }
-};
-
-// Forward-mode AD: a dual tensor (torch.autograd.forward_ad) among the inputs. Such a call goes
-// to the Python autograd.Function of the op (its jvp formula), registered as the op's kernel for
-// kPythonAutograd by fastops.ops.
-bool has_tangent(const Tensor& t) { return t.defined() && t._fw_grad(0).defined(); }
-bool has_tangent(const c10::optional<Tensor>& t) { return t.has_value() && has_tangent(*t); }
-template <class... Tensors>
-bool needs_forward_ad(const Tensors&... tensors) {
-  return (has_tangent(tensors) || ...);
-}
-const c10::DispatchKeySet kPythonAutograd(c10::DispatchKey::FuncTorchDynamicLayerFrontMode);
-
-void check_python_autograd(const c10::OperatorHandle& op) {
-  TORCH_CHECK(op.hasKernelForDispatchKey(c10::DispatchKey::FuncTorchDynamicLayerFrontMode),
-              op.schema().name(),
-              ": forward-mode AD needs the jvp formulas of the fastops Python package; import "
-              "fastops, or use reverse mode");
-}
 
 // The piecewise-linear activations and the indexed maxout save nothing that leads back to their
 // input (a bit mask, byte indices), yet the derivative of their backward by the input must come
@@ -122,10 +66,6 @@ Tensor tied(Tensor grad_input, const Tensor& tie, const Tensor& grad_tie) {
 
 // Boxed kernels serve every pointwise activation: they take the op's float parameters from the
 // stack, whatever their number, and run the op's variants (NAME_backward, NAME_with_mask, ...).
-void push_params(torch::jit::Stack& stack, const std::vector<double>& params) {
-  for (double p : params) stack.emplace_back(p);
-}
-
 // The variants of a pointwise op, looked up by name once per activation, not on every call.
 struct PointwiseOps {
   c10::optional<c10::OperatorHandle> backward, with_mask, mask_backward, output_backward;
@@ -622,13 +562,6 @@ struct MseLossFn : torch::autograd::Function<MseLossFn> {
     return {if_needed(mask[0], grad_self), if_needed(mask[1], grad_target), Tensor()};
   }
 };
-
-// A call with dual tensors, sent to the op's Python autograd.Function (see needs_forward_ad).
-template <class Sig, class... Args>
-auto python_autograd(const c10::TypedOperatorHandle<Sig>& op, const Args&... args) {
-  check_python_autograd(op);
-  return op.redispatch(kPythonAutograd, args...);
-}
 
 std::tuple<Tensor, Tensor> tuple2(const tensor_list& t) { return {t[0], t[1]}; }
 std::tuple<Tensor, Tensor, Tensor> tuple3(const tensor_list& t) { return {t[0], t[1], t[2]}; }

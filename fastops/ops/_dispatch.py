@@ -11,9 +11,10 @@ setup_context, backward, jvp and vmap staticmethods functorch knows how to run:
 - forward-mode AD with dual tensors (torch.autograd.forward_ad): the C++ kernels send such calls
   to the same key.
 
-The backward ops have no C++ node. Their Python autograd (Autograd key) records a node only when
-a graph is wanted, e.g. in a backward with create_graph=True; the C++ nodes call them below
-autograd in an ordinary backward, so first-order training never passes through Python.
+The backward ops record their own derivatives only when a graph is wanted (a backward with
+create_graph=True): the most used ones by C++ nodes (csrc/autograd_second_order.cpp), the others
+by their Python Function, registered here for their Autograd key. The ops' C++ nodes call them
+below autograd in an ordinary backward, so first-order training never passes through Python.
 """
 
 import torch
@@ -41,7 +42,12 @@ def transforms_use(op_name, impl):
 
 def differentiable(op_name, impl):
     """fastops::op_name, a backward op, records its derivative through impl when a graph is
-    wanted (and under transforms); otherwise it runs its kernel directly."""
+    wanted (and under transforms); otherwise it runs its kernel directly. Where the library has
+    a C++ autograd kernel for it (the hot ones, csrc/autograd_second_order.cpp), impl serves the
+    transforms only."""
+    transforms_use(op_name, impl)
+    if torch._C._dispatch_has_kernel_for_dispatch_key(f"fastops::{op_name}", "Autograd"):
+        return
     op = getattr(torch.ops.fastops, op_name).default
     below = torch._C._after_autograd_keyset
 
@@ -51,7 +57,6 @@ def differentiable(op_name, impl):
         return op.redispatch(keyset & below, *args)
 
     _LIB.impl(op_name, autograd_kernel, "Autograd", with_keyset=True)
-    transforms_use(op_name, impl)
 
 
 def third_order_error(op_name):
