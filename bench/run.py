@@ -347,10 +347,34 @@ def ceilings(device, dtype, min_run_time):
 # ------------------------------------------------------------------------------------------
 
 
+def cpu_generation():
+    """The CPU core generation where /proc/cpuinfo tells it (AMD families: virtual machines
+    often hide the model name), e.g. "zen4"; "" elsewhere. Results of different generations
+    go to different files."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines()
+                        if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        family, model = int(info["cpu family"]), int(info["model"])
+    except (OSError, KeyError, ValueError):
+        return ""
+    if info.get("vendor_id") != "AuthenticAMD":
+        return f"family{family}-model{model}"
+    if family == 26:
+        return "zen5"
+    if family == 25:
+        return "zen4" if model in range(0x10, 0x20) or model in range(0x60, 0x80) or \
+            model in range(0xA0, 0xB0) else "zen3"
+    return f"amd-family{family}"
+
+
 def device_name(device):
     if device == "cuda":
         return torch.cuda.get_device_name().replace(" ", "-")
-    return f"cpu-{platform.machine()}-{os.cpu_count()}cores-{fastops.cpu_isa()}"
+    generation = cpu_generation()
+    return (f"cpu-{platform.machine()}-{os.cpu_count()}cores-{fastops.cpu_isa()}"
+            + (f"-{generation}" if generation else ""))
 
 
 def main(argv=None):

@@ -1,5 +1,6 @@
-"""The autograd.Function of every fastops op and the fake kernels that let torch.compile and
-torch.library.opcheck trace them, one module per family."""
+"""The autograd.Function of every fastops op and of its backward op (with jvp and vmap rules:
+what torch.func transforms, forward-mode AD and second order run), and the fake kernels that
+let torch.compile and torch.library.opcheck trace them, one module per family."""
 
 from fastops.ops.activations import *  # noqa: F401,F403
 from fastops.ops.linear import *  # noqa: F401,F403

@@ -8,6 +8,10 @@ The ops themselves carry the same formulas in C++ (csrc/autograd.cpp), so torch.
 and the functional forms are differentiable without going through these classes. There the
 MASKED activations save a bit mask instead of the input and the OUTPUT ones their output;
 these classes save the input.
+
+Second order: every backward op (NAME_backward, NAME_mask_backward, NAME_output_backward,
+prelu_backward, maxout_backward, ...) has its autograd.Function here too, and each class has
+jvp and vmap rules; fastops.ops._dispatch says where the dispatcher uses them.
 """
 
 import torch
