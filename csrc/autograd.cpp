@@ -21,10 +21,8 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
-#include <mutex>
 #include <string>
 #include <tuple>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -72,21 +70,14 @@ struct PointwiseOps {
 };
 
 const PointwiseOps& pointwise_ops(const c10::OperatorHandle& op) {
-  static std::mutex mutex;
-  // node-based: the references handed out stay valid as entries are added
-  static std::unordered_map<c10::OperatorHandle, PointwiseOps> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(op);
-  if (it == cache.end()) {
+  return per_op<PointwiseOps>(op, [](const c10::OperatorHandle& op) {
     const std::string name = op.schema().name();
     const auto find = [&](const char* suffix) {
       return c10::Dispatcher::singleton().findSchema({name + suffix, ""});
     };
-    it = cache.emplace(op, PointwiseOps{find("_backward"), find("_with_mask"),
-                                        find("_mask_backward"), find("_output_backward")})
-             .first;
-  }
-  return it->second;
+    return PointwiseOps{find("_backward"), find("_with_mask"), find("_mask_backward"),
+                        find("_output_backward")};
+  });
 }
 
 // Runs op(self, params) below autograd and returns the stack holding its outputs.

@@ -7,6 +7,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 
+#include <mutex>
+#include <unordered_map>
 #include <vector>
 
 namespace fastops {
@@ -71,6 +73,19 @@ inline void check_python_autograd(const c10::OperatorHandle& op) {
               op.schema().name(),
               ": forward-mode AD needs the jvp formulas of the fastops Python package; import "
               "fastops, or use reverse mode");
+}
+
+// What make(op) derives from an op (e.g. its variants, found by name), computed at the op's
+// first call and kept: no lookup by name on every call. One cache per caller (per Make type).
+template <class T, class Make>
+const T& per_op(const c10::OperatorHandle& op, Make make) {
+  static std::mutex mutex;
+  // node-based: the references handed out stay valid as entries are added
+  static std::unordered_map<c10::OperatorHandle, T> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(op);
+  if (it == cache.end()) it = cache.emplace(op, make(op)).first;
+  return it->second;
 }
 
 inline void push_params(torch::jit::Stack& stack, const std::vector<double>& params) {

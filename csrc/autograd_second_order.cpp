@@ -12,10 +12,8 @@
 #include <torch/library.h>
 
 #include <array>
-#include <mutex>
 #include <string>
 #include <tuple>
-#include <unordered_map>
 #include <vector>
 
 #include "activations.h"
@@ -35,12 +33,7 @@ struct PointwiseBackwardOps {
 };
 
 const PointwiseBackwardOps& pointwise_backward_ops(const c10::OperatorHandle& op) {
-  static std::mutex mutex;
-  // node-based: the references handed out stay valid as entries are added
-  static std::unordered_map<c10::OperatorHandle, PointwiseBackwardOps> cache;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(op);
-  if (it == cache.end()) {
+  return per_op<PointwiseBackwardOps>(op, [](const c10::OperatorHandle& op) {
     const std::string name = op.schema().name();
     const auto find = [](const std::string& n) {
       return c10::Dispatcher::singleton().findSchema({n, ""});
@@ -54,15 +47,14 @@ const PointwiseBackwardOps& pointwise_backward_ops(const c10::OperatorHandle& op
     c10::optional<c10::OperatorHandle> second;
     if (const std::string base = strip("_output_backward"); !base.empty()) {
       second = find(base + "_output_double_backward");
-    } else if (const std::string base = strip("_mask_backward"); !base.empty()) {
-      second = c10::nullopt;
-    } else {
+    } else if (strip("_mask_backward").empty()) {
       const std::string activation = strip("_backward");
-      if (!find(activation + "_with_mask").has_value()) second = find(activation + "_double_backward");
+      // the piecewise-linear ones (those with a mask form) have f'' = 0
+      if (!find(activation + "_with_mask").has_value())
+        second = find(activation + "_double_backward");
     }
-    it = cache.emplace(op, PointwiseBackwardOps{op, second}).first;
-  }
-  return it->second;
+    return PointwiseBackwardOps{op, second};
+  });
 }
 
 struct PointwiseBackwardFn : torch::autograd::Function<PointwiseBackwardFn> {
@@ -160,7 +152,8 @@ struct LinearBackwardFn : torch::autograd::Function<LinearBackwardFn> {
     Tensor d_g, d_input, d_weight;
     if (ctx->needs_input_grad(0)) {
       if (gg_input.defined()) d_g = linear_op().call(gg_input, weight, c10::nullopt);
-      if (gg_weight.defined()) d_g = sum_defined(d_g, linear_op().call(input, gg_weight, c10::nullopt));
+      if (gg_weight.defined())
+        d_g = sum_defined(d_g, linear_op().call(input, gg_weight, c10::nullopt));
       if (gg_bias.defined()) d_g = sum_defined(d_g, gg_bias.expand(g.sizes()));
     }
     if (ctx->needs_input_grad(1) && gg_weight.defined())
