@@ -110,9 +110,9 @@ def _make_pointwise(op_name, class_name, params):
         "vmap": staticmethod(vmap),
     })
     _dispatch.transforms_use(op_name, cls.apply)
+    double_op = getattr(torch.ops.fastops, op_name + "_double_backward")
     _dispatch.differentiable(op_name + "_backward", _make_pointwise_backward(
-        op_name + "_backward", backward_op, getattr(torch.ops.fastops, op_name + "_double_backward"),
-        linear_pieces=op_name in MASKED))
+        op_name + "_backward", backward_op, double_op, linear_pieces=op_name in MASKED))
     if op_name in OUTPUT:
         backward_from_output = getattr(torch.ops.fastops, op_name + "_output_backward")
         torch.library.register_fake(f"fastops::{op_name}_output_double_backward")(
@@ -468,7 +468,8 @@ class _MaxoutBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(grad_output, saved, pool_size, indexed):
-        op = torch.ops.fastops.maxout_indices_backward if indexed else torch.ops.fastops.maxout_backward
+        ops = torch.ops.fastops
+        op = ops.maxout_indices_backward if indexed else ops.maxout_backward
         return op(grad_output, saved, pool_size)
 
     @staticmethod

@@ -163,6 +163,16 @@ def _batched_linear(x, w, bias):
     return y
 
 
+def _linear_jvp(input, weight, t_input, t_weight, t_bias):
+    """The tangent of x W^T + b: t_x W^T + x t_W^T + t_b (None when no tangent is given)."""
+    out = _ops.linear(t_input, weight, t_bias) if t_input is not None else None
+    if t_weight is not None:
+        out = _add(out, _ops.linear(input, t_weight, None if t_input is not None else t_bias))
+    elif t_input is None and t_bias is not None:
+        out = t_bias.expand(*input.shape[:-1], weight.shape[0])
+    return out
+
+
 class LinearFunction(torch.autograd.Function):
     """y = x W^T + b with its own backward. apply(input, weight, bias); bias may be None."""
 
@@ -190,13 +200,7 @@ class LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def jvp(ctx, t_input, t_weight, t_bias):
-        input, weight = ctx.saved_tensors
-        out = _ops.linear(t_input, weight, t_bias) if t_input is not None else None
-        if t_weight is not None:
-            out = _add(out, _ops.linear(input, t_weight, None if t_input is not None else t_bias))
-        elif t_input is None and t_bias is not None:
-            out = t_bias.expand(*input.shape[:-1], weight.shape[0])
-        return out
+        return _linear_jvp(*ctx.saved_tensors, t_input, t_weight, t_bias)
 
     @staticmethod
     def vmap(info, in_dims, input, weight, bias):
@@ -333,7 +337,7 @@ class LinearActFunction(torch.autograd.Function):
     def jvp(ctx, t_input, t_weight, t_bias, _act, _a, _b, t_act_weight, _save):
         input, weight, act_weight, bias = ctx.saved_tensors
         preact = _ops.linear(input, weight, bias)
-        t_preact = LinearFunction.jvp(_TangentCtx(input, weight), t_input, t_weight, t_bias)
+        t_preact = _linear_jvp(input, weight, t_input, t_weight, t_bias)
         out = None
         if t_preact is not None and ctx.activation == "maxout":  # the tangent at each argmax
             out = _maxout_gather(_features(t_preact), _features(preact), int(ctx.a))
@@ -363,13 +367,6 @@ class LinearActFunction(torch.autograd.Function):
         else:
             out = _activation(preact, activation, a, b, act_weight)
         return (out, preact.detach() if save_preact else preact.new_empty(n, 0)), (0, 0)
-
-
-class _TangentCtx:
-    """What LinearFunction.jvp reads from its ctx, for reuse by LinearActFunction.jvp."""
-
-    def __init__(self, *saved):
-        self.saved_tensors = saved
 
 
 _dispatch.transforms_use("linear_act", LinearActFunction.apply)
