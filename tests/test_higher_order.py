@@ -547,3 +547,76 @@ def test_ops_without_derivative_raise(call, device):
     x = torch.randn(4, device=device, requires_grad=True)
     with pytest.raises(RuntimeError, match="not implemented"):
         torch.autograd.grad(call(x).sum(), x)
+
+
+ACTIVATIONS = [
+    "relu",
+    "elu",
+    "gelu",
+    "hardtanh",
+    "leaky_relu",
+    "sigmoid",
+    "tanh",
+    "prelu",
+    "maxout",
+]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_models_under_func(activation, device):
+    """Every fastops module (through fastops.models.MLP: fused LinearAct, PReLU, Maxout, Linear)
+    under per-sample gradients, an ensemble, a Hessian-vector product and the double backward of a
+    gradient penalty, against the same MLP from torch.nn with the same weights."""
+    from fastops.models import MLP
+
+    torch.manual_seed(0)
+    fo = MLP(3, [8], 2, activation=activation).double().to(device)
+    tm = fo.twin("torch")
+    x = torch.randn(5, 3, device=device, dtype=torch.float64)
+    y = torch.randint(0, 2, (5,), device=device)
+    loss_fns = {id(fo): FF.cross_entropy, id(tm): F.cross_entropy}
+
+    def per_sample(model):
+        params = {k: v.detach() for k, v in model.named_parameters()}
+
+        def loss(p, xi, yi):
+            out = functional_call(model, p, (xi.unsqueeze(0),))
+            return loss_fns[id(model)](out, yi.unsqueeze(0))
+
+        return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+
+    def ensemble(model):
+        copies = [model, *(model.twin(model.backend) for _ in range(2))]
+        for i, m in enumerate(copies[1:], 1):
+            for p in m.parameters():
+                p.data.mul_(1 + 0.1 * i)
+        params, buffers = stack_module_state(copies)
+        return vmap(lambda p, b: functional_call(model, (p, b), (x,)))(params, buffers)
+
+    def hvp(model):
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        v = {k: torch.ones_like(p) for k, p in params.items()}
+
+        def loss(p):
+            return loss_fns[id(model)](functional_call(model, p, (x,)), y)
+
+        return jvp(grad(loss), (params,), (v,))[1]
+
+    def penalty_grads(model):
+        xi = x.clone().requires_grad_()
+        (g,) = torch.autograd.grad(model(xi).sum(), xi, create_graph=True)
+        params = list(model.parameters())
+        return torch.autograd.grad(
+            ((g.norm(dim=1) - 1) ** 2).mean(), params, allow_unused=True, materialize_grads=True
+        )
+
+    for check in (per_sample, ensemble, hvp, penalty_grads):
+        torch.testing.assert_close(check(fo), check(tm))
+
+
+@pytest.mark.parametrize("op", list(fastops.ops.POINTWISE))
+def test_function_twins_of_every_activation_gradgradcheck(op, device):
+    cls = getattr(fastops.ops, fastops.ops.POINTWISE[op][0])
+    params = {"elu": (0.7,), "hardtanh": (-0.8, 0.9), "leaky_relu": (0.2,), "hardshrink": (0.3,)}
+    x = _randn(4, 5)(torch.Generator().manual_seed(0), device).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda x: cls.apply(x, *params.get(op, ())), (x,))
