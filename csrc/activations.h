@@ -39,7 +39,11 @@ FO_HD int32_t fo_float_to_bits(float f) {
 #endif
 }
 
-// exp(xc) for xc in [-87, 88.5], about 1 ulp: Cody-Waite range reduction and a degree-6
+// The largest float whose exp is finite in float (ln(FLT_MAX) = 88.7228390..., the next float
+// up already rounds to inf), as expf.
+constexpr float kExpMax = 88.7228317f;
+
+// exp(xc) for xc in [-87, kExpMax], about 1 ulp: Cody-Waite range reduction and a degree-6
 // polynomial (Cephes expf). Callers clamp and handle what lies outside.
 FO_HD float fo_exp_in_range(float xc) {
   const float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
@@ -51,17 +55,20 @@ FO_HD float fo_exp_in_range(float xc) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float y = p * r * r + r + 1.0f;
+  // For xc <= kExpMax, k <= 128, and k = 128 only where r < 0, so y < 1: no exponent overflow.
   return fo_bits_to_float(fo_float_to_bits(y) + (static_cast<int32_t>(k) << 23));
 }
 
-// exp(x) with expf's saturation: 0 below -87, inf above 88.5, NaN kept.
+// exp(x) with expf's overflow: inf exactly where expf gives inf, NaN kept. Below -87 it gives 0
+// where expf gives at most 1.7e-38 (subnormal below -87.34): an absolute error at the size of
+// float's smallest normal number, and the bit trick above never has to build a subnormal.
 FO_HD float fo_exp(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
-  const float scaled = fo_exp_in_range(x < -87.0f ? -87.0f : (x > 88.5f ? 88.5f : x));
+  const float scaled = fo_exp_in_range(x < -87.0f ? -87.0f : (x > kExpMax ? kExpMax : x));
   // NaN falls through both comparisons and is returned as is.
-  return x < -87.0f ? 0.0f : (x > 88.5f ? INFINITY : (x != x ? x : scaled));
+  return x < -87.0f ? 0.0f : (x > kExpMax ? INFINITY : (x != x ? x : scaled));
 #endif
 }
 FO_HD double fo_exp(double x) { return exp(x); }
@@ -144,11 +151,12 @@ struct Elu {
   template <class T> FO_HD T forward(T x) const {
     return x > T(0) ? x : T(alpha) * (fo_exp(x) - T(1));
   }
+  // torch's comparisons: a NaN input passes g, and f'' is taken as 0 at x = 0 and at NaN
   template <class T> FO_HD T backward(T x, T g) const {
-    return x > T(0) ? g : g * T(alpha) * fo_exp(x);
+    return x <= T(0) ? g * T(alpha) * fo_exp(x) : g;
   }
   template <class T> FO_HD T double_backward(T x, T g, T gg) const {
-    return x > T(0) ? T(0) : gg * g * T(alpha) * fo_exp(x);
+    return x < T(0) ? gg * g * T(alpha) * fo_exp(x) : T(0);
   }
 };
 
@@ -203,7 +211,10 @@ struct Hardtanh {
   template <class T> FO_HD T forward(T x) const {
     return x < T(min_val) ? T(min_val) : (x > T(max_val) ? T(max_val) : x);  // keeps NaN
   }
-  template <class T> FO_HD bool mask(T x) const { return x > T(min_val) && x < T(max_val); }
+  // torch zeroes the gradient where x <= min_val or x >= max_val only: a NaN passes it
+  template <class T> FO_HD bool mask(T x) const {
+    return !(x <= T(min_val) || x >= T(max_val));
+  }
   template <class T> FO_HD T backward_masked(bool m, T g) const { return m ? g : T(0); }
   template <class T> FO_HD T backward(T x, T g) const { return backward_masked(mask(x), g); }
   template <class T> FO_HD T double_backward(T, T, T) const { return T(0); }

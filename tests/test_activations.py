@@ -300,7 +300,7 @@ def test_hardshrink_threshold_in_input_dtype(dtype, device):
 MASKED = {
     "relu": ((), lambda x: ~(x <= 0)),
     "leaky_relu": ((0.2,), lambda x: x > 0),
-    "hardtanh": ((-0.5, 2.0), lambda x: (x > -0.5) & (x < 2.0)),
+    "hardtanh": ((-0.5, 2.0), lambda x: ~((x <= -0.5) | (x >= 2.0))),
     "hardshrink": ((0.5,), lambda x: ~((x >= -0.5) & (x <= 0.5))),
 }
 
