@@ -152,7 +152,7 @@ FO_ALWAYS_INLINE void row_stats(const T* x, const T* y, const T* w, int64_t C, A
     }
     for (; i < len; ++i) cm = fmax_(static_cast<A>(xc[i]), cm);
     const A nm = fmax_(cm, M);
-    // A row of -inf so far contributes nothing (and must not give exp(-inf + inf) = NaN).
+    // While the max is -inf, shifting by it would give exp(-inf + inf) = NaN for every value.
     if (nm != neg_inf<A>()) {
       if (nm != M) sum *= fo_exp(M - nm);
       M = nm;
@@ -187,9 +187,13 @@ FO_ALWAYS_INLINE void row_stats(const T* x, const T* y, const T* w, int64_t C, A
         }
       }
       sum += s;
-    } else if constexpr (MODE != 0) {
-      for (i = 0; i < len; ++i) {  // all -inf: the dot products still see the values
+    } else {
+      // Every value so far is -inf or NaN (the max skips NaN). exp(v) adds 0 for -inf and makes
+      // the sum NaN for a NaN, which must reach lse whichever chunk holds it; the dot products
+      // still see the values.
+      for (i = 0; i < len; ++i) {
         const A v = static_cast<A>(xc[i]);
+        sum += fo_exp(v);
         if constexpr (MODE == 1) dot[0] += v;
         if constexpr (MODE == 2) dot[0] += static_cast<A>(w[c0 + i]) * v;
         if constexpr (MODE >= 3) {
@@ -237,8 +241,8 @@ FO_ALWAYS_INLINE void lane_stats(const T* x, const T* y, const T* w, int64_t C, 
       if constexpr (MODE == 2 || MODE == 4) wc = static_cast<A>(w[c]);
       for (int j = 0; j < NL; ++j) {
         const A v = static_cast<A>(x[c * S + j]);
-        const A e = fo_exp(v - M[j]);
-        sum[j] += M[j] == neg_inf<A>() ? A(0) : e;
+        // while the max is -inf, shift by 0: exp(-inf) adds 0 and a NaN makes the sum NaN
+        sum[j] += fo_exp(v - (M[j] == neg_inf<A>() ? A(0) : M[j]));
         if constexpr (MODE == 1) dot[j] += v;
         if constexpr (MODE == 2) dot[j] += wc * v;
         if constexpr (MODE >= 3) {
