@@ -53,13 +53,15 @@ PointwiseKind pointwise_kind(const std::string& name);
 ActInfo check_activation(const char* op, const std::string& activation, double a, int64_t N,
                          const at::Tensor& input, const c10::optional<at::Tensor>& act_weight);
 
-// Calls fn(functor) with the functor of the pointwise activation `name` built from (a, b).
-template <class Fn>
+// Calls fn(functor) with the functor of the pointwise activation `name` built from (a, b), its
+// parameters as the kernels of storage type T compare them (params_in_dtype: hardshrink's lambd
+// rounded to T, as torch does).
+template <class T, class Fn>
 void with_pointwise(const std::string& name, double a, double b, const Fn& fn) {
   (void)a;
   (void)b;
 #define FO_CASE(n, schema_params, cpp_params, make) \
-  if (name == #n) return fn(FO_UNPAREN make);
+  if (name == #n) return fn(params_in_dtype<T>(FO_UNPAREN make));
   FASTOPS_POINTWISE_ACTIVATIONS(FO_CASE)
 #undef FO_CASE
   TORCH_CHECK(false, "fastops: unknown activation '", name, "'");

@@ -170,7 +170,7 @@ std::tuple<Tensor, Tensor> linear_act_impl(const char* op, const Tensor& input,
                   BiasActEpilogue<T, Acc, PreluAct<Acc>>{zp, pp, d.N, bias_v.data(),
                                                          {slope.data()}});
     } else {
-      with_pointwise(activation, a, b, [&](auto f) {
+      with_pointwise<T>(activation, a, b, [&](auto f) {
         using F = decltype(f);
         run_gemm<T>(d.M, d.N, d.K, A, B, zp,
                     BiasActEpilogue<T, Acc, PointwiseAct<F>>{zp, pp, d.N, bias_v.data(), {f}});
@@ -325,7 +325,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_act_backward(
     T* gzp = need_gz ? gz.mutable_data_ptr<T>() : nullptr;
     std::vector<Acc> sums;
     if (act.kind == ActKind::pointwise) {
-      with_pointwise(name, a, b, [&](auto f) {
+      with_pointwise<T>(name, a, b, [&](auto f) {
         sums = reduce_row_blocks<Acc>(d.M, N, nsum, [&](int64_t r0, int64_t r1, Acc* part) {
           dispatch_isa([&]() FO_INLINE_LAMBDA {
             for (int64_t m = r0; m < r1; ++m) {
