@@ -1,0 +1,839 @@
+// CPU kernels of log_softmax, nll_loss and cross_entropy (fused log_softmax + nll_loss, hard or
+// soft targets, class weights, ignore_index, label smoothing).
+//
+// Layout: the class dim is dim 1 ((C,) inputs have no batch), so an input is viewed as (N, C, S)
+// with S the product of the spatial dims; a "row" is the C values of one (n, s). For S == 1 a
+// row is contiguous and is processed in chunks that stay in L1 (an online softmax: running max
+// and rescaled sum of exponentials, one pass over memory). For S > 1 the loops run over the
+// classes with 16 neighbouring positions s in the SIMD lanes.
+//
+// Determinism: per-row losses are summed in a fixed order (fixed blocks of rows, then the blocks
+// in order), whatever the number of threads; there are no atomics.
+#include <torch/library.h>
+
+#include <array>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../activations.h"
+#include "../loss_checks.h"
+#include "cpu_common.h"
+
+namespace fastops {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+using namespace fastops::loss;
+
+constexpr int kLanes = 16;          // SIMD lanes of the accumulator arrays
+constexpr int64_t kChunk = 2048;    // classes per chunk of a contiguous row (8 KB of float)
+constexpr int64_t kClassBlock = 64; // classes per block of the lane (S > 1) kernels
+constexpr int64_t kSumBlock = 4096; // rows / elements per block of a deterministic sum
+
+template <class A>
+FO_ALWAYS_INLINE A fmax_(A a, A b) { return a > b ? a : b; }  // drops a NaN in a (max of row)
+
+template <class A>
+FO_ALWAYS_INLINE A neg_inf() { return -std::numeric_limits<A>::infinity(); }
+
+template <class A>
+FO_ALWAYS_INLINE A log_(A v) { return std::log(v); }
+
+// The running max of 16 lanes in float. GCC does not vectorise `a > b ? a : b` over an array
+// (it is not a MAX_EXPR without -ffast-math), so the max loops hold a vector-extension value.
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint16_t v16u16 __attribute__((vector_size(32)));
+typedef uint32_t v16u32 __attribute__((vector_size(64)));
+
+template <class T>
+FO_ALWAYS_INLINE v16f load16(const T* p) {
+  v16f v;
+  if constexpr (std::is_same_v<T, float>) {
+    __builtin_memcpy(&v, p, sizeof(v));
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    v16u16 h;
+    __builtin_memcpy(&h, p, sizeof(h));
+    const v16u32 w = __builtin_convertvector(h, v16u32) << 16;
+    __builtin_memcpy(&v, &w, sizeof(v));
+  } else {
+    for (int j = 0; j < 16; ++j) v[j] = static_cast<float>(p[j]);
+  }
+  return v;
+}
+
+FO_ALWAYS_INLINE v16f vmax16(v16f a, v16f b) { return a > b ? a : b; }
+
+// ---- target checks and sums ----------------------------------------------------------------
+
+// Checks every class target (ignore_index excepted) and returns the total weight, the sum of
+// the weights of the non-ignored targets (their count without weights), summed in order.
+template <class I, class T>
+double check_targets_total_weight(const I* t, int64_t n, const T* w, int64_t C,
+                                  int64_t ignore_index, const char* op) {
+  double total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t ti = static_cast<int64_t>(t[i]);
+    if (ti == ignore_index) continue;
+    TORCH_CHECK_INDEX(ti >= 0 && ti < C, op, ": target ", ti, " (at flat index ", i,
+                      ") is out of bounds: expected a class index in [0, ", C,
+                      ") or ignore_index (", ignore_index, ")");
+    total += w ? static_cast<double>(w[ti]) : 1.0;
+  }
+  return total;
+}
+
+#define FO_DISPATCH_TARGET(TT, ...)                                \
+  [&] {                                                            \
+    if ((TT) == at::kByte) {                                       \
+      using index_t = uint8_t;                                     \
+      return __VA_ARGS__();                                        \
+    } else {                                                       \
+      using index_t = int64_t;                                     \
+      return __VA_ARGS__();                                        \
+    }                                                              \
+  }()
+
+// Sum of v[0..n) in a fixed order: fixed blocks in parallel, then the blocks in order.
+template <class A>
+double deterministic_sum(const A* v, int64_t n) {
+  const int64_t nb = (n + kSumBlock - 1) / kSumBlock;
+  std::vector<double> part(nb, 0.0);
+  at::parallel_for(0, nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      double s = 0;
+      const int64_t e = std::min(n, (b + 1) * kSumBlock);
+      for (int64_t i = b * kSumBlock; i < e; ++i) s += static_cast<double>(v[i]);
+      part[b] = s;
+    }
+  });
+  double s = 0;
+  for (double p : part) s += p;
+  return s;
+}
+
+// ---- row statistics of the softmax -----------------------------------------------------------
+//
+// MODE: 0 lse only; 1 also dot = sum_c x_c; 2 also dot = sum_c w_c x_c (label smoothing);
+//       3 soft targets: a = sum_c y'_c, dot = sum_c y'_c x_c; 4 the same with w_c y'_c
+//       where y'_c = (1 - eps) y_c + eps / C.
+struct Smooth {
+  double om_eps;  // 1 - eps
+  double eps_c;   // eps / C
+};
+
+// One contiguous row of C values: x[c], y[c] (soft targets), w[c].
+template <int MODE, class T, class A>
+FO_ALWAYS_INLINE void row_stats(const T* x, const T* y, const T* w, int64_t C, A om_eps, A eps_c,
+                                A& lse, A& a_out, A& dot_out) {
+  A M = neg_inf<A>();
+  A sum = 0;
+  A dot[kLanes], aa[kLanes];
+  for (int j = 0; j < kLanes; ++j) dot[j] = 0, aa[j] = 0;
+  for (int64_t c0 = 0; c0 < C; c0 += kChunk) {
+    const int64_t len = std::min(kChunk, C - c0);
+    const T* xc = x + c0;
+    int64_t i = 0;
+    A cm = neg_inf<A>();
+    if constexpr (std::is_same_v<A, float>) {
+      v16f mx = v16f{} + neg_inf<float>();
+      for (; i + kLanes <= len; i += kLanes) mx = vmax16(load16(xc + i), mx);
+      for (int j = 0; j < kLanes; ++j) cm = fmax_(mx[j], cm);
+    } else {
+      A mx[kLanes];
+      for (int j = 0; j < kLanes; ++j) mx[j] = neg_inf<A>();
+      for (; i + kLanes <= len; i += kLanes)
+        for (int j = 0; j < kLanes; ++j) mx[j] = fmax_(static_cast<A>(xc[i + j]), mx[j]);
+      for (int j = 0; j < kLanes; ++j) cm = fmax_(mx[j], cm);
+    }
+    for (; i < len; ++i) cm = fmax_(static_cast<A>(xc[i]), cm);
+    const A nm = fmax_(cm, M);
+    // While the max is -inf, shifting by it would give exp(-inf + inf) = NaN for every value.
+    if (nm != neg_inf<A>()) {
+      if (nm != M) sum *= fo_exp(M - nm);
+      M = nm;
+      A se[kLanes];
+      for (int j = 0; j < kLanes; ++j) se[j] = 0;
+      i = 0;
+      for (; i + kLanes <= len; i += kLanes)
+        for (int j = 0; j < kLanes; ++j) {
+          const A v = static_cast<A>(xc[i + j]);
+          se[j] += fo_exp(v - M);
+          if constexpr (MODE == 1) dot[j] += v;
+          if constexpr (MODE == 2) dot[j] += static_cast<A>(w[c0 + i + j]) * v;
+          if constexpr (MODE >= 3) {
+            A yv = static_cast<A>(y[c0 + i + j]) * om_eps + eps_c;
+            if constexpr (MODE == 4) yv *= static_cast<A>(w[c0 + i + j]);
+            aa[j] += yv;
+            dot[j] += yv * v;
+          }
+        }
+      A s = 0;
+      for (int j = 0; j < kLanes; ++j) s += se[j];
+      for (; i < len; ++i) {
+        const A v = static_cast<A>(xc[i]);
+        s += fo_exp(v - M);
+        if constexpr (MODE == 1) dot[0] += v;
+        if constexpr (MODE == 2) dot[0] += static_cast<A>(w[c0 + i]) * v;
+        if constexpr (MODE >= 3) {
+          A yv = static_cast<A>(y[c0 + i]) * om_eps + eps_c;
+          if constexpr (MODE == 4) yv *= static_cast<A>(w[c0 + i]);
+          aa[0] += yv;
+          dot[0] += yv * v;
+        }
+      }
+      sum += s;
+    } else {
+      // Every value so far is -inf or NaN (the max skips NaN). exp(v) adds 0 for -inf and makes
+      // the sum NaN for a NaN, which must reach lse whichever chunk holds it; the dot products
+      // still see the values.
+      for (i = 0; i < len; ++i) {
+        const A v = static_cast<A>(xc[i]);
+        sum += fo_exp(v);
+        if constexpr (MODE == 1) dot[0] += v;
+        if constexpr (MODE == 2) dot[0] += static_cast<A>(w[c0 + i]) * v;
+        if constexpr (MODE >= 3) {
+          A yv = static_cast<A>(y[c0 + i]) * om_eps + eps_c;
+          if constexpr (MODE == 4) yv *= static_cast<A>(w[c0 + i]);
+          aa[0] += yv;
+          dot[0] += yv * v;
+        }
+      }
+    }
+  }
+  lse = M + log_(sum);  // all -inf: -inf + log(0) = -inf, as torch's logsumexp
+  A d = 0, a = 0;
+  for (int j = 0; j < kLanes; ++j) d += dot[j], a += aa[j];
+  dot_out = d;
+  a_out = a;
+}
+
+// NL rows at once, the lanes being NL consecutive positions s of a (N, C, S) input (S > 1):
+// x points at (n, 0, s0), classes are S apart.
+template <int NL, int MODE, class T, class A>
+FO_ALWAYS_INLINE void lane_stats(const T* x, const T* y, const T* w, int64_t C, int64_t S,
+                                 A om_eps, A eps_c, A* lse, A* a_out, A* dot_out) {
+  A M[NL], sum[NL], dot[NL], aa[NL];
+  for (int j = 0; j < NL; ++j) M[j] = neg_inf<A>(), sum[j] = 0, dot[j] = 0, aa[j] = 0;
+  for (int64_t c0 = 0; c0 < C; c0 += kClassBlock) {
+    const int64_t c1 = std::min(C, c0 + kClassBlock);
+    A nm[NL];
+    for (int j = 0; j < NL; ++j) nm[j] = M[j];
+    if constexpr (std::is_same_v<A, float> && NL == 16) {
+      v16f mv = v16f{} + neg_inf<float>();
+      for (int64_t c = c0; c < c1; ++c) mv = vmax16(load16(x + c * S), mv);
+      for (int j = 0; j < NL; ++j) nm[j] = fmax_(mv[j], nm[j]);
+    } else {
+      for (int64_t c = c0; c < c1; ++c)
+        for (int j = 0; j < NL; ++j) nm[j] = fmax_(static_cast<A>(x[c * S + j]), nm[j]);
+    }
+    for (int j = 0; j < NL; ++j) {
+      const A sc = fo_exp(M[j] - nm[j]);
+      sum[j] = nm[j] == M[j] ? sum[j] : sum[j] * sc;
+      M[j] = nm[j];
+    }
+    for (int64_t c = c0; c < c1; ++c) {
+      A wc = 1;
+      if constexpr (MODE == 2 || MODE == 4) wc = static_cast<A>(w[c]);
+      for (int j = 0; j < NL; ++j) {
+        const A v = static_cast<A>(x[c * S + j]);
+        // while the max is -inf, shift by 0: exp(-inf) adds 0 and a NaN makes the sum NaN
+        sum[j] += fo_exp(v - (M[j] == neg_inf<A>() ? A(0) : M[j]));
+        if constexpr (MODE == 1) dot[j] += v;
+        if constexpr (MODE == 2) dot[j] += wc * v;
+        if constexpr (MODE >= 3) {
+          A yv = static_cast<A>(y[c * S + j]) * om_eps + eps_c;
+          if constexpr (MODE == 4) yv *= wc;
+          aa[j] += yv;
+          dot[j] += yv * v;
+        }
+      }
+    }
+  }
+  for (int j = 0; j < NL; ++j) {
+    lse[j] = M[j] + log_(sum[j]);
+    dot_out[j] = dot[j];
+    a_out[j] = aa[j];
+  }
+}
+
+// ---- cross entropy ---------------------------------------------------------------------------
+
+struct CEParams {
+  Rows r;
+  int64_t reduction, ignore_index;
+  double eps;
+  bool soft, has_w;
+};
+
+int ce_mode(const CEParams& p) {
+  if (p.soft) return p.has_w ? 4 : 3;
+  if (p.eps > 0) return p.has_w ? 2 : 1;
+  return 0;
+}
+
+// Calls body.template operator()<MODE>() with the mode as a compile-time constant.
+template <class Body>
+void dispatch_mode(int mode, const Body& body) {
+  switch (mode) {
+    case 0: body(std::integral_constant<int, 0>()); break;
+    case 1: body(std::integral_constant<int, 1>()); break;
+    case 2: body(std::integral_constant<int, 2>()); break;
+    case 3: body(std::integral_constant<int, 3>()); break;
+    default: body(std::integral_constant<int, 4>()); break;
+  }
+}
+
+// The loss of one row from its statistics.
+template <int MODE, class A, class T, class I>
+FO_ALWAYS_INLINE A ce_row_loss(A lse, A a, A dot, const T* xrow, int64_t cstride, const T* w,
+                               const I* t, int64_t row, int64_t ignore_index, A om_eps, A eps_c,
+                               A wsum) {
+  if constexpr (MODE >= 3) {
+    return lse * a - dot;
+  } else {
+    const int64_t ti = static_cast<int64_t>(t[row]);
+    if (ti == ignore_index) return A(0);
+    const A wt = w ? static_cast<A>(w[ti]) : A(1);
+    const A nll = wt * (lse - static_cast<A>(xrow[ti * cstride]));
+    if constexpr (MODE == 0) return nll;
+    // eps / C * sum_c w_c (lse - x_c)
+    return om_eps * nll + eps_c * (wsum * lse - dot);
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> cross_entropy_fwd(const Tensor& self, const Tensor& target,
+                                                     const c10::optional<Tensor>& weight,
+                                                     int64_t reduction, int64_t ignore_index,
+                                                     double label_smoothing) {
+  const char* op = "fastops.cross_entropy";
+  const Rows r = check_cross_entropy(self, target, weight, reduction, label_smoothing, op);
+  const bool soft = at::isFloatingType(target.scalar_type());
+  const Tensor x = self.contiguous();
+  const Tensor tg = target.contiguous();
+  const Tensor w = weight_or_undefined(weight);
+  const auto rshape = row_shape(self);
+  const auto adt = acc_dtype(self.scalar_type());
+  Tensor lse = at::empty(rshape, self.options().dtype(adt));
+  Tensor loss = reduction == kNone ? at::empty(rshape, self.options())
+                                   : at::empty({}, self.options());
+  Tensor total_weight = at::empty({}, self.options().dtype(adt));
+  CEParams p{r, reduction, ignore_index, label_smoothing, soft, w.defined()};
+  const int mode = ce_mode(p);
+  const int64_t rows = r.rows();
+
+  FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* yp = soft ? tg.const_data_ptr<scalar_t>() : nullptr;
+    const A om_eps = static_cast<A>(1.0 - label_smoothing);
+    const A eps_c = r.C > 0 ? static_cast<A>(label_smoothing / r.C) : A(0);
+    A wsum = 0;
+    if (wp) {
+      double s = 0;
+      for (int64_t c = 0; c < r.C; ++c) s += static_cast<double>(wp[c]);
+      wsum = static_cast<A>(s);
+    } else {
+      wsum = static_cast<A>(r.C);
+    }
+    FO_DISPATCH_TARGET(tg.scalar_type(), [&] {
+      const index_t* tp = soft ? nullptr : tg.const_data_ptr<index_t>();
+      double tw = static_cast<double>(rows);
+      if (!soft) tw = check_targets_total_weight(tp, rows, wp, r.C, ignore_index, op);
+      total_weight.fill_(tw);
+      // Per-row losses: into the output for 'none', else into a buffer summed in order.
+      std::vector<A> buf(reduction == kNone ? 0 : rows);
+      A* lp = lse.mutable_data_ptr<A>();
+      scalar_t* outp = reduction == kNone ? loss.mutable_data_ptr<scalar_t>() : nullptr;
+      auto store = [&](int64_t row, A v) FO_INLINE_LAMBDA {
+        if (outp) outp[row] = static_cast<scalar_t>(v);
+        else buf[row] = v;
+      };
+      dispatch_mode(mode, [&](auto mode_c) {
+        constexpr int MODE = decltype(mode_c)::value;
+        if (r.S == 1) {
+          const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, r.C));
+          at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+            dispatch_isa([&]() FO_INLINE_LAMBDA {
+              for (int64_t n = b; n < e; ++n) {
+                const scalar_t* xr = xp + n * r.C;
+                A l, a, d;
+                row_stats<MODE>(xr, yp ? yp + n * r.C : yp, wp, r.C, om_eps, eps_c, l, a, d);
+                lp[n] = l;
+                store(n, ce_row_loss<MODE>(l, a, d, xr, 1, wp, tp, n, ignore_index, om_eps,
+                                           eps_c, wsum));
+              }
+            });
+          });
+        } else {
+          // Tasks: (n, block of kLanes positions s); the last block of each n may be partial.
+          const int64_t nblk = (r.S + kLanes - 1) / kLanes;
+          const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, r.C));
+          at::parallel_for(0, r.N * nblk, grain, [&](int64_t b, int64_t e) {
+            dispatch_isa([&]() FO_INLINE_LAMBDA {
+              for (int64_t task = b; task < e; ++task) {
+                const int64_t n = task / nblk, s0 = (task % nblk) * kLanes;
+                const int64_t base = n * r.C * r.S + s0;
+                const int64_t row0 = n * r.S + s0;
+                A l[kLanes], a[kLanes], d[kLanes];
+                const int64_t nl = std::min<int64_t>(kLanes, r.S - s0);
+                if (nl == kLanes) {
+                  lane_stats<kLanes, MODE>(xp + base, yp ? yp + base : yp, wp, r.C, r.S, om_eps,
+                                           eps_c, l, a, d);
+                } else {
+                  for (int64_t j = 0; j < nl; ++j)
+                    lane_stats<1, MODE>(xp + base + j, yp ? yp + base + j : yp, wp, r.C, r.S,
+                                        om_eps, eps_c, l + j, a + j, d + j);
+                }
+                for (int64_t j = 0; j < nl; ++j) {
+                  lp[row0 + j] = l[j];
+                  store(row0 + j, ce_row_loss<MODE>(l[j], a[j], d[j], xp + base + j, r.S, wp, tp,
+                                                    row0 + j, ignore_index, om_eps, eps_c, wsum));
+                }
+              }
+            });
+          });
+        }
+      });
+      if (reduction != kNone) {
+        double s = deterministic_sum(buf.data(), rows);
+        if (reduction == kMean) {
+          // Hard targets: the sum over the total weight (0 / 0 = NaN when all are ignored);
+          // soft targets: over the number of rows (NaN for an empty batch), as torch.
+          s = s / tw;
+        }
+        loss.fill_(s);
+      }
+    });
+  });
+  return {loss, lse, total_weight};
+}
+
+Tensor cross_entropy_bwd(const Tensor& grad_output, const Tensor& self, const Tensor& target,
+                         const c10::optional<Tensor>& weight, int64_t reduction,
+                         int64_t ignore_index, double label_smoothing, const Tensor& lse,
+                         const Tensor& total_weight) {
+  const char* op = "fastops.cross_entropy_backward";
+  const Rows r = check_cross_entropy_backward(grad_output, self, target, weight, reduction, lse,
+                                              total_weight, op);
+  const auto adt = acc_dtype(self.scalar_type());
+  const bool soft = at::isFloatingType(target.scalar_type());
+  const Tensor x = self.contiguous();
+  const Tensor tg = target.contiguous();
+  const Tensor w = weight_or_undefined(weight);
+  const Tensor ls = lse.contiguous();
+  const Tensor g = grad_output.to(adt).contiguous();
+  Tensor gx = empty_output(x);
+  CEParams p{r, reduction, ignore_index, label_smoothing, soft, w.defined()};
+  const int mode = ce_mode(p);
+  const int64_t rows = r.rows();
+  if (x.numel() == 0) return gx;
+  const double tw = total_weight.to(at::kDouble).item<double>();
+
+  FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* yp = soft ? tg.const_data_ptr<scalar_t>() : nullptr;
+    const A* lp = ls.const_data_ptr<A>();
+    const A* gp = g.const_data_ptr<A>();
+    scalar_t* op_ = gx.mutable_data_ptr<scalar_t>();
+    const A om_eps = static_cast<A>(1.0 - label_smoothing);
+    const A eps_c = static_cast<A>(label_smoothing / r.C);
+    A wsum = 0;
+    if (wp) {
+      double s = 0;
+      for (int64_t c = 0; c < r.C; ++c) s += static_cast<double>(wp[c]);
+      wsum = static_cast<A>(s);
+    } else {
+      wsum = static_cast<A>(r.C);
+    }
+    const A gscale = reduction == kMean ? static_cast<A>(static_cast<double>(gp[0]) / tw) : gp[0];
+    FO_DISPATCH_TARGET(tg.scalar_type(), [&] {
+      const index_t* tp = soft ? nullptr : tg.const_data_ptr<index_t>();
+      if (!soft) check_targets_total_weight(tp, rows, wp, r.C, ignore_index, op);
+      dispatch_mode(mode, [&](auto mode_c) {
+        constexpr int MODE = decltype(mode_c)::value;
+        // Row coefficients: grad_c = g * (p_c * coef - cw * w_c [- y'_c w_c for soft]) and
+        // at the target class additionally - g * (1 - eps) * w_t.
+        if (r.S == 1) {
+          const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, r.C));
+          at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
+            dispatch_isa([&]() FO_INLINE_LAMBDA {
+              for (int64_t n = b; n < e; ++n) {
+                const scalar_t* xr = xp + n * r.C;
+                scalar_t* gr = op_ + n * r.C;
+                const A gn = reduction == kNone ? gp[n] : gscale;
+                const A l = lp[n];
+                if constexpr (MODE >= 3) {
+                  const scalar_t* yr = yp + n * r.C;
+                  A aa[kLanes];
+                  for (int j = 0; j < kLanes; ++j) aa[j] = 0;
+                  int64_t c = 0;
+                  for (; c + kLanes <= r.C; c += kLanes)
+                    for (int j = 0; j < kLanes; ++j) {
+                      A yv = static_cast<A>(yr[c + j]) * om_eps + eps_c;
+                      if constexpr (MODE == 4) yv *= static_cast<A>(wp[c + j]);
+                      aa[j] += yv;
+                    }
+                  A a = 0;
+                  for (int j = 0; j < kLanes; ++j) a += aa[j];
+                  for (; c < r.C; ++c) {
+                    A yv = static_cast<A>(yr[c]) * om_eps + eps_c;
+                    if constexpr (MODE == 4) yv *= static_cast<A>(wp[c]);
+                    a += yv;
+                  }
+                  const A coef = gn * a;
+                  for (c = 0; c < r.C; ++c) {
+                    A yv = static_cast<A>(yr[c]) * om_eps + eps_c;
+                    if constexpr (MODE == 4) yv *= static_cast<A>(wp[c]);
+                    gr[c] = static_cast<scalar_t>(fo_exp(static_cast<A>(xr[c]) - l) * coef -
+                                                  gn * yv);
+                  }
+                } else {
+                  const int64_t ti = static_cast<int64_t>(tp[n]);
+                  if (ti == ignore_index) {
+                    for (int64_t c = 0; c < r.C; ++c) gr[c] = static_cast<scalar_t>(0);
+                    continue;
+                  }
+                  const A wt = wp ? static_cast<A>(wp[ti]) : A(1);
+                  const A coef = MODE == 0 ? gn * wt : gn * (om_eps * wt + eps_c * wsum);
+                  const A cw = gn * eps_c;
+                  for (int64_t c = 0; c < r.C; ++c) {
+                    A v = fo_exp(static_cast<A>(xr[c]) - l) * coef;
+                    if constexpr (MODE == 1) v -= cw;
+                    if constexpr (MODE == 2) v -= cw * static_cast<A>(wp[c]);
+                    gr[c] = static_cast<scalar_t>(v);
+                  }
+                  A v = fo_exp(static_cast<A>(xr[ti]) - l) * coef;
+                  if constexpr (MODE == 1) v -= cw;
+                  if constexpr (MODE == 2) v -= cw * wt;
+                  gr[ti] = static_cast<scalar_t>(v - (MODE == 0 ? gn * wt : gn * om_eps * wt));
+                }
+              }
+            });
+          });
+        } else {
+          const int64_t nblk = (r.S + kLanes - 1) / kLanes;
+          const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, r.C));
+          at::parallel_for(0, r.N * nblk, grain, [&](int64_t b, int64_t e) {
+            dispatch_isa([&]() FO_INLINE_LAMBDA {
+              for (int64_t task = b; task < e; ++task) {
+                const int64_t n = task / nblk, s0 = (task % nblk) * kLanes;
+                const int64_t nl = std::min<int64_t>(kLanes, r.S - s0);
+                const int64_t base = n * r.C * r.S + s0;
+                const int64_t row0 = n * r.S + s0;
+                // Per-lane coefficients; an ignored row gets coef = cw = 0 (and NaN-free zeros
+                // below through the select).
+                A coef[kLanes], cwl[kLanes], l[kLanes], keep[kLanes];
+                for (int j = 0; j < kLanes; ++j) coef[j] = 0, cwl[j] = 0, l[j] = 0, keep[j] = 0;
+                for (int64_t j = 0; j < nl; ++j) {
+                  const A gn = reduction == kNone ? gp[row0 + j] : gscale;
+                  l[j] = lp[row0 + j];
+                  if constexpr (MODE >= 3) {
+                    A a = 0;
+                    for (int64_t c = 0; c < r.C; ++c) {
+                      A yv = static_cast<A>(yp[base + c * r.S + j]) * om_eps + eps_c;
+                      if constexpr (MODE == 4) yv *= static_cast<A>(wp[c]);
+                      a += yv;
+                    }
+                    coef[j] = gn * a;
+                    cwl[j] = gn;
+                    keep[j] = 1;
+                  } else {
+                    const int64_t ti = static_cast<int64_t>(tp[row0 + j]);
+                    if (ti == ignore_index) continue;
+                    const A wt = wp ? static_cast<A>(wp[ti]) : A(1);
+                    coef[j] = MODE == 0 ? gn * wt : gn * (om_eps * wt + eps_c * wsum);
+                    cwl[j] = gn * eps_c;
+                    keep[j] = 1;
+                  }
+                }
+                auto body = [&](auto nl_c) FO_INLINE_LAMBDA {
+                  constexpr int NL = decltype(nl_c)::value;
+                  for (int64_t c = 0; c < r.C; ++c) {
+                    const scalar_t* xc = xp + base + c * r.S;
+                    scalar_t* gc = op_ + base + c * r.S;
+                    A wc = 1;
+                    if constexpr (MODE == 2 || MODE == 4) wc = static_cast<A>(wp[c]);
+                    for (int j = 0; j < NL; ++j) {
+                      A v = fo_exp(static_cast<A>(xc[j]) - l[j]) * coef[j];
+                      if constexpr (MODE == 1) v -= cwl[j];
+                      if constexpr (MODE == 2) v -= cwl[j] * wc;
+                      if constexpr (MODE >= 3) {
+                        A yv = static_cast<A>(yp[base + c * r.S + j]) * om_eps + eps_c;
+                        if constexpr (MODE == 4) yv *= wc;
+                        v -= cwl[j] * yv;
+                      }
+                      gc[j] = static_cast<scalar_t>(keep[j] != 0 ? v : A(0));
+                    }
+                  }
+                };
+                if (nl == kLanes) {
+                  body(std::integral_constant<int, kLanes>());
+                } else {
+                  for (int64_t c = 0; c < r.C; ++c)
+                    for (int64_t j = 0; j < nl; ++j) {
+                      A v = fo_exp(static_cast<A>(xp[base + c * r.S + j]) - l[j]) * coef[j];
+                      A wc = 1;
+                      if constexpr (MODE == 2 || MODE == 4) wc = static_cast<A>(wp[c]);
+                      if constexpr (MODE == 1) v -= cwl[j];
+                      if constexpr (MODE == 2) v -= cwl[j] * wc;
+                      if constexpr (MODE >= 3) {
+                        A yv = static_cast<A>(yp[base + c * r.S + j]) * om_eps + eps_c;
+                        if constexpr (MODE == 4) yv *= wc;
+                        v -= cwl[j] * yv;
+                      }
+                      op_[base + c * r.S + j] = static_cast<scalar_t>(keep[j] != 0 ? v : A(0));
+                    }
+                }
+                if constexpr (MODE < 3) {
+                  for (int64_t j = 0; j < nl; ++j) {  // the target class
+                    if (keep[j] == 0) continue;
+                    const int64_t ti = static_cast<int64_t>(tp[row0 + j]);
+                    const A gn = reduction == kNone ? gp[row0 + j] : gscale;
+                    const A wt = wp ? static_cast<A>(wp[ti]) : A(1);
+                    const int64_t at = base + ti * r.S + j;
+                    A v = fo_exp(static_cast<A>(xp[at]) - l[j]) * coef[j];
+                    if constexpr (MODE == 1) v -= cwl[j];
+                    if constexpr (MODE == 2) v -= cwl[j] * wt;
+                    op_[at] = static_cast<scalar_t>(v - (MODE == 0 ? gn * wt : gn * om_eps * wt));
+                  }
+                }
+              }
+            });
+          });
+        }
+      });
+    });
+  });
+  return gx;
+}
+
+// ---- nll_loss --------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor> nll_loss_fwd(const Tensor& self, const Tensor& target,
+                                        const c10::optional<Tensor>& weight, int64_t reduction,
+                                        int64_t ignore_index) {
+  const char* op = "fastops.nll_loss";
+  const Rows r = check_nll_loss(self, target, weight, reduction, op);
+  const Tensor x = self.contiguous();
+  const Tensor tg = target.contiguous();
+  const Tensor w = weight_or_undefined(weight);
+  const auto rshape = row_shape(self);
+  const auto adt = acc_dtype(self.scalar_type());
+  Tensor loss = reduction == kNone ? at::empty(rshape, self.options())
+                                   : at::empty({}, self.options());
+  Tensor total_weight = at::empty({}, self.options().dtype(adt));
+  const int64_t rows = r.rows();
+  FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+    FO_DISPATCH_TARGET(tg.scalar_type(), [&] {
+      const index_t* tp = tg.const_data_ptr<index_t>();
+      const double tw = check_targets_total_weight(tp, rows, wp, r.C, ignore_index, op);
+      total_weight.fill_(tw);
+      std::vector<A> buf(reduction == kNone ? 0 : rows);
+      scalar_t* outp = reduction == kNone ? loss.mutable_data_ptr<scalar_t>() : nullptr;
+      at::parallel_for(0, rows, kElementwiseGrain, [&](int64_t b, int64_t e) {
+        for (int64_t i = b; i < e; ++i) {
+          const int64_t n = i / r.S, s = i % r.S;
+          const int64_t ti = static_cast<int64_t>(tp[i]);
+          A v = 0;
+          if (ti != ignore_index) {
+            const A wt = wp ? static_cast<A>(wp[ti]) : A(1);
+            v = -wt * static_cast<A>(xp[(n * r.C + ti) * r.S + s]);
+          }
+          if (outp) outp[i] = static_cast<scalar_t>(v);
+          else buf[i] = v;
+        }
+      });
+      if (reduction != kNone) {
+        double s = deterministic_sum(buf.data(), rows);
+        if (reduction == kMean) s /= tw;
+        loss.fill_(s);
+      }
+    });
+  });
+  return {loss, total_weight};
+}
+
+Tensor nll_loss_bwd(const Tensor& grad_output, const Tensor& self, const Tensor& target,
+                    const c10::optional<Tensor>& weight, int64_t reduction, int64_t ignore_index,
+                    const Tensor& total_weight) {
+  const char* op = "fastops.nll_loss_backward";
+  const Rows r = check_nll_loss_backward(grad_output, self, target, weight, reduction,
+                                         total_weight, op);
+  const auto adt = acc_dtype(self.scalar_type());
+  const Tensor tg = target.contiguous();
+  const Tensor w = weight_or_undefined(weight);
+  const Tensor g = grad_output.to(adt).contiguous();
+  Tensor gx = empty_output(self);
+  if (gx.numel() == 0) return gx;
+  const double tw = total_weight.to(at::kDouble).item<double>();
+  const int64_t rows = r.rows();
+  FO_DISPATCH_FLOATING(self.scalar_type(), [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* wp = w.defined() ? w.const_data_ptr<scalar_t>() : nullptr;
+    const A* gp = g.const_data_ptr<A>();
+    scalar_t* op_ = gx.mutable_data_ptr<scalar_t>();
+    const A gscale = reduction == kMean ? static_cast<A>(static_cast<double>(gp[0]) / tw) : gp[0];
+    FO_DISPATCH_TARGET(tg.scalar_type(), [&] {
+      const index_t* tp = tg.const_data_ptr<index_t>();
+      check_targets_total_weight(tp, rows, wp, r.C, ignore_index, op);
+      // Per n: zero the (C, S) slab, then set the targets.
+      const int64_t slab = r.C * r.S;
+      at::parallel_for(0, r.N, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(1, slab)),
+                       [&](int64_t b, int64_t e) {
+        for (int64_t n = b; n < e; ++n) {
+          scalar_t* gs = op_ + n * slab;
+          std::fill(gs, gs + slab, static_cast<scalar_t>(0));
+          for (int64_t s = 0; s < r.S; ++s) {
+            const int64_t i = n * r.S + s;
+            const int64_t ti = static_cast<int64_t>(tp[i]);
+            if (ti == ignore_index) continue;
+            const A wt = wp ? static_cast<A>(wp[ti]) : A(1);
+            const A gn = reduction == kNone ? gp[i] : gscale;
+            gs[ti * r.S + s] = static_cast<scalar_t>(-wt * gn);
+          }
+        }
+      });
+    });
+  });
+  return gx;
+}
+
+// ---- log_softmax -----------------------------------------------------------------------------
+
+Tensor log_softmax_fwd(const Tensor& self, int64_t dim) {
+  const char* op = "fastops.log_softmax";
+  const DimLayout l = check_log_softmax(self, dim, op);
+  const Tensor x = self.contiguous();
+  Tensor y = empty_output(x);
+  if (x.numel() == 0) return y;
+  FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    if (l.inner == 1) {
+      at::parallel_for(0, l.outer, std::max<int64_t>(1, 65536 / l.C), [&](int64_t b, int64_t e) {
+        dispatch_isa([&]() FO_INLINE_LAMBDA {
+          for (int64_t n = b; n < e; ++n) {
+            const scalar_t* xr = xp + n * l.C;
+            scalar_t* yr = yp + n * l.C;
+            A lse, a, d;
+            row_stats<0>(xr, xr, xr, l.C, A(1), A(0), lse, a, d);
+            for (int64_t c = 0; c < l.C; ++c) yr[c] = static_cast<scalar_t>(static_cast<A>(xr[c]) - lse);
+          }
+        });
+      });
+    } else {
+      const int64_t nblk = (l.inner + kLanes - 1) / kLanes;
+      at::parallel_for(0, l.outer * nblk, std::max<int64_t>(1, 4096 / l.C), [&](int64_t b, int64_t e) {
+        dispatch_isa([&]() FO_INLINE_LAMBDA {
+          for (int64_t task = b; task < e; ++task) {
+            const int64_t n = task / nblk, s0 = (task % nblk) * kLanes;
+            const int64_t nl = std::min<int64_t>(kLanes, l.inner - s0);
+            const int64_t base = n * l.C * l.inner + s0;
+            A lse[kLanes], a[kLanes], d[kLanes];
+            if (nl == kLanes) {
+              lane_stats<kLanes, 0>(xp + base, xp, xp, l.C, l.inner, A(1), A(0), lse, a, d);
+              for (int64_t c = 0; c < l.C; ++c)
+                for (int j = 0; j < kLanes; ++j)
+                  yp[base + c * l.inner + j] =
+                      static_cast<scalar_t>(static_cast<A>(xp[base + c * l.inner + j]) - lse[j]);
+            } else {
+              for (int64_t j = 0; j < nl; ++j)
+                lane_stats<1, 0>(xp + base + j, xp, xp, l.C, l.inner, A(1), A(0), lse + j, a + j,
+                                 d + j);
+              for (int64_t c = 0; c < l.C; ++c)
+                for (int64_t j = 0; j < nl; ++j)
+                  yp[base + c * l.inner + j] =
+                      static_cast<scalar_t>(static_cast<A>(xp[base + c * l.inner + j]) - lse[j]);
+            }
+          }
+        });
+      });
+    }
+  });
+  return y;
+}
+
+// grad_input = g - exp(y) * sum(g) along dim.
+Tensor log_softmax_bwd(const Tensor& grad_output, const Tensor& output, int64_t dim) {
+  const char* op = "fastops.log_softmax_backward";
+  const DimLayout l = check_log_softmax_backward(grad_output, output, dim, op);
+  const Tensor y = output.contiguous();
+  const Tensor g = grad_output.contiguous();
+  Tensor gx = empty_output(y);
+  if (y.numel() == 0) return gx;
+  FO_DISPATCH_FLOATING(y.scalar_type(), [&] {
+    using A = acc_t<scalar_t>;
+    const scalar_t* yp = y.const_data_ptr<scalar_t>();
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    scalar_t* op_ = gx.mutable_data_ptr<scalar_t>();
+    if (l.inner == 1) {
+      at::parallel_for(0, l.outer, std::max<int64_t>(1, 65536 / l.C), [&](int64_t b, int64_t e) {
+        dispatch_isa([&]() FO_INLINE_LAMBDA {
+          for (int64_t n = b; n < e; ++n) {
+            const scalar_t* yr = yp + n * l.C;
+            const scalar_t* gr = gp + n * l.C;
+            scalar_t* o = op_ + n * l.C;
+            A acc[kLanes];
+            for (int j = 0; j < kLanes; ++j) acc[j] = 0;
+            int64_t c = 0;
+            for (; c + kLanes <= l.C; c += kLanes)
+              for (int j = 0; j < kLanes; ++j) acc[j] += static_cast<A>(gr[c + j]);
+            A s = 0;
+            for (int j = 0; j < kLanes; ++j) s += acc[j];
+            for (; c < l.C; ++c) s += static_cast<A>(gr[c]);
+            for (c = 0; c < l.C; ++c)
+              o[c] = static_cast<scalar_t>(static_cast<A>(gr[c]) -
+                                           fo_exp(static_cast<A>(yr[c])) * s);
+          }
+        });
+      });
+    } else {
+      at::parallel_for(0, l.outer, std::max<int64_t>(1, 65536 / (l.C * l.inner)),
+                       [&](int64_t b, int64_t e) {
+        dispatch_isa([&]() FO_INLINE_LAMBDA {
+          std::vector<A> s(l.inner);
+          for (int64_t n = b; n < e; ++n) {
+            const int64_t base = n * l.C * l.inner;
+            for (int64_t i = 0; i < l.inner; ++i) s[i] = 0;
+            for (int64_t c = 0; c < l.C; ++c)
+              for (int64_t i = 0; i < l.inner; ++i)
+                s[i] += static_cast<A>(gp[base + c * l.inner + i]);
+            for (int64_t c = 0; c < l.C; ++c)
+              for (int64_t i = 0; i < l.inner; ++i) {
+                const int64_t k = base + c * l.inner + i;
+                op_[k] = static_cast<scalar_t>(static_cast<A>(gp[k]) -
+                                               fo_exp(static_cast<A>(yp[k])) * s[i]);
+              }
+          }
+        });
+      });
+    }
+  });
+  return gx;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastops, CPU, m) {
+  m.impl("log_softmax", &log_softmax_fwd);
+  m.impl("log_softmax_backward", &log_softmax_bwd);
+  m.impl("nll_loss", &nll_loss_fwd);
+  m.impl("nll_loss_backward", &nll_loss_bwd);
+  m.impl("cross_entropy", &cross_entropy_fwd);
+  m.impl("cross_entropy_backward", &cross_entropy_bwd);
+}
+
+}  // namespace cpu
+}  // namespace fastops
