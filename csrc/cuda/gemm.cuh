@@ -9,13 +9,26 @@
 // Kernels:
 //   - float16 / bfloat16 on sm_80+: tensor cores (mma.sync m16n8k16, float accumulation), tiles
 //     staged through shared memory by a multi-stage cp.async pipeline and read with ldmatrix.
+//     Chosen by the code the build holds for the device, not by the device alone: a build whose
+//     code for this GPU comes from a pre-sm_80 virtual architecture (PTX JIT-compiled at load)
+//     has no tensor-core body and takes the CUDA-core kernel (the empty body traps if reached).
 //   - everything else (float32, float64, 16-bit types on older GPUs): a register-tiled CUDA-core
 //     kernel accumulating in acc_t<T>; float32 / float64 tiles reach shared memory through a
 //     3-stage cp.async pipeline on sm_80+ (no registers spent on staging), otherwise through
 //     registers into double-buffered shared memory.
-// Edges (M, N, K not multiples of a tile) are zero-filled in shared memory; operands whose
-// pointer or leading dimension does not allow 16-byte (or pack-sized) loads take a scalar path.
-// Every output is a fixed-order sum: results are bitwise reproducible.
+// Edges (M, N, K not multiples of a tile) are zero-filled in shared memory. The tensor-core
+// loader copies with the widest cp.async (16, 8 or 4 bytes) that an operand's pointer and leading
+// dimension allow, zero-filling what lies outside the matrix through cp.async's source size;
+// only operands aligned to 2 bytes alone (odd leading dimension or pointer) are loaded element by
+// element. The CUDA-core loaders take a scalar path for operands that do not allow 16-byte (or
+// pack-sized) access.
+//
+// Split-K: an output of few tiles with a long K (the weight gradient, whose K is the number of
+// tokens; small-M forwards) leaves most SMs idle, so K is split into contiguous ranges
+// (gemm_plan.h), each block computing one (tile, range) pair into a float (double for float64)
+// workspace [splits][M][N]; a second kernel adds the splits of every element in split order and
+// calls the epilogue. No atomics anywhere: every output is a fixed-order sum, and the same shape
+// and alignment on the same device always gives the same bits.
 //
 // Epilogue: a copyable functor with `__device__ void operator()(int64_t row, int64_t col,
 // acc_t<T> value) const`, called once per in-bounds output element.
@@ -25,6 +38,7 @@
 #include <type_traits>
 
 #include "cuda_common.cuh"
+#include "gemm_plan.h"
 
 namespace fastops {
 namespace gpu {
@@ -70,14 +84,27 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(src) : "memory");
 #endif
 }
+// Copies Bytes (4, 8 or 16) bytes to shared memory, of which only the first src_bytes are read
+// from src and the rest are zero-filled (src_bytes 0: nothing is read). src is Bytes-aligned.
+template <int Bytes>
+__device__ __forceinline__ void cp_async_zfill(uint32_t dst, const void* src, int src_bytes) {
+#ifdef FO_GEMM_SM80
+  if constexpr (Bytes == 16) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+                 "r"(src_bytes)
+                 : "memory");
+  } else {
+    static_assert(Bytes == 4 || Bytes == 8, "cp.async copies 4, 8 or 16 bytes");
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(src),
+                 "n"(Bytes), "r"(src_bytes)
+                 : "memory");
+  }
+#endif
+}
 // Copies one element of Bytes (4 or 8) bytes, or zero-fills it when !ok (nothing is read).
 template <int Bytes>
 __device__ __forceinline__ void cp_async_elem(uint32_t dst, const void* src, bool ok) {
-#ifdef FO_GEMM_SM80
-  asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(src),
-               "n"(Bytes), "r"(ok ? Bytes : 0)
-               : "memory");
-#endif
+  cp_async_zfill<Bytes>(dst, src, ok ? Bytes : 0);
 }
 __device__ __forceinline__ void cp_async_commit() {
 #ifdef FO_GEMM_SM80
@@ -191,19 +218,19 @@ struct SimtRegLoader {
     }
   }
 
-  // Loads the tile at (r0 along m/n, k0 along k); extent = M or N.
+  // Loads the tile at (r0 along m/n, k0 along k); extent = M or N, k_end: the end of the k range.
   __device__ __forceinline__ void load(const Operand<T>& op, bool vec, int64_t r0, int64_t k0,
-                                       int64_t extent, int64_t K) {
+                                       int64_t extent, int64_t k_end) {
     const T* p;
     int64_t valid;  // elements of this thread's pack inside the matrix
     if constexpr (KMajor) {
       const int64_t row = r0 + r, k = k0 + c;
       p = op.ptr + row * op.ld + k;
-      valid = row < extent ? K - k : 0;
+      valid = row < extent ? k_end - k : 0;
     } else {
       const int64_t k = k0 + r, col = r0 + c;
       p = op.ptr + k * op.ld + col;
-      valid = k < K ? extent - col : 0;
+      valid = k < k_end ? extent - col : 0;
     }
     if (vec && valid >= CW) {
       const Pack<T, CW> pk = load_pack<T, CW>(p);
@@ -259,20 +286,21 @@ struct SimtAsyncLoader {
     }
   }
 
-  // Copies the tile at (r0 along m/n, k0 along k) to shared address s ([BKT][kStride]).
+  // Copies the tile at (r0 along m/n, k0 along k) to shared address s ([BKT][kStride]); extent =
+  // M or N, k_end: the end of the k range.
   __device__ __forceinline__ void load(uint32_t s, const Operand<T>& op, bool vec, int64_t r0,
-                                       int64_t k0, int64_t extent, int64_t K) const {
+                                       int64_t k0, int64_t extent, int64_t k_end) const {
     if constexpr (KMajor) {
       const int64_t row = r0 + r, k = k0 + c;
       const T* p = op.ptr + row * op.ld + k;
       const bool row_ok = row < extent;
-      if (row_ok && k + KW <= K) {  // the common case: no per-element checks
+      if (row_ok && k + KW <= k_end) {  // the common case: no per-element checks
 #pragma unroll
         for (int i = 0; i < KW; ++i) cp_async_elem<E>(s + ((c + i) * kStride + r) * E, p + i, true);
       } else {
 #pragma unroll
         for (int i = 0; i < KW; ++i) {
-          const bool ok = row_ok && k + i < K;
+          const bool ok = row_ok && k + i < k_end;
           cp_async_elem<E>(s + ((c + i) * kStride + r) * E, ok ? p + i : op.ptr, ok);
         }
       }
@@ -284,7 +312,7 @@ struct SimtAsyncLoader {
         const int kr = r + pass * ROWS_PER_PASS;
         const int64_t k = k0 + kr;
         const T* p = op.ptr + k * op.ld + col;
-        const int64_t valid = k < K ? cols : 0;
+        const int64_t valid = k < k_end ? cols : 0;
         const uint32_t d = s + (kr * kStride + c) * E;
         if (vec && valid >= VW) {
           cp_async16(d, p);
@@ -298,10 +326,13 @@ struct SimtAsyncLoader {
   }
 };
 
+// Block (x, y) computes output tile x (tile_of_block) over k in [y k_split, (y + 1) k_split) cut
+// at K: the whole of K when there is one split (gridDim.y == 1, k_split >= K).
 template <class T, bool AK, bool BK, class Epi>
 __global__ void __launch_bounds__(kSimtThreads, SimtShape<T>::min_blocks)
-    simt_gemm_kernel(int64_t M, int64_t N, int64_t K, Operand<T> A, Operand<T> B, bool vec_a,
-                     bool vec_b, int64_t tiles_m, int64_t tiles_n, Epi epi) {
+    simt_gemm_kernel(int64_t M, int64_t N, int64_t K, int64_t k_split, Operand<T> A,
+                     Operand<T> B, bool vec_a, bool vec_b, int64_t tiles_m, int64_t tiles_n,
+                     Epi epi) {
   using Acc = acc_t<T>;
   constexpr int TM = SimtShape<T>::TM, TN = SimtShape<T>::TN;
   constexpr int BM = 16 * TM, BN = 16 * TN;
@@ -356,13 +387,16 @@ __global__ void __launch_bounds__(kSimtThreads, SimtShape<T>::min_blocks)
     }
   };
 
-  const int64_t nk = (K + BKT - 1) / BKT;
+  // k_begin is a multiple of kSplitKGranule, hence of BKT; loads are bounded by k_end
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * k_split;
+  const int64_t k_end = K - k_begin < k_split ? K : k_begin + k_split;
+  const int64_t nk = k_end > k_begin ? (k_end - k_begin + BKT - 1) / BKT : 0;
   if constexpr (kAsync) {
     const SimtAsyncLoader<T, BM, AK> la;
     const SimtAsyncLoader<T, BN, BK> lb;
     auto load_stage = [&](int st, int64_t kt) {
-      la.load(smem_u32(As + st * BKT * SA), A, vec_a, m0, kt * BKT, M, K);
-      lb.load(smem_u32(Bs + st * BKT * SB), B, vec_b, n0, kt * BKT, N, K);
+      la.load(smem_u32(As + st * BKT * SA), A, vec_a, m0, k_begin + kt * BKT, M, k_end);
+      lb.load(smem_u32(Bs + st * BKT * SB), B, vec_b, n0, k_begin + kt * BKT, N, k_end);
     };
 #pragma unroll
     for (int st = 0; st < STAGES - 1; ++st) {
@@ -383,8 +417,8 @@ __global__ void __launch_bounds__(kSimtThreads, SimtShape<T>::min_blocks)
     SimtRegLoader<T, Acc, BM, AK> la;
     SimtRegLoader<T, Acc, BN, BK> lb;
     if (nk > 0) {
-      la.load(A, vec_a, m0, 0, M, K);
-      lb.load(B, vec_b, n0, 0, N, K);
+      la.load(A, vec_a, m0, k_begin, M, k_end);
+      lb.load(B, vec_b, n0, k_begin, N, k_end);
       la.store(As);
       lb.store(Bs);
     }
@@ -393,8 +427,8 @@ __global__ void __launch_bounds__(kSimtThreads, SimtShape<T>::min_blocks)
       const int cur = static_cast<int>(kt & 1);
       const bool more = kt + 1 < nk;
       if (more) {  // in flight while this tile is computed
-        la.load(A, vec_a, m0, (kt + 1) * BKT, M, K);
-        lb.load(B, vec_b, n0, (kt + 1) * BKT, N, K);
+        la.load(A, vec_a, m0, k_begin + (kt + 1) * BKT, M, k_end);
+        lb.load(B, vec_b, n0, k_begin + (kt + 1) * BKT, N, k_end);
       }
       compute(As + cur * BKT * SA, Bs + cur * BKT * SB);
       if (more) {  // the other buffer was last read before the barrier that ended kt - 1
@@ -447,10 +481,28 @@ struct TcConfig {
 using TcBig = TcConfig<128, 256, 2, 4, 3, 1>;    // warps of 64 x 64; 144 KiB of shared memory
 using TcSmall = TcConfig<128, 128, 2, 4, 3, 2>;  // warps of 64 x 32; 96 KiB, two blocks per SM
 
+// One 16-byte chunk of shared memory from the `valid` elements at src (all 8 when valid >= 8,
+// none when valid <= 0), zero-filled beyond them, copied in cp.async pieces of Width bytes. Only
+// the valid elements are read; pieces with none read nothing and take `safe` (the operand's
+// first element) as their source address. src and safe are Width-aligned.
+template <int Width>
+__device__ __forceinline__ void tc_copy_chunk(uint32_t dst, const uint16_t* src, int64_t valid,
+                                              const uint16_t* safe) {
+  constexpr int kElems = Width / 2;
+#pragma unroll
+  for (int piece = 0; piece < 16 / Width; ++piece) {
+    const int64_t left = valid - piece * kElems;  // elements of this piece inside, if > 0
+    const int bytes = left >= kElems ? Width : left > 0 ? static_cast<int>(left) * 2 : 0;
+    cp_async_zfill<Width>(dst + piece * Width, bytes > 0 ? src + piece * kElems : safe, bytes);
+  }
+}
+
 // Copies this thread's chunks of one operand tile (R rows along m or n, 64 along k) into
-// shared memory. Per chunk of 8 elements: cp.async when it lies inside the matrix and the
-// operand allows 16-byte access; a zero store when it lies outside; element by element
-// otherwise (the matrix edge, or a misaligned operand).
+// shared memory. `width` (bytes) is the widest access the operand's pointer and leading
+// dimension allow (access_bytes); a chunk starts a multiple of 8 elements into its row (tile
+// origins and k ranges are multiples of 64), so its pieces are width-aligned. Widths 16, 8 and
+// 4: cp.async, zero-filling what lies outside the matrix or the k range. Width 2: element by
+// element through registers (a zero store outside).
 template <int R, bool KMajor, int THREADS>
 struct TcTileLoader {
   static constexpr int CPR = KMajor ? kTcBK / 8 : R / 8;  // 16-byte chunks per shared row
@@ -490,26 +542,47 @@ struct TcTileLoader {
                   : base + (k0 + i * ROWS_PER_PASS) * ld;
   }
 
-  __device__ __forceinline__ void load(uint32_t smem, int64_t k0, int64_t K, bool vec) const {
-    // Interior tiles: every chunk of this thread is inside the matrix.
-    const bool inside = KMajor ? (k0 + kTcBK <= K && rows_left > (PASSES - 1) * ROWS_PER_PASS)
-                               : (k0 + kTcBK <= K && contig_left >= 8);
-    if (vec && inside) {
+  template <int Width>
+  __device__ __forceinline__ void copy_inside(uint32_t smem, int64_t k0,
+                                              const uint16_t* safe) const {
 #pragma unroll
-      for (int i = 0; i < PASSES; ++i) cp_async16(dst_of(smem, i), src_of(i, k0));
-      return;
+    for (int i = 0; i < PASSES; ++i) {
+      if constexpr (Width == 16) cp_async16(dst_of(smem, i), src_of(i, k0));
+      else tc_copy_chunk<Width>(dst_of(smem, i), src_of(i, k0), 8, safe);
     }
-    // Edge tiles and misaligned operands, chunk by chunk (kept rolled: rare, and it keeps the
-    // main loop's code small).
+  }
+
+  // The tile at k0 of a k range that ends at k_end; safe: the operand's first element.
+  __device__ __forceinline__ void load(uint32_t smem, int64_t k0, int64_t k_end, int width,
+                                       const uint16_t* safe) const {
+    // Interior tiles: every chunk of this thread is inside the matrix.
+    const bool inside = KMajor
+                            ? (k0 + kTcBK <= k_end && rows_left > (PASSES - 1) * ROWS_PER_PASS)
+                            : (k0 + kTcBK <= k_end && contig_left >= 8);
+    if (inside) {
+      switch (width) {
+        case 16: return copy_inside<16>(smem, k0, safe);
+        case 8: return copy_inside<8>(smem, k0, safe);
+        case 4: return copy_inside<4>(smem, k0, safe);
+        default: break;
+      }
+    }
+    // Edge tiles and 2-byte operands, chunk by chunk (kept rolled: rare, and it keeps the main
+    // loop's code small).
 #pragma unroll 1
     for (int i = 0; i < PASSES; ++i) {
       const int row = srow + i * ROWS_PER_PASS;
       const uint32_t dst = dst_of(smem, i);
       const uint16_t* src = src_of(i, k0);
-      const int64_t valid = KMajor ? ((i * ROWS_PER_PASS < rows_left) ? K - k0 - schunk * 8 : 0)
-                                   : ((k0 + row < K) ? contig_left : 0);
-      if (valid >= 8 && vec) {
-        cp_async16(dst, src);
+      const int64_t valid =
+          KMajor ? ((i * ROWS_PER_PASS < rows_left) ? k_end - k0 - schunk * 8 : 0)
+                 : ((k0 + row < k_end) ? contig_left : 0);
+      if (width == 16) {
+        tc_copy_chunk<16>(dst, src, valid, safe);
+      } else if (width == 8) {
+        tc_copy_chunk<8>(dst, src, valid, safe);
+      } else if (width == 4) {
+        tc_copy_chunk<4>(dst, src, valid, safe);
       } else if (valid <= 0) {
         st_shared16(dst, 0u, 0u, 0u, 0u);
       } else {
@@ -526,10 +599,12 @@ struct TcTileLoader {
   }
 };
 
+// Block (x, y) computes output tile x (tile_of_block) over k in [y k_split, (y + 1) k_split) cut
+// at K, as simt_gemm_kernel. width_a / width_b: the operands' access widths (TcTileLoader).
 template <class T, class Cfg, bool AK, bool BK, class Epi>
 __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_BLOCKS)
-    tc_gemm_kernel(int64_t M, int64_t N, int64_t K, Operand<T> A, Operand<T> B, bool vec_a,
-                   bool vec_b, int64_t tiles_m, int64_t tiles_n, Epi epi) {
+    tc_gemm_kernel(int64_t M, int64_t N, int64_t K, int64_t k_split, Operand<T> A, Operand<T> B,
+                   int width_a, int width_b, int64_t tiles_m, int64_t tiles_n, Epi epi) {
 #ifdef FO_GEMM_SM80
   constexpr int BM = Cfg::BM, BN = Cfg::BN, STAGES = Cfg::STAGES, THREADS = Cfg::THREADS;
   constexpr int MT = Cfg::WM / 16;  // m16 tiles per warp
@@ -542,12 +617,17 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_BLOCKS)
   tile_of_block(tiles_m, tiles_n, tm, tn);
   const int64_t m0 = tm * BM, n0 = tn * BN;
 
-  const TcTileLoader<BM, AK, THREADS> la(reinterpret_cast<const uint16_t*>(A.ptr), A.ld, m0, M);
-  const TcTileLoader<BN, BK, THREADS> lb(reinterpret_cast<const uint16_t*>(B.ptr), B.ld, n0, N);
+  // k_begin is a multiple of kSplitKGranule, hence of kTcBK; loads are bounded by k_end
+  const int64_t k_begin = static_cast<int64_t>(blockIdx.y) * k_split;
+  const int64_t k_end = K - k_begin < k_split ? K : k_begin + k_split;
+  const uint16_t* const a16 = reinterpret_cast<const uint16_t*>(A.ptr);
+  const uint16_t* const b16 = reinterpret_cast<const uint16_t*>(B.ptr);
+  const TcTileLoader<BM, AK, THREADS> la(a16, A.ld, m0, M);
+  const TcTileLoader<BN, BK, THREADS> lb(b16, B.ld, n0, N);
   auto load_stage = [&](int stage, int64_t kt) {
     const uint32_t s = smem + stage * Cfg::STAGE_BYTES;
-    la.load(s, kt * kTcBK, K, vec_a);
-    lb.load(s + Cfg::A_BYTES, kt * kTcBK, K, vec_b);
+    la.load(s, k_begin + kt * kTcBK, k_end, width_a, a16);
+    lb.load(s + Cfg::A_BYTES, k_begin + kt * kTcBK, k_end, width_b, b16);
   };
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -591,7 +671,7 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_BLOCKS)
 #pragma unroll
       for (int c = 0; c < 4; ++c) acc[i][j][c] = 0.f;
 
-  const int64_t nk = (K + kTcBK - 1) / kTcBK;
+  const int64_t nk = k_end > k_begin ? (k_end - k_begin + kTcBK - 1) / kTcBK : 0;
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < nk) load_stage(s, s);
@@ -658,18 +738,62 @@ __global__ void __launch_bounds__(Cfg::THREADS, Cfg::MIN_BLOCKS)
       }
     }
   }
+#else
+  // No tensor-core code for this architecture: the host never launches it (tc_kernel_compiled);
+  // should it ever run, fail loudly rather than leave the output unwritten.
+  __trap();
 #endif
+}
+
+// =============================================================================================
+// Split-K: the partial sums of every split go to a workspace [splits][M][N], then one pass adds
+// them in split order.
+
+// Epilogue of the split blocks: split blockIdx.y writes its partial sums to its own slice.
+template <class Acc>
+struct SplitPartialStore {
+  Acc* parts;     // [splits][M][N]
+  int64_t n;      // N
+  int64_t slice;  // M N
+  __device__ __forceinline__ void operator()(int64_t row, int64_t col, Acc v) const {
+    parts[static_cast<int64_t>(blockIdx.y) * slice + row * n + col] = v;
+  }
+};
+
+// Adds the splits of every output element in order s = 0, 1, ..., splits - 1 and hands the
+// total to the epilogue, once per element.
+template <class Acc, class Epi>
+__global__ void __launch_bounds__(kThreads)
+    split_k_sum_kernel(const Acc* __restrict__ parts, int splits, int64_t M, int64_t N,
+                       Epi epi) {
+  const int64_t total = M * N;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    Acc sum = parts[i];
+    for (int s = 1; s < splits; ++s) sum += parts[s * total + i];
+    const int64_t row = i / N;
+    epi(row, i - row * N, sum);
+  }
 }
 
 // =============================================================================================
 // Host side.
 
-// Largest dynamic shared memory a block may opt in to on the current device (cached).
-inline int max_smem_optin() {
-  static std::atomic<int> cache[64];
+constexpr int kMaxCachedDevices = 64;
+
+// The current device, as an index into the per-device caches below.
+inline int cached_device_index() {
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device < 0 || device >= 64) device = 63;
+  TORCH_CHECK(device >= 0 && device < kMaxCachedDevices, "fastops: CUDA device index ", device,
+              " beyond the ", kMaxCachedDevices, " supported");
+  return device;
+}
+
+// Largest dynamic shared memory a block may opt in to on the current device (cached).
+inline int max_smem_optin() {
+  static std::atomic<int> cache[kMaxCachedDevices];
+  const int device = cached_device_index();
   int v = cache[device].load(std::memory_order_relaxed);
   if (v == 0) {
     C10_CUDA_CHECK(
@@ -677,6 +801,24 @@ inline int max_smem_optin() {
     cache[device].store(v, std::memory_order_relaxed);
   }
   return v;
+}
+
+// Whether this tensor-core kernel has its body in the code that the current device runs. The
+// runtime runs the build's best match for the device: a build without an sm_80+ target gives an
+// sm_80+ GPU PTX of an older virtual architecture (ptxVersion = that __CUDA_ARCH__ / 10), JIT-
+// compiled with the body left out. Cached per device, in one cache per instantiation.
+template <class T, class Cfg, bool AK, bool BK, class Epi>
+bool tc_kernel_compiled() {
+  static std::atomic<int> cache[kMaxCachedDevices];  // 0: not asked yet, 1: no, 2: yes
+  const int device = cached_device_index();
+  int v = cache[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    cudaFuncAttributes attr{};
+    C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, tc_gemm_kernel<T, Cfg, AK, BK, Epi>));
+    v = attr.ptxVersion >= 80 ? 2 : 1;
+    cache[device].store(v, std::memory_order_relaxed);
+  }
+  return v == 2;
 }
 
 template <class T>
@@ -692,26 +834,31 @@ inline unsigned int grid_of_tiles(int64_t tiles) {
   return static_cast<unsigned int>(tiles);
 }
 
+// One launch over every output tile and `splits` k ranges of k_split elements (k_split = K,
+// splits = 1: no split).
 template <class T, class Cfg, bool AK, bool BK, class Epi>
-void launch_tc(int64_t M, int64_t N, int64_t K, const Operand<T>& A, const Operand<T>& B,
-               const Epi& epi, cudaStream_t stream) {
+void launch_tc(int64_t M, int64_t N, int64_t K, int64_t k_split, int splits, const Operand<T>& A,
+               const Operand<T>& B, const Epi& epi, cudaStream_t stream) {
   const int64_t tiles_m = ceil_div(M, Cfg::BM), tiles_n = ceil_div(N, Cfg::BN);
-  const unsigned int grid = grid_of_tiles(tiles_m * tiles_n);
+  const dim3 grid(grid_of_tiles(tiles_m * tiles_n), static_cast<unsigned int>(splits));
   auto kernel = tc_gemm_kernel<T, Cfg, AK, BK, Epi>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       Cfg::SMEM_BYTES));
-  kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream>>>(
-      M, N, K, A, B, aligned_ld(A, 8), aligned_ld(B, 8), tiles_m, tiles_n, epi);
+  constexpr int kElem = static_cast<int>(sizeof(T));
+  const int width_a = access_bytes(reinterpret_cast<uintptr_t>(A.ptr), A.ld, kElem);
+  const int width_b = access_bytes(reinterpret_cast<uintptr_t>(B.ptr), B.ld, kElem);
+  kernel<<<grid, Cfg::THREADS, Cfg::SMEM_BYTES, stream>>>(M, N, K, k_split, A, B, width_a,
+                                                          width_b, tiles_m, tiles_n, epi);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <class T, bool AK, bool BK, class Epi>
-void launch_simt(int64_t M, int64_t N, int64_t K, const Operand<T>& A, const Operand<T>& B,
-                 const Epi& epi, cudaStream_t stream) {
+void launch_simt(int64_t M, int64_t N, int64_t K, int64_t k_split, int splits,
+                 const Operand<T>& A, const Operand<T>& B, const Epi& epi, cudaStream_t stream) {
   constexpr int TM = SimtShape<T>::TM, TN = SimtShape<T>::TN;
   constexpr int kSmem = simt_smem_bytes<T>();
   const int64_t tiles_m = ceil_div(M, 16 * TM), tiles_n = ceil_div(N, 16 * TN);
-  const unsigned int grid = grid_of_tiles(tiles_m * tiles_n);
+  const dim3 grid(grid_of_tiles(tiles_m * tiles_n), static_cast<unsigned int>(splits));
   auto kernel = simt_gemm_kernel<T, AK, BK, Epi>;
   if constexpr (kSmem > 48 * 1024) {
     C10_CUDA_CHECK(
@@ -720,30 +867,71 @@ void launch_simt(int64_t M, int64_t N, int64_t K, const Operand<T>& A, const Ope
   // 16-byte vectors: packs of 16 / sizeof(T) elements for cp.async (float / double), of
   // TM / 2 elements for the register loads (16-bit types)
   const int vec = std::is_same_v<T, acc_t<T>> ? 16 / static_cast<int>(sizeof(T)) : TM / 2;
-  kernel<<<grid, kSimtThreads, kSmem, stream>>>(M, N, K, A, B, aligned_ld(A, vec),
+  kernel<<<grid, kSimtThreads, kSmem, stream>>>(M, N, K, k_split, A, B, aligned_ld(A, vec),
                                                 aligned_ld(B, vec), tiles_m, tiles_n, epi);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// C[M, N] = A B through epi, on `stream` (the caller holds the device guard). AK / BK: whether
-// A / B are k-major (see the top of this file). Nothing is launched for an empty output; K = 0
-// hands zeros to the epilogue.
+// Runs `launch(k_split, splits, epilogue)` as `plan` says: one split straight into epi, or
+// plan.splits into a workspace whose splits split_k_sum_kernel then adds into epi.
+template <class T, class Epi, class Launch>
+void run_planned(const SplitK& plan, int64_t M, int64_t N, int64_t K, const Epi& epi,
+                 cudaStream_t stream, const Launch& launch) {
+  if (plan.splits <= 1) return launch(K, 1, epi);
+  using Acc = acc_t<T>;
+  // The caching allocator orders the workspace's reuse on the current stream: it must be ours.
+  TORCH_INTERNAL_ASSERT(stream == c10::cuda::getCurrentCUDAStream().stream(),
+                        "fastops gemm: split-K runs on the current stream only");
+  const at::Tensor parts =
+      at::empty({plan.splits, M, N}, at::TensorOptions()
+                                         .dtype(std::is_same_v<Acc, double> ? at::kDouble
+                                                                            : at::kFloat)
+                                         .device(at::kCUDA, c10::cuda::current_device()));
+  Acc* const p = parts.mutable_data_ptr<Acc>();
+  launch(plan.k_tiles_per_split * kSplitKGranule, plan.splits,
+         SplitPartialStore<Acc>{p, N, M * N});
+  split_k_sum_kernel<Acc, Epi>
+      <<<grid_for(M * N, kThreads), kThreads, 0, stream>>>(p, plan.splits, M, N, epi);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// C[M, N] = A B through epi, on `stream`, the current stream of the current device (the caller
+// holds the device guard). AK / BK: whether A / B are k-major (see the top of this file).
+// Nothing is launched for an empty output; K = 0 hands zeros to the epilogue.
 template <class T, bool AK, bool BK, class Epi>
 void gemm(int64_t M, int64_t N, int64_t K, const Operand<T>& A, const Operand<T>& B,
           const Epi& epi, cudaStream_t stream) {
   if (M <= 0 || N <= 0) return;
+  const int sms = num_sms();
+  const int64_t k_tiles = ceil_div(K, kSplitKGranule);
   if constexpr (std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>) {
     if (compute_capability() >= 80) {
+      using Partial = SplitPartialStore<acc_t<T>>;
       const int smem = max_smem_optin();
-      // The big tile when it still gives every SM a block; the small one for small outputs.
+      // The big tile when it still gives every SM a block; the small one, split along K when
+      // it leaves SMs idle, for small outputs.
       const int64_t big_tiles = ceil_div(M, TcBig::BM) * ceil_div(N, TcBig::BN);
-      if (smem >= TcBig::SMEM_BYTES && big_tiles >= num_sms())
-        return launch_tc<T, TcBig, AK, BK>(M, N, K, A, B, epi, stream);
-      if (smem >= TcSmall::SMEM_BYTES)
-        return launch_tc<T, TcSmall, AK, BK>(M, N, K, A, B, epi, stream);
+      if (smem >= TcBig::SMEM_BYTES && big_tiles >= sms &&
+          tc_kernel_compiled<T, TcBig, AK, BK, Epi>())
+        return launch_tc<T, TcBig, AK, BK>(M, N, K, K, 1, A, B, epi, stream);
+      const SplitK plan =
+          plan_split_k(ceil_div(M, TcSmall::BM) * ceil_div(N, TcSmall::BN), k_tiles, sms);
+      if (smem >= TcSmall::SMEM_BYTES &&
+          (plan.splits > 1 ? tc_kernel_compiled<T, TcSmall, AK, BK, Partial>()
+                           : tc_kernel_compiled<T, TcSmall, AK, BK, Epi>())) {
+        return run_planned<T>(plan, M, N, K, epi, stream,
+                              [&](int64_t k_split, int splits, const auto& e) {
+                                launch_tc<T, TcSmall, AK, BK>(M, N, K, k_split, splits, A, B, e,
+                                                              stream);
+                              });
+      }
     }
   }
-  launch_simt<T, AK, BK>(M, N, K, A, B, epi, stream);
+  constexpr int BM = 16 * SimtShape<T>::TM, BN = 16 * SimtShape<T>::TN;
+  const SplitK plan = plan_split_k(ceil_div(M, BM) * ceil_div(N, BN), k_tiles, sms);
+  run_planned<T>(plan, M, N, K, epi, stream, [&](int64_t k_split, int splits, const auto& e) {
+    launch_simt<T, AK, BK>(M, N, K, k_split, splits, A, B, e, stream);
+  });
 }
 
 }  // namespace gemm

@@ -33,12 +33,13 @@ using gemm::Operand;
 constexpr int kActIdentity = -1;
 constexpr int kActPrelu = -2;
 
-template <class A>
+// T: the storage type, whose rounding params_in_dtype applies to the parameters (as torch does).
+template <class T, class A>
 __device__ __forceinline__ A pointwise_forward(int kind, A z, double a, double b) {
   switch (kind) {
 #define FO_CASE(n, schema_params, cpp_params, make) \
   case static_cast<int>(PointwiseKind::n):          \
-    return FO_UNPAREN make.forward(z);
+    return params_in_dtype<T>(FO_UNPAREN make).forward(z);
     FASTOPS_POINTWISE_ACTIVATIONS(FO_CASE)
 #undef FO_CASE
     default:
@@ -46,12 +47,12 @@ __device__ __forceinline__ A pointwise_forward(int kind, A z, double a, double b
   }
 }
 
-template <class A>
+template <class T, class A>
 __device__ __forceinline__ A pointwise_backward(int kind, A z, A g, double a, double b) {
   switch (kind) {
 #define FO_CASE(n, schema_params, cpp_params, make) \
   case static_cast<int>(PointwiseKind::n):          \
-    return FO_UNPAREN make.backward(z, g);
+    return params_in_dtype<T>(FO_UNPAREN make).backward(z, g);
     FASTOPS_POINTWISE_ACTIVATIONS(FO_CASE)
 #undef FO_CASE
     default:
@@ -89,7 +90,7 @@ struct LinearEpilogue {
     Acc y;
     if (kind == kActIdentity) y = z;
     else if (kind == kActPrelu) y = Prelu{}.forward(z, static_cast<Acc>(slope[col * slope_step]));
-    else y = pointwise_forward(kind, z, a, b);
+    else y = pointwise_forward<T>(kind, z, a, b);
     out[o] = static_cast<T>(y);
   }
 };
@@ -231,8 +232,8 @@ __global__ void __launch_bounds__(kColTile * kRowLanes)
       if constexpr (Mode == GradMode::plain) {
         v = p.g[o];
       } else if constexpr (Mode == GradMode::pointwise) {
-        v = static_cast<T>(pointwise_backward(p.kind, static_cast<Acc>(p.z[o]),
-                                              static_cast<Acc>(p.g[o]), p.a, p.b));
+        v = static_cast<T>(pointwise_backward<T>(p.kind, static_cast<Acc>(p.z[o]),
+                                                 static_cast<Acc>(p.g[o]), p.a, p.b));
       } else if constexpr (Mode == GradMode::prelu) {
         const Acc zv = static_cast<Acc>(p.z[o]), gv = static_cast<Acc>(p.g[o]);
         v = static_cast<T>(Prelu{}.backward(zv, slope, gv));
