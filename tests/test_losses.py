@@ -63,7 +63,7 @@ def _check_vs_torch(fo_fn, torch_fn, x, dtype, *args, device="cpu", **kwargs):
     ref, xr = _ref_f64(torch_fn, x, *args, **kwargs)
     assert out.dtype == dtype and out.shape == ref.shape
     gen = torch.Generator().manual_seed(1)
-    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(ref.device)
     out.backward(g.to(dtype))
     ref.backward(g)
     assert xf.grad.dtype == dtype
@@ -152,6 +152,22 @@ def test_cross_entropy_all_ignored(smoothing, weighted):
     assert torch.isnan(L.cross_entropy(x, t, weight=w)).item()
     (g,) = torch.autograd.grad(L.cross_entropy(x, t, reduction="sum"), x)
     assert (g == 0).all()
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("shape", [(4, 5), (4, 5, 3)], ids=str)
+def test_cross_entropy_zero_total_weight(shape, smoothing, device):
+    """Every target's class weight 0: 'mean' is NaN as in torch (its nll part is 0 / 0), also
+    with label smoothing, whose smoothing sum alone would make it inf; 'sum' is finite."""
+    x = torch.randn(shape, device=device)
+    t = torch.tensor([0, 1, 1, 0], device=device)
+    if len(shape) == 3:
+        t = t.unsqueeze(1).expand(-1, shape[2]).contiguous()
+    w = torch.tensor([0.0, 0.0, 1.0, 2.0, 1.0], device=device)
+    for reduction in REDUCTIONS:
+        ours = L.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=smoothing)
+        ref = F.cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=smoothing)
+        torch.testing.assert_close(ours, ref, equal_nan=True)
 
 
 def test_cross_entropy_uint8_target():

@@ -403,9 +403,10 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_fwd(const Tensor& self, const T
       if (reduction != kNone) {
         double s = deterministic_sum(buf.data(), rows);
         if (reduction == kMean) {
-          // Hard targets: the sum over the total weight (0 / 0 = NaN when all are ignored);
-          // soft targets: over the number of rows (NaN for an empty batch), as torch.
-          s = s / tw;
+          // Hard targets: the sum over the total weight, NaN when that is 0 (all ignored, or
+          // zero weights: torch's nll part is then 0 / 0 even where label smoothing adds to the
+          // sum); soft targets: over the number of rows (NaN for an empty batch), as torch.
+          s = tw == 0 ? std::numeric_limits<double>::quiet_NaN() : s / tw;
         }
         loss.fill_(s);
       }
