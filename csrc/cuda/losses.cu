@@ -1,6 +1,6 @@
 // CUDA kernels of the losses: log_softmax, nll_loss, cross_entropy (fused log_softmax + nll_loss:
 // hard or soft targets, class weights, ignore_index, label smoothing) and mse_loss. They accept
-// what the CPU kernels accept and give the same results (csrc/cpu/losses.cpp is the reference).
+// what the CPU kernels accept and give the same results (csrc/cpu/softmax_cross_entropy.cpp and regression_losses.cpp are the reference).
 //
 // Layout: an input is viewed as (N, C, S), the class dim in the middle; a "row" is the C values
 // of one (n, s).
@@ -8,9 +8,11 @@
 //   up to 32 (a group inside a warp, several rows per block, shuffle reductions) or a whole
 //   block of 64..512 threads (shared-memory reductions). Rows are read with 16-byte vector loads
 //   after a scalar head up to the first aligned element.
-// - S > 1 (classes S apart): a block of 256 threads = Sx positions x Cy class slices. The Sx
-//   lanes of a slice read neighbouring positions (coalesced); the Cy slices of a position are
-//   merged in shared memory by a fixed tree.
+// - S > 1 (classes S apart): a block of up to 256 threads = tiles of sx neighbouring positions
+//   x cy class slices (loss_layout.h). Neighbouring threads read neighbouring positions
+//   (coalesced); the cy slices of a position are merged in shared memory by a fixed tree. When
+//   a whole n fits in a tile (sx == S), a block packs several n, so that small C and S still
+//   keep its threads busy.
 //
 // Cross entropy forward is one pass over the logits: an online softmax (running max and sum of
 // exponentials rescaled when the max grows) plus the sums label smoothing and soft targets need;
@@ -18,9 +20,14 @@
 // logits and writes grad = (softmax - target distribution) * scale. Soft targets take a second
 // pass over the target in the backward for their row sum.
 //
-// Determinism: every sum has a fixed partition and order (the thread layout depends only on the
-// shape; row losses are summed by fixed blocks of rows, then the block sums in order, in
-// float64); there are no floating-point atomics.
+// Determinism: there are no floating-point atomics, and every sum has a partition and order
+// fixed by the shape, the dtype and the alignments (each tensor's address mod 16 bytes); row
+// losses are summed by fixed blocks of rows, then the block sums in order, in float64. Same
+// shape, dtype and alignments: same bits. The shape alone is not enough: in the S == 1 kernels
+// a row's scalar head runs up to its first 16-byte aligned element, and the 16-byte path is
+// taken only when the tensors read together share an alignment (mse_loss: when all are
+// aligned), so the same values at another storage offset may be summed in another order and
+// round differently. The S > 1 layout depends on the shape and dtype only.
 //
 // Class targets are checked on the device: one outside [0, C) that is not ignore_index fails a
 // device assertion (as torch's nll_loss) and is never used to index memory.
@@ -35,6 +42,7 @@
 
 #include "../loss_checks.h"
 #include "cuda_common.cuh"
+#include "loss_layout.h"
 
 namespace fastops {
 namespace gpu {
@@ -42,6 +50,11 @@ namespace {
 
 using at::Tensor;
 using namespace fastops::loss;
+using loss_layout::SpatialLayout;
+using loss_layout::SpatialPos;
+using loss_layout::SpatialThread;
+
+static_assert(loss_layout::kSpatialMaxThreads == kThreads, "the S > 1 kernels' shared arrays");
 
 // ---- device math -----------------------------------------------------------------------------
 
@@ -152,7 +165,8 @@ constexpr int kSpatialUnroll = sizeof(T) == 8 ? 2 : 4;
 // Visits the elements [0, len) of a row shared by nt threads (this one is `lane`): the first
 // `head` elements and the tail one at a time (scalar(c)), the rest as packs of V elements,
 // U packs at a time (packs(integral_constant<NP>, c0, cstride): pack u starts at c0 + u * cstride).
-// head == len makes everything scalar. The order is fixed by (len, head, nt).
+// head == len makes everything scalar. The order is fixed by (len, head, nt); head, from the
+// row's address, differs between rows at different offsets mod 16 bytes.
 template <int V, int U, class Scalar, class Packs>
 __device__ __forceinline__ void visit_row(int64_t len, int64_t head, int lane, int nt,
                                           Scalar&& scalar, Packs&& packs) {
@@ -508,26 +522,23 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocks<T>)
   }
 }
 
-// S > 1: a block of Sx positions x Cy class slices (Sx = 1 << sx_log2) per tile (n, s0).
+// S > 1: blockDim.x == L.threads; a thread's (n, s) per tile group and its class slice yq come
+// from loss_layout.h.
 template <class T, int MODE>
 __global__ void __launch_bounds__(kThreads)
     ce_forward_spatial(CeArgs<T> p, acc_t<T>* lse_out, T* loss_none, acc_t<T>* row_loss,
-                       int sx_log2) {
+                       SpatialLayout L) {
   using A = acc_t<T>;
   constexpr int U = kSpatialUnroll<T>;
   __shared__ Stats<A> sm[kThreads];
-  const int Sx = 1 << sx_log2;
-  const int Cy = static_cast<int>(blockDim.x) >> sx_log2;
-  const int xq = threadIdx.x & (Sx - 1), yq = threadIdx.x >> sx_log2;
-  const int64_t tiles_per_n = (p.S + Sx - 1) >> sx_log2;
-  const int64_t tiles = p.N * tiles_per_n;
+  const SpatialThread th = loss_layout::spatial_thread(L, threadIdx.x);
+  const int Cy = L.cy, yq = th.slice;
   const A wsum = MODE == kSmooth ? weight_total(p) : A(0);
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int64_t n = tile / tiles_per_n;
-    const int64_t s = (tile - n * tiles_per_n) * Sx + xq;
-    const bool valid = s < p.S;
-    const int64_t row = n * p.S + s;
-    const int64_t base = n * p.C * p.S + s;  // class c at base + c * S
+  for (int64_t group = blockIdx.x; group < L.groups; group += gridDim.x) {
+    const SpatialPos pos = loss_layout::spatial_pos(L, th, group);
+    const bool valid = pos.valid;
+    const int64_t row = pos.row;
+    const int64_t base = pos.base;  // class c at base + c * S
     bool take = false;
     A wt = A(1), xt = A(0);
     if constexpr (MODE != kSoft) {
@@ -569,10 +580,12 @@ __global__ void __launch_bounds__(kThreads)
     sm[threadIdx.x] = st;
     __syncthreads();
     for (int h = Cy >> 1; h > 0; h >>= 1) {
-      if (yq < h) sm[threadIdx.x] = merge_stats(sm[threadIdx.x], sm[threadIdx.x + h * Sx]);
+      if (yq < h) {
+        sm[threadIdx.x] = merge_stats(sm[threadIdx.x], sm[threadIdx.x + h * L.columns]);
+      }
       __syncthreads();
     }
-    // Slice 0 reads back only its own slot, which the next tile's writes do not race with.
+    // Slice 0 reads back only its own slot, which the next group's writes do not race with.
     if (valid && yq == 0) {
       const Stats<A> r = sm[threadIdx.x];
       const A log_s = dlog(r.s);
@@ -687,23 +700,19 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocks<T>)
 
 template <class T, int MODE>
 __global__ void __launch_bounds__(kThreads)
-    ce_backward_spatial(CeArgs<T> p, const acc_t<T>* lse, GradIn gi, T* gx, int sx_log2) {
+    ce_backward_spatial(CeArgs<T> p, const acc_t<T>* lse, GradIn gi, T* gx, SpatialLayout L) {
   using A = acc_t<T>;
   constexpr int U = kSpatialUnroll<T>;
   __shared__ A sm[kThreads];
-  const int Sx = 1 << sx_log2;
-  const int Cy = static_cast<int>(blockDim.x) >> sx_log2;
-  const int xq = threadIdx.x & (Sx - 1), yq = threadIdx.x >> sx_log2;
-  const int64_t tiles_per_n = (p.S + Sx - 1) >> sx_log2;
-  const int64_t tiles = p.N * tiles_per_n;
+  const SpatialThread th = loss_layout::spatial_thread(L, threadIdx.x);
+  const int Cy = L.cy, yq = th.slice;
   const A gscale = grad_scale<A>(gi);
   const A wsum = MODE == kSmooth ? weight_total(p) : A(0);
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int64_t n = tile / tiles_per_n;
-    const int64_t s = (tile - n * tiles_per_n) * Sx + xq;
-    const bool valid = s < p.S;
-    const int64_t row = n * p.S + s;
-    const int64_t base = n * p.C * p.S + s;
+  for (int64_t group = blockIdx.x; group < L.groups; group += gridDim.x) {
+    const SpatialPos pos = loss_layout::spatial_pos(L, th, group);
+    const bool valid = pos.valid;
+    const int64_t row = pos.row;
+    const int64_t base = pos.base;
     RowGrad<A> r = ce_row_grad<MODE>(p, lse, gi, gscale, wsum, row, valid);
     if constexpr (MODE == kSoft) {
       A a = A(0);
@@ -713,11 +722,11 @@ __global__ void __launch_bounds__(kThreads)
       sm[threadIdx.x] = a;
       __syncthreads();
       for (int h = Cy >> 1; h > 0; h >>= 1) {
-        if (yq < h) sm[threadIdx.x] += sm[threadIdx.x + h * Sx];
+        if (yq < h) sm[threadIdx.x] += sm[threadIdx.x + h * L.columns];
         __syncthreads();
       }
-      r.coef = r.gn * sm[xq];
-      __syncthreads();  // every slice has read the sum before the next tile overwrites it
+      r.coef = r.gn * sm[th.column];
+      __syncthreads();  // every slice has read the sum before the next group overwrites it
     }
     if (!valid) continue;
     int64_t c = yq;
@@ -773,8 +782,11 @@ __device__ __forceinline__ void write_loss(const LossOut<T>& o, double loss, dou
   using A = acc_t<T>;
   if (o.total_weight != nullptr) o.total_weight[0] = static_cast<A>(weight);
   if (o.loss != nullptr) {
-    // 'mean' of nothing (all targets ignored, or no rows) is 0 / 0 = NaN, as in torch.
-    const double v = o.reduction == kMean ? loss / weight : loss;
+    // 'mean' over a total weight of 0 (all targets ignored or of weight 0, or no rows) is NaN
+    // as in torch, where the nll part is 0 / 0 even when label smoothing adds to the sum.
+    const double v = o.reduction != kMean ? loss
+                     : weight == 0            ? std::numeric_limits<double>::quiet_NaN()
+                                              : loss / weight;
     o.loss[0] = static_cast<T>(static_cast<A>(v));
   }
 }
@@ -908,13 +920,8 @@ int ceil_log2(int64_t v) {
   return l;
 }
 
-constexpr int64_t kMaxGrid = std::numeric_limits<int32_t>::max();
-
 unsigned int capped_grid(int64_t work, int per_sm) {
-  int64_t g = static_cast<int64_t>(num_sms()) * per_sm;
-  if (work < g) g = work;
-  if (g > kMaxGrid) g = kMaxGrid;
-  return static_cast<unsigned int>(g < 1 ? 1 : g);
+  return loss_layout::grid_size(work, static_cast<int64_t>(num_sms()) * per_sm);
 }
 
 // S == 1 kernels: tpr threads per row, about 8 packs each for short rows (a group within a
@@ -943,22 +950,16 @@ RowConfig row_config(int64_t rows, int64_t C, int vec) {
   return cfg;
 }
 
-// S > 1 kernels: 256 threads = Sx positions x Cy class slices. Slices of about 16 classes (at
-// most 32 slices), positions filling the rest, but at least a 32-byte sector of neighbouring
-// positions where S allows, and no more positions than S.
+// S > 1 kernels: blocks of layout.threads (at most 256) threads, one tile group each per step
+// (loss_layout.h).
 struct SpatialConfig {
-  int sx_log2;
+  SpatialLayout layout;
   unsigned int grid;
 };
 
 SpatialConfig spatial_config(int64_t N, int64_t C, int64_t S, int elem_size) {
-  const int max_sx_log2 = ceil_log2(kThreads);  // 8
-  const int s_log2 = std::min(ceil_log2(S), max_sx_log2);
-  const int sector_log2 = std::min(ceil_log2(32 / elem_size), s_log2);
-  const int cy_log2 = std::min({ceil_log2((C + 15) / 16), 5, max_sx_log2 - sector_log2});
-  const int sx_log2 = std::min(max_sx_log2 - cy_log2, s_log2);
-  const int64_t tiles = N * ((S + (int64_t(1) << sx_log2) - 1) >> sx_log2);
-  return {sx_log2, capped_grid(tiles, 64)};
+  const SpatialLayout l = loss_layout::spatial_layout(N, C, S, elem_size);
+  return {l, capped_grid(l.groups, 64)};
 }
 
 // Whether pointers that move together along a row can all take the 16-byte path: the same
@@ -1056,8 +1057,9 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_cuda(const Tensor& self, const 
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           } else {
             const SpatialConfig cfg = spatial_config(r.N, r.C, r.S, sizeof(scalar_t));
-            ce_forward_spatial<scalar_t, MODE><<<cfg.grid, kThreads, 0, scope.stream>>>(
-                p, lp, loss_none, rl, cfg.sx_log2);
+            ce_forward_spatial<scalar_t, MODE>
+                <<<cfg.grid, cfg.layout.threads, 0, scope.stream>>>(p, lp, loss_none, rl,
+                                                                    cfg.layout);
             C10_CUDA_KERNEL_LAUNCH_CHECK();
           }
         }
@@ -1109,8 +1111,8 @@ void launch_ce_backward(int mode, const CeArgs<T>& p, const acc_t<T>* lse, const
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       const SpatialConfig cfg = spatial_config(p.N, p.C, p.S, sizeof(T));
-      ce_backward_spatial<T, MODE><<<cfg.grid, kThreads, 0, stream>>>(p, lse, gi, gx,
-                                                                      cfg.sx_log2);
+      ce_backward_spatial<T, MODE><<<cfg.grid, cfg.layout.threads, 0, stream>>>(p, lse, gi, gx,
+                                                                                cfg.layout);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -1274,20 +1276,17 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocks<T>)
 
 template <class T>
 __global__ void __launch_bounds__(kThreads)
-    log_softmax_spatial(const T* x, T* y, int64_t N, int64_t C, int64_t S, int sx_log2) {
+    log_softmax_spatial(const T* x, T* y, SpatialLayout L) {
   using A = acc_t<T>;
   constexpr int U = kSpatialUnroll<T>;
   __shared__ A sm_m[kThreads], sm_s[kThreads];
-  const int Sx = 1 << sx_log2;
-  const int Cy = static_cast<int>(blockDim.x) >> sx_log2;
-  const int xq = threadIdx.x & (Sx - 1), yq = threadIdx.x >> sx_log2;
-  const int64_t tiles_per_n = (S + Sx - 1) >> sx_log2;
-  const int64_t tiles = N * tiles_per_n;
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int64_t n = tile / tiles_per_n;
-    const int64_t s = (tile - n * tiles_per_n) * Sx + xq;
-    const bool valid = s < S;
-    const int64_t base = n * C * S + s;
+  const SpatialThread th = loss_layout::spatial_thread(L, threadIdx.x);
+  const int Cy = L.cy, yq = th.slice;
+  const int64_t C = L.C, S = L.S;
+  for (int64_t group = blockIdx.x; group < L.groups; group += gridDim.x) {
+    const SpatialPos pos = loss_layout::spatial_pos(L, th, group);
+    const bool valid = pos.valid;
+    const int64_t base = pos.base;
     A m = neg_inf<A>(), sum = A(0);
     if (valid) {
       int64_t c = yq;
@@ -1308,7 +1307,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
     for (int h = Cy >> 1; h > 0; h >>= 1) {
       if (yq < h) {
-        const int o = threadIdx.x + h * Sx;
+        const int o = threadIdx.x + h * L.columns;
         const A m1 = sm_m[threadIdx.x], m2 = sm_m[o];
         const A mm = m1 > m2 ? m1 : m2;
         sm_s[threadIdx.x] = rescale(sm_s[threadIdx.x], m1, mm) + rescale(sm_s[o], m2, mm);
@@ -1316,8 +1315,8 @@ __global__ void __launch_bounds__(kThreads)
       }
       __syncthreads();
     }
-    const A M = sm_m[xq], log_s = dlog(sm_s[xq]);
-    __syncthreads();  // every slice has read the row's stats before the next tile overwrites them
+    const A M = sm_m[th.column], log_s = dlog(sm_s[th.column]);
+    __syncthreads();  // every slice has read the row's stats before the next group's writes
     if (!valid) continue;
     for (int64_t c = yq; c < C; c += Cy) {
       const int64_t at = base + c * S;
@@ -1389,31 +1388,27 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocks<T>)
 
 template <class T>
 __global__ void __launch_bounds__(kThreads)
-    log_softmax_backward_spatial(const T* g, const T* y, T* gx, int64_t N, int64_t C, int64_t S,
-                                 int sx_log2) {
+    log_softmax_backward_spatial(const T* g, const T* y, T* gx, SpatialLayout L) {
   using A = acc_t<T>;
   __shared__ A sm[kThreads];
-  const int Sx = 1 << sx_log2;
-  const int Cy = static_cast<int>(blockDim.x) >> sx_log2;
-  const int xq = threadIdx.x & (Sx - 1), yq = threadIdx.x >> sx_log2;
-  const int64_t tiles_per_n = (S + Sx - 1) >> sx_log2;
-  const int64_t tiles = N * tiles_per_n;
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
-    const int64_t n = tile / tiles_per_n;
-    const int64_t s = (tile - n * tiles_per_n) * Sx + xq;
-    const bool valid = s < S;
-    const int64_t base = n * C * S + s;
+  const SpatialThread th = loss_layout::spatial_thread(L, threadIdx.x);
+  const int Cy = L.cy, yq = th.slice;
+  const int64_t C = L.C, S = L.S;
+  for (int64_t group = blockIdx.x; group < L.groups; group += gridDim.x) {
+    const SpatialPos pos = loss_layout::spatial_pos(L, th, group);
+    const bool valid = pos.valid;
+    const int64_t base = pos.base;
     A sum = A(0);
     if (valid)
       for (int64_t c = yq; c < C; c += Cy) sum += static_cast<A>(g[base + c * S]);
     sm[threadIdx.x] = sum;
     __syncthreads();
     for (int h = Cy >> 1; h > 0; h >>= 1) {
-      if (yq < h) sm[threadIdx.x] += sm[threadIdx.x + h * Sx];
+      if (yq < h) sm[threadIdx.x] += sm[threadIdx.x + h * L.columns];
       __syncthreads();
     }
-    const A tot = sm[xq];
-    __syncthreads();  // every slice has read the sum before the next tile overwrites it
+    const A tot = sm[th.column];
+    __syncthreads();  // every slice has read the sum before the next group overwrites it
     if (!valid) continue;
     for (int64_t c = yq; c < C; c += Cy) {
       const int64_t at = base + c * S;
@@ -1439,8 +1434,8 @@ Tensor log_softmax_cuda(const Tensor& self, int64_t dim) {
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       const SpatialConfig cfg = spatial_config(l.outer, l.C, l.inner, sizeof(scalar_t));
-      log_softmax_spatial<scalar_t><<<cfg.grid, kThreads, 0, scope.stream>>>(
-          xp, yp, l.outer, l.C, l.inner, cfg.sx_log2);
+      log_softmax_spatial<scalar_t><<<cfg.grid, cfg.layout.threads, 0, scope.stream>>>(
+          xp, yp, cfg.layout);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -1466,8 +1461,8 @@ Tensor log_softmax_backward_cuda(const Tensor& grad_output, const Tensor& output
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       const SpatialConfig cfg = spatial_config(l.outer, l.C, l.inner, sizeof(scalar_t));
-      log_softmax_backward_spatial<scalar_t><<<cfg.grid, kThreads, 0, scope.stream>>>(
-          gp, yp, op_, l.outer, l.C, l.inner, cfg.sx_log2);
+      log_softmax_backward_spatial<scalar_t><<<cfg.grid, cfg.layout.threads, 0, scope.stream>>>(
+          gp, yp, op_, cfg.layout);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -1503,9 +1498,11 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Block b sums (x - y)^2 over [b * kMseChunk, ...) in a fixed order; the chunk sums are added in
-// order (finish_sums) unless one block covers everything. The "weight" is the element count,
-// so that 'mean' divides by n (0 / 0 = NaN for an empty input).
+// Block b sums (x - y)^2 over [b * kMseChunk, ...) in an order fixed by n and vec (16-byte
+// packs when x and y are both aligned, else single elements: the same values at another offset
+// may round differently); the chunk sums are added in order (finish_sums) unless one block
+// covers everything. The "weight" is the element count, so that 'mean' divides by n (0 / 0 =
+// NaN for an empty input).
 template <class T>
 __global__ void __launch_bounds__(kThreads)
     mse_sum_kernel(const T* x, const T* y, int64_t n, bool vec, double* partials,
