@@ -5,13 +5,21 @@
 // - Pointwise ops: one grid-stride kernel per direction, 16-byte vector accesses with kUnroll
 //   of them in flight per thread when every pointer is 16-byte aligned, scalar accesses
 //   otherwise; the last n % kVec elements one per thread.
+// - Masked forms (f(x) and a bit mask; backward from the bits): the same, in whole mask bytes
+//   per thread (8 elements), so no two threads write one; the last n % 8 elements go to one
+//   thread.
 // - PReLU: the channel of flat index i is (i / inner) % C. The weight gradient is summed in a
 //   fixed partition with no atomics: a first kernel writes partial sums (per segment of a
 //   channel's run, or per block of rows and column of the (outer, C * inner) view), a second
 //   sums each channel's partials in a fixed order. The partition depends on the shape (and on
 //   whether the pointers allow 16-byte access), never on the device: bitwise reproducible.
-// - Maxout: each output reads its k members; maxout_backward recomputes the argmax from the
-//   input, maxout_indices_backward reads the one maxout_with_indices saved.
+// - Maxout: each output reads its k members, several outputs per thread with their loads in
+//   flight together, 16-byte vectors along the inner positions (or along the members when
+//   inner == 1) where the pointers and sizes allow. maxout_backward recomputes the argmax from
+//   the input; maxout_with_indices is the forward that also saves it (one byte per output), and
+//   maxout_indices_backward scatters grad_output by those bytes.
+// Which mask bytes and maxout outputs a thread handles: activation_layout.h (checked on the CPU
+// by tests/test_activation_layout.py).
 #include <torch/library.h>
 
 #include <algorithm>
@@ -23,6 +31,7 @@
 #include <vector>
 
 #include "../activation_checks.h"
+#include "activation_layout.h"
 #include "cuda_common.cuh"
 
 namespace fastops {
@@ -30,6 +39,7 @@ namespace gpu {
 namespace {
 
 using at::Tensor;
+namespace layout = activation_layout;
 
 // Independent vector accesses in flight per thread. The grid-stride loops around them are kept
 // rolled (#pragma unroll 1): unrolling them adds only a 64-bit trip-count division.
@@ -237,45 +247,67 @@ Tensor unary_double_backward(const Tensor& grad_grad, const Tensor& grad_output,
 
 // ---- Masked forms of the piecewise-linear activations ------------------------------------
 // forward: y = f(x) and the bit mask of f.mask(x) (bit j of byte i is element 8i + j);
-// backward: gx = f.backward_masked(bit, g). Each thread takes groups of 8 elements, one mask
-// byte, in packs of V elements (kVec, at most 8, with 16-byte aligned data; else 1). The last
-// n % 8 elements go to one thread.
+// backward: gx = f.backward_masked(bit, g). Each thread takes whole mask bytes (8 elements), so
+// no two threads write one, kMaskBytesPerTrip<V> of them per trip with every load issued before
+// the first use: kUnroll accesses of V elements in flight, as in the pointwise kernels. V is
+// kVec (at most 8) with 16-byte aligned data, else 1. The last n % 8 elements go to one thread.
 
 template <class scalar_t>
 constexpr int kMaskVec = kVec<scalar_t> < 8 ? kVec<scalar_t> : 8;
+template <int V>
+constexpr int kMaskBytesPerTrip = layout::mask_bytes_per_trip(V, kUnroll);
 
 template <int V, class scalar_t, class F>
 __global__ void __launch_bounds__(kThreads)
     masked_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
                           uint8_t* __restrict__ mask, int64_t n, F f) {
-  const int64_t groups = n / 8;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  constexpr int B = kMaskBytesPerTrip<V>;
+  constexpr int Q = layout::kMaskBitsPerByte / V;  // accesses per mask byte
+  using P = Pack<scalar_t, V>;
+  const int64_t bytes = layout::whole_mask_bytes(n);
+  const int64_t stride = layout::trip_stride(gridDim.x, kThreads, B);
 #pragma unroll 1
-  for (int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; g < groups;
-       g += stride) {
-    uint32_t bits = 0;
+  for (int64_t base = layout::trip_first(blockIdx.x, threadIdx.x, kThreads, B); base < bytes;
+       base += stride) {
+    P px[B][Q];
 #pragma unroll
-    for (int q = 0; q < 8 / V; ++q) {
-      const Pack<scalar_t, V> px = load_pack<scalar_t, V>(x + g * 8 + q * V);
-      Pack<scalar_t, V> py;
+    for (int b = 0; b < B; ++b) {  // every load first, so they are in flight together
+      const int64_t byte = layout::trip_item(base, b, kThreads);
+      if (byte < bytes) {
 #pragma unroll
-      for (int v = 0; v < V; ++v) {
-        const auto xv = to_acc(px.v[v]);
-        py.v[v] = static_cast<scalar_t>(f.forward(xv));
-        bits |= static_cast<uint32_t>(f.mask(xv)) << (q * V + v);
+        for (int q = 0; q < Q; ++q)
+          px[b][q] = load_pack<scalar_t, V>(x + layout::mask_element(byte, q * V));
       }
-      store_vec<scalar_t, V>(y + g * 8 + q * V, py);
     }
-    mask[g] = static_cast<uint8_t>(bits);
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      const int64_t byte = layout::trip_item(base, b, kThreads);
+      if (byte < bytes) {
+        uint32_t bits = 0;
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+          P py;
+#pragma unroll
+          for (int v = 0; v < V; ++v) {
+            const auto xv = to_acc(px[b][q].v[v]);
+            py.v[v] = static_cast<scalar_t>(f.forward(xv));
+            bits |= static_cast<uint32_t>(f.mask(xv)) << (q * V + v);
+          }
+          store_vec<scalar_t, V>(y + layout::mask_element(byte, q * V), py);
+        }
+        mask[byte] = static_cast<uint8_t>(bits);
+      }
+    }
   }
-  if (blockIdx.x == 0 && threadIdx.x == 0 && groups * 8 < n) {
+  const int64_t tail = layout::mask_tail_begin(n);
+  if (blockIdx.x == 0 && threadIdx.x == 0 && tail < n) {
     uint32_t bits = 0;
-    for (int64_t i = groups * 8; i < n; ++i) {
+    for (int64_t i = tail; i < n; ++i) {
       const auto xv = to_acc(x[i]);
       y[i] = static_cast<scalar_t>(f.forward(xv));
-      bits |= static_cast<uint32_t>(f.mask(xv)) << (i - groups * 8);
+      bits |= static_cast<uint32_t>(f.mask(xv)) << (i - tail);
     }
-    mask[groups] = static_cast<uint8_t>(bits);
+    mask[bytes] = static_cast<uint8_t>(bits);
   }
 }
 
@@ -283,29 +315,56 @@ template <int V, class scalar_t, class F>
 __global__ void __launch_bounds__(kThreads)
     masked_backward_kernel(const scalar_t* __restrict__ grad, const uint8_t* __restrict__ mask,
                            scalar_t* __restrict__ gx, int64_t n, F f) {
-  const int64_t groups = n / 8;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  constexpr int B = kMaskBytesPerTrip<V>;
+  constexpr int Q = layout::kMaskBitsPerByte / V;
+  using P = Pack<scalar_t, V>;
+  const int64_t bytes = layout::whole_mask_bytes(n);
+  const int64_t stride = layout::trip_stride(gridDim.x, kThreads, B);
 #pragma unroll 1
-  for (int64_t g = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; g < groups;
-       g += stride) {
-    const uint32_t bits = mask[g];
+  for (int64_t base = layout::trip_first(blockIdx.x, threadIdx.x, kThreads, B); base < bytes;
+       base += stride) {
+    uint32_t bits[B];
+    P pg[B][Q];
 #pragma unroll
-    for (int q = 0; q < 8 / V; ++q) {
-      const Pack<scalar_t, V> pg = load_pack<scalar_t, V>(grad + g * 8 + q * V);
-      Pack<scalar_t, V> r;
+    for (int b = 0; b < B; ++b) {  // every load first, so they are in flight together
+      const int64_t byte = layout::trip_item(base, b, kThreads);
+      if (byte < bytes) {
+        bits[b] = mask[byte];
 #pragma unroll
-      for (int v = 0; v < V; ++v)
-        r.v[v] = static_cast<scalar_t>(
-            f.backward_masked(((bits >> (q * V + v)) & 1u) != 0, to_acc(pg.v[v])));
-      store_vec<scalar_t, V>(gx + g * 8 + q * V, r);
+        for (int q = 0; q < Q; ++q)
+          pg[b][q] = load_pack<scalar_t, V>(grad + layout::mask_element(byte, q * V));
+      }
+    }
+#pragma unroll
+    for (int b = 0; b < B; ++b) {
+      const int64_t byte = layout::trip_item(base, b, kThreads);
+      if (byte < bytes) {
+#pragma unroll
+        for (int q = 0; q < Q; ++q) {
+          P r;
+#pragma unroll
+          for (int v = 0; v < V; ++v)
+            r.v[v] = static_cast<scalar_t>(
+                f.backward_masked(((bits[b] >> (q * V + v)) & 1u) != 0, to_acc(pg[b][q].v[v])));
+          store_vec<scalar_t, V>(gx + layout::mask_element(byte, q * V), r);
+        }
+      }
     }
   }
-  if (blockIdx.x == 0 && threadIdx.x == 0 && groups * 8 < n) {
-    const uint32_t bits = mask[groups];
-    for (int64_t i = groups * 8; i < n; ++i)
+  const int64_t tail = layout::mask_tail_begin(n);
+  if (blockIdx.x == 0 && threadIdx.x == 0 && tail < n) {
+    const uint32_t bits = mask[bytes];
+    for (int64_t i = tail; i < n; ++i)
       gx[i] = static_cast<scalar_t>(
-          f.backward_masked(((bits >> (i - groups * 8)) & 1u) != 0, to_acc(grad[i])));
+          f.backward_masked(((bits >> (i - tail)) & 1u) != 0, to_acc(grad[i])));
   }
+}
+
+// Blocks for the masked kernels with V elements per access: at least one, for the tail.
+template <int V>
+unsigned int masked_grid(int64_t n) {
+  return grid_for(std::max<int64_t>(1, layout::whole_mask_bytes(n)),
+                  kThreads * kMaskBytesPerTrip<V>);
 }
 
 template <class F>
@@ -323,10 +382,11 @@ std::tuple<Tensor, Tensor> masked_forward(const Tensor& self, const F& f, const 
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     uint8_t* mp = mask.mutable_data_ptr<uint8_t>();
     const F fl = params_in_dtype<scalar_t>(f);
-    const unsigned int grid = grid_for(std::max<int64_t>(1, n / 8), kThreads);
     if (aligned16(xp, yp)) {
+      const unsigned int grid = masked_grid<V>(n);
       masked_forward_kernel<V><<<grid, kThreads, 0, scope.stream>>>(xp, yp, mp, n, fl);
     } else {
+      const unsigned int grid = masked_grid<1>(n);
       masked_forward_kernel<1><<<grid, kThreads, 0, scope.stream>>>(xp, yp, mp, n, fl);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -348,10 +408,11 @@ Tensor masked_backward(const Tensor& grad_output, const Tensor& mask, const F& f
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const uint8_t* mp = m.const_data_ptr<uint8_t>();
     scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
-    const unsigned int grid = grid_for(std::max<int64_t>(1, n / 8), kThreads);
     if (aligned16(gp, gxp)) {
+      const unsigned int grid = masked_grid<V>(n);
       masked_backward_kernel<V><<<grid, kThreads, 0, scope.stream>>>(gp, mp, gxp, n, f);
     } else {
+      const unsigned int grid = masked_grid<1>(n);
       masked_backward_kernel<1><<<grid, kThreads, 0, scope.stream>>>(gp, mp, gxp, n, f);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -730,33 +791,69 @@ std::tuple<Tensor, Tensor> prelu_backward(const Tensor& grad_output, const Tenso
 // time (M the widest power of two dividing k that the alignment allows, up to 16 bytes).
 // A thread's outputs past the end are clamped to the last one, so its loads need no branch (and
 // stay in flight together); only the stores are guarded.
+//
+// With saved indices (maxout_with_indices) the forward kernels also write, per output, the byte
+// index of the member its gradient goes to: the member where maxout_takes last fired, i.e. the
+// first member equal to the max (the first NaN if there is one), as the backward kernels below
+// find it from the input. maxout_indices_backward then reads one byte and one gradient per
+// output instead of k inputs.
 
 constexpr int kMaxoutUnroll = 2;   // packs of outputs in flight per thread (planes)
 constexpr int kMembersUnroll = 4;  // outputs in flight per thread (members)
 
+// The unsigned integer of N bytes: N saved indices move in one access.
+template <int N> struct UintOfBytes;
+template <> struct UintOfBytes<1> { using type = uint8_t; };
+template <> struct UintOfBytes<2> { using type = uint16_t; };
+template <> struct UintOfBytes<4> { using type = uint32_t; };
+template <> struct UintOfBytes<8> { using type = uint64_t; };
+
+// N bytes at p (aligned to N) as one store or load: byte v is values[v] (little-endian, as the
+// GPU is). The word is built in a register: a byte array filled element by element may be
+// stored one byte at a time.
+template <int N>
+__device__ __forceinline__ void store_bytes(uint8_t* p, const uint32_t (&values)[N]) {
+  using W = typename UintOfBytes<N>::type;
+  W word = 0;
+#pragma unroll
+  for (int v = 0; v < N; ++v) word |= static_cast<W>(static_cast<W>(values[v] & 0xffu) << (8 * v));
+  *reinterpret_cast<W*>(p) = word;
+}
+template <int N>
+__device__ __forceinline__ void load_bytes(const uint8_t* p, uint32_t (&values)[N]) {
+  using W = typename UintOfBytes<N>::type;
+  const W word = *reinterpret_cast<const W*>(p);
+#pragma unroll
+  for (int v = 0; v < N; ++v) values[v] = static_cast<uint32_t>(word >> (8 * v)) & 0xffu;
+}
+
 // I: the type of the per-pack division (and of the backward's argmax), uint32_t when the input
-// has fewer than 2^32 elements, else uint64_t.
-template <int V, class I, class scalar_t>
+// has fewer than 2^32 elements, else uint64_t. Indices: also write the winning members to idx
+// (V bytes per pack, aligned to V).
+template <int V, bool Indices, class I, class scalar_t>
 __global__ void __launch_bounds__(kThreads)
     maxout_planes_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
-                         int64_t n_out, int64_t k, I inner) {
+                         uint8_t* __restrict__ idx, int64_t n_out, int64_t k, I inner) {
   using acc = acc_t<scalar_t>;
   using P = Pack<scalar_t, V>;
   const int64_t packs = n_out / V;  // inner % V == 0
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * kMaxoutUnroll;
+  const int64_t stride = layout::trip_stride(gridDim.x, kThreads, kMaxoutUnroll);
 #pragma unroll 1
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads * kMaxoutUnroll + threadIdx.x;
+  for (int64_t base = layout::trip_first(blockIdx.x, threadIdx.x, kThreads, kMaxoutUnroll);
        base < packs; base += stride) {
     const scalar_t* src[kMaxoutUnroll];
     acc best[kMaxoutUnroll][V];
+    uint32_t arg[kMaxoutUnroll][V];  // read only with Indices
 #pragma unroll
     for (int u = 0; u < kMaxoutUnroll; ++u) {
-      const int64_t p = min(base + u * kThreads, packs - 1);
-      const I row = static_cast<I>(p * V) / inner, pos = static_cast<I>(p * V) - row * inner;
-      src[u] = x + static_cast<int64_t>(row) * k * inner + pos;
+      const int64_t p = layout::clamped_trip_item(base, u, kThreads, packs);
+      src[u] = x + layout::maxout_first_member(p * V, k, inner);
       const P a = load_pack<scalar_t, V>(src[u]);
 #pragma unroll
-      for (int v = 0; v < V; ++v) best[u][v] = to_acc(a.v[v]);
+      for (int v = 0; v < V; ++v) {
+        best[u][v] = to_acc(a.v[v]);
+        arg[u][v] = 0;
+      }
     }
 #pragma unroll 2
     for (int64_t j = 1; j < k; ++j) {
@@ -768,45 +865,52 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int v = 0; v < V; ++v) {
           const acc cand = to_acc(a[u].v[v]);
-          best[u][v] = maxout_takes(cand, best[u][v]) ? cand : best[u][v];
+          const bool takes = maxout_takes(cand, best[u][v]);
+          best[u][v] = takes ? cand : best[u][v];
+          if constexpr (Indices) arg[u][v] = takes ? static_cast<uint32_t>(j) : arg[u][v];
         }
       }
     }
 #pragma unroll
     for (int u = 0; u < kMaxoutUnroll; ++u) {
-      const int64_t p = base + u * kThreads;
+      const int64_t p = layout::trip_item(base, u, kThreads);
       if (p < packs) {
         P out;
 #pragma unroll
         for (int v = 0; v < V; ++v) out.v[v] = static_cast<scalar_t>(best[u][v]);
         store_vec<scalar_t, V>(y + p * V, out);
+        if constexpr (Indices) store_bytes<V>(idx + p * V, arg[u]);
       }
     }
   }
 }
 
-template <int M, class scalar_t>
+template <int M, bool Indices, class scalar_t>
 __global__ void __launch_bounds__(kThreads)
     maxout_members_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
-                          int64_t n_out, int64_t k) {
+                          uint8_t* __restrict__ idx, int64_t n_out, int64_t k) {
   using acc = acc_t<scalar_t>;
   using P = Pack<scalar_t, M>;
   const int64_t chunks = k / M;  // k % M == 0
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads * kMembersUnroll;
+  const int64_t stride = layout::trip_stride(gridDim.x, kThreads, kMembersUnroll);
 #pragma unroll 1
-  for (int64_t base = static_cast<int64_t>(blockIdx.x) * kThreads * kMembersUnroll + threadIdx.x;
+  for (int64_t base = layout::trip_first(blockIdx.x, threadIdx.x, kThreads, kMembersUnroll);
        base < n_out; base += stride) {
     const scalar_t* src[kMembersUnroll];
     acc best[kMembersUnroll];
+    uint32_t arg[kMembersUnroll];  // read only with Indices
 #pragma unroll
     for (int u = 0; u < kMembersUnroll; ++u) {
-      src[u] = x + min(base + u * kThreads, n_out - 1) * k;
+      src[u] = x + layout::clamped_trip_item(base, u, kThreads, n_out) * k;
       const P a = load_pack<scalar_t, M>(src[u]);
       best[u] = to_acc(a.v[0]);
+      arg[u] = 0;
 #pragma unroll
       for (int m = 1; m < M; ++m) {
         const acc cand = to_acc(a.v[m]);
-        best[u] = maxout_takes(cand, best[u]) ? cand : best[u];
+        const bool takes = maxout_takes(cand, best[u]);
+        best[u] = takes ? cand : best[u];
+        if constexpr (Indices) arg[u] = takes ? static_cast<uint32_t>(m) : arg[u];
       }
     }
 #pragma unroll 1
@@ -819,14 +923,19 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int m = 0; m < M; ++m) {
           const acc cand = to_acc(a[u].v[m]);
-          best[u] = maxout_takes(cand, best[u]) ? cand : best[u];
+          const bool takes = maxout_takes(cand, best[u]);
+          best[u] = takes ? cand : best[u];
+          if constexpr (Indices) arg[u] = takes ? static_cast<uint32_t>(c * M + m) : arg[u];
         }
       }
     }
 #pragma unroll
     for (int u = 0; u < kMembersUnroll; ++u) {
-      const int64_t i = base + u * kThreads;
-      if (i < n_out) y[i] = static_cast<scalar_t>(best[u]);
+      const int64_t i = layout::trip_item(base, u, kThreads);
+      if (i < n_out) {
+        y[i] = static_cast<scalar_t>(best[u]);
+        if constexpr (Indices) idx[i] = static_cast<uint8_t>(arg[u]);
+      }
     }
   }
 }
@@ -955,54 +1064,85 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// With saved indices: the forward also writes, per output, the member its gradient goes to (the
-// argmax, as the backward kernels above find it); the backward then reads one byte and one
-// gradient per output instead of k inputs. One output (forward) or one element of gx
-// (backward) per thread, in grid-stride loops; I is the type of the index divisions.
-template <class I, class scalar_t>
+// maxout_indices_backward: every member of gx is written, g at the saved member, 0 elsewhere.
+// Per trip a thread first loads the gradients and saved indices of kUnroll accesses of outputs
+// (independent loads, all in flight together), then writes their k members. Along the inner
+// positions ("planes") V outputs per access; with inner == 1 ("members") one output per access
+// and its k members written M at a time. A saved index past the pool is a caller's bug (the CPU
+// kernel raises an IndexError): it asserts, and with device asserts compiled out its gradient is
+// dropped, never written out of bounds.
+template <int V, class I, class scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    maxout_indices_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
-                          uint8_t* __restrict__ idx, int64_t n_out, int64_t k, I inner) {
-  using acc = acc_t<scalar_t>;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+    maxout_indices_backward_planes_kernel(const scalar_t* __restrict__ g,
+                                          const uint8_t* __restrict__ idx,
+                                          scalar_t* __restrict__ gx, int64_t n_out, int64_t k,
+                                          I inner) {
+  using P = Pack<scalar_t, V>;
+  const scalar_t zero = static_cast<scalar_t>(0.0f);
+  const int64_t packs = n_out / V;  // inner % V == 0
+  const int64_t stride = layout::trip_stride(gridDim.x, kThreads, kUnroll);
 #pragma unroll 1
-  for (int64_t o = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; o < n_out;
-       o += stride) {
-    const I row = static_cast<I>(o) / inner, pos = static_cast<I>(o) - row * inner;
-    const scalar_t* src = x + static_cast<int64_t>(row) * k * inner + pos;
-    acc best = to_acc(src[0]);
-    int arg = 0;
-#pragma unroll 4
-    for (int64_t j = 1; j < k; ++j) {
-      const acc cand = to_acc(src[j * inner]);
-      const bool takes = maxout_takes(cand, best);
-      best = takes ? cand : best;
-      arg = takes ? static_cast<int>(j) : arg;
+  for (int64_t base = layout::trip_first(blockIdx.x, threadIdx.x, kThreads, kUnroll);
+       base < packs; base += stride) {
+    P pg[kUnroll];
+    uint32_t arg[kUnroll][V];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t p = layout::clamped_trip_item(base, u, kThreads, packs);
+      pg[u] = load_pack<scalar_t, V>(g + p * V);
+      load_bytes<V>(idx + p * V, arg[u]);
     }
-    y[o] = static_cast<scalar_t>(best);
-    idx[o] = static_cast<uint8_t>(arg);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t p = layout::trip_item(base, u, kThreads);
+      if (p < packs) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) CUDA_KERNEL_ASSERT(arg[u][v] < k);
+        scalar_t* dst = gx + layout::maxout_first_member(p * V, k, inner);
+        for (int64_t j = 0; j < k; ++j) {
+          P out;
+#pragma unroll
+          for (int v = 0; v < V; ++v) out.v[v] = arg[u][v] == j ? pg[u].v[v] : zero;
+          store_vec<scalar_t, V>(dst + j * inner, out);
+        }
+      }
+    }
   }
 }
 
-template <class I, class scalar_t>
+template <int M, class scalar_t>
 __global__ void __launch_bounds__(kThreads)
-    maxout_indices_backward_kernel(const scalar_t* __restrict__ g,
-                                   const uint8_t* __restrict__ idx, scalar_t* __restrict__ gx,
-                                   int64_t n_in, I k, I inner) {
+    maxout_indices_backward_members_kernel(const scalar_t* __restrict__ g,
+                                           const uint8_t* __restrict__ idx,
+                                           scalar_t* __restrict__ gx, int64_t n_out, int64_t k) {
+  using P = Pack<scalar_t, M>;
   const scalar_t zero = static_cast<scalar_t>(0.0f);
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  const int64_t chunks = k / M;  // k % M == 0
+  const int64_t stride = layout::trip_stride(gridDim.x, kThreads, kUnroll);
 #pragma unroll 1
-  for (int64_t p = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; p < n_in;
-       p += stride) {
-    // p = (row * k + j) * inner + pos; its output is row * inner + pos
-    const I q = static_cast<I>(p) / inner, pos = static_cast<I>(p) - q * inner;
-    const I row = q / k, j = q - row * k;
-    const int64_t o = static_cast<int64_t>(row) * inner + pos;
-    const I arg = static_cast<I>(idx[o]);
-    // indices come from maxout_with_indices; one past the pool is a caller's bug (the CPU
-    // kernel raises an IndexError)
-    CUDA_KERNEL_ASSERT(arg < k);
-    gx[p] = arg == j ? g[o] : zero;
+  for (int64_t base = layout::trip_first(blockIdx.x, threadIdx.x, kThreads, kUnroll);
+       base < n_out; base += stride) {
+    scalar_t gv[kUnroll];
+    uint32_t arg[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = layout::clamped_trip_item(base, u, kThreads, n_out);
+      gv[u] = g[i];
+      arg[u] = idx[i];
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = layout::trip_item(base, u, kThreads);
+      if (i < n_out) {
+        CUDA_KERNEL_ASSERT(arg[u] < k);
+        for (int64_t c = 0; c < chunks; ++c) {
+          P out;
+#pragma unroll
+          for (int m = 0; m < M; ++m) out.v[m] = c * M + m == arg[u] ? gv[u] : zero;
+          store_vec<scalar_t, M>(gx + i * k + c * M, out);
+        }
+      }
+    }
   }
 }
 
@@ -1026,6 +1166,37 @@ void with_member_width(int64_t k, std::initializer_list<const void*> ptrs, const
   fn(std::integral_constant<int, 1>{});
 }
 
+// The maxout of x (layout l, n_out outputs) into y, and with Indices the winning members into
+// idx. x has n_in elements; n_out > 0.
+template <bool Indices, class scalar_t>
+void launch_maxout(const scalar_t* xp, scalar_t* yp, uint8_t* ip, const MaxoutLayout& l,
+                   int64_t n_in, int64_t n_out, cudaStream_t stream) {
+  constexpr int V = kVec<scalar_t>;
+  if (l.inner > 1) {
+    const bool aligned = aligned16(xp, yp) && (!Indices || aligned_to(ip, V));
+    const int width = layout::maxout_planes_width(l.inner, V, aligned);
+    const unsigned int grid = grid_for(n_out / width, kThreads * kMaxoutUnroll);
+    with_index_type(n_in, [&](auto index) {
+      using I = decltype(index);
+      const I inner = static_cast<I>(l.inner);
+      if (width == V) {
+        maxout_planes_kernel<V, Indices><<<grid, kThreads, 0, stream>>>(
+            xp, yp, ip, n_out, l.k, inner);
+      } else {
+        maxout_planes_kernel<1, Indices><<<grid, kThreads, 0, stream>>>(
+            xp, yp, ip, n_out, l.k, inner);
+      }
+    });
+  } else {
+    with_member_width<scalar_t>(l.k, {xp}, [&](auto width) {
+      constexpr int M = decltype(width)::value;
+      const unsigned int grid = grid_for(n_out, kThreads * kMembersUnroll);
+      maxout_members_kernel<M, Indices><<<grid, kThreads, 0, stream>>>(xp, yp, ip, n_out, l.k);
+    });
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 // Also the maxout of the fused linear (declared in cuda_common.cuh).
@@ -1038,29 +1209,8 @@ Tensor maxout_forward(const Tensor& self, int64_t pool_size) {
   const int64_t n_out = y.numel();
   if (n_out == 0) return y;
   FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
-    constexpr int V = kVec<scalar_t>;
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    if (l.inner > 1) {
-      const bool vec = l.inner % V == 0 && aligned16(xp, yp);
-      const unsigned int grid = grid_for(vec ? n_out / V : n_out, kThreads * kMaxoutUnroll);
-      with_index_type(x.numel(), [&](auto index) {
-        using I = decltype(index);
-        const I inner = static_cast<I>(l.inner);
-        if (vec) {
-          maxout_planes_kernel<V><<<grid, kThreads, 0, scope.stream>>>(xp, yp, n_out, l.k, inner);
-        } else {
-          maxout_planes_kernel<1><<<grid, kThreads, 0, scope.stream>>>(xp, yp, n_out, l.k, inner);
-        }
-      });
-    } else {
-      with_member_width<scalar_t>(l.k, {xp}, [&](auto width) {
-        constexpr int M = decltype(width)::value;
-        maxout_members_kernel<M><<<grid_for(n_out, kThreads * kMembersUnroll), kThreads, 0,
-                                   scope.stream>>>(xp, yp, n_out, l.k);
-      });
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_maxout<false>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+                         static_cast<uint8_t*>(nullptr), l, x.numel(), n_out, scope.stream);
   });
   return y;
 }
@@ -1120,14 +1270,8 @@ std::tuple<Tensor, Tensor> maxout_with_indices(const Tensor& self, int64_t pool_
   const int64_t n_out = y.numel();
   if (n_out == 0) return {y, idx};
   FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    with_index_type(x.numel(), [&](auto index) {
-      using I = decltype(index);
-      maxout_indices_kernel<<<grid_for(n_out, kThreads), kThreads, 0, scope.stream>>>(
-          xp, y.mutable_data_ptr<scalar_t>(), idx.mutable_data_ptr<uint8_t>(), n_out, l.k,
-          static_cast<I>(l.inner));
-    });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_maxout<true>(x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(),
+                        idx.mutable_data_ptr<uint8_t>(), l, x.numel(), n_out, scope.stream);
   });
   return {y, idx};
 }
@@ -1141,14 +1285,36 @@ Tensor maxout_indices_backward(const Tensor& grad_output, const Tensor& indices,
   const Tensor idx = indices.contiguous();
   Tensor gx = at::empty(maxout_input_shape(g, l), g.options());
   const int64_t n_in = gx.numel();
-  if (n_in == 0) return gx;
+  const int64_t n_out = g.numel();
+  if (n_in == 0) return gx;  // then there are no outputs either
   FO_DISPATCH_FLOATING(g.scalar_type(), [&] {
-    with_index_type(n_in, [&](auto index) {
-      using I = decltype(index);
-      maxout_indices_backward_kernel<<<grid_for(n_in, kThreads), kThreads, 0, scope.stream>>>(
-          g.const_data_ptr<scalar_t>(), idx.const_data_ptr<uint8_t>(),
-          gx.mutable_data_ptr<scalar_t>(), n_in, static_cast<I>(l.k), static_cast<I>(l.inner));
-    });
+    constexpr int V = kVec<scalar_t>;
+    const scalar_t* gp = g.const_data_ptr<scalar_t>();
+    const uint8_t* ip = idx.const_data_ptr<uint8_t>();
+    scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+    if (l.inner > 1) {
+      const bool aligned = aligned16(gp, gxp) && aligned_to(ip, V);
+      const int width = layout::maxout_planes_width(l.inner, V, aligned);
+      const unsigned int grid = grid_for(n_out / width, kThreads * kUnroll);
+      with_index_type(n_in, [&](auto index) {
+        using I = decltype(index);
+        const I inner = static_cast<I>(l.inner);
+        if (width == V) {
+          maxout_indices_backward_planes_kernel<V><<<grid, kThreads, 0, scope.stream>>>(
+              gp, ip, gxp, n_out, l.k, inner);
+        } else {
+          maxout_indices_backward_planes_kernel<1><<<grid, kThreads, 0, scope.stream>>>(
+              gp, ip, gxp, n_out, l.k, inner);
+        }
+      });
+    } else {
+      with_member_width<scalar_t>(l.k, {gxp}, [&](auto width) {
+        constexpr int M = decltype(width)::value;
+        const unsigned int grid = grid_for(n_out, kThreads * kUnroll);
+        maxout_indices_backward_members_kernel<M><<<grid, kThreads, 0, scope.stream>>>(
+            gp, ip, gxp, n_out, l.k);
+      });
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return gx;
