@@ -79,13 +79,18 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
+// max that propagates NaN (as torch.max): a NaN in either operand gives NaN, so a reduction
+// built on it is NaN as soon as one value is, whichever lane holds it.
+template <class T>
+__device__ __forceinline__ T nan_max(T a, T b) {
+  return (a > b || a != a) ? a : b;
+}
+
 template <class T>
 __device__ __forceinline__ T warp_max(T v) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const T o = __shfl_xor_sync(0xffffffffu, v, offset);
-    v = o > v ? o : v;
-  }
+  for (int offset = 16; offset > 0; offset >>= 1)
+    v = nan_max(__shfl_xor_sync(0xffffffffu, v, offset), v);
   return v;
 }
 
