@@ -140,3 +140,589 @@ def test_cross_entropy_beyond_int32_elements():
     last = logits[tail].detach().float().requires_grad_()
     (ref,) = torch.autograd.grad(TF.cross_entropy(last, target[tail], reduction="sum"), last)
     torch.testing.assert_close(g[tail].float(), ref, atol=1e-2, rtol=2e-2)
+
+
+# ---- GEMM: operands without 16-byte rows or pointers, split-K, determinism ---------------------
+
+
+def _offset_tensor(shape, dtype, offset, gen, scale=1.0):
+    """A contiguous CUDA tensor whose data starts `offset` elements into its storage: its pointer
+    is aligned to offset * itemsize bytes only (2 for a 16-bit offset of 1), and the ops use it
+    in place."""
+    numel = torch.Size(shape).numel()
+    data = torch.randn(offset + numel, generator=gen, dtype=torch.float64) * scale
+    return data.to("cuda", dtype)[offset:].view(shape)
+
+
+def _linear_inputs(m, k, n, dtype, offset, seed):
+    """x (m, k), w (n, k), b (n,) and an upstream gradient (m, n), all starting `offset` elements
+    into their storage, requiring grad."""
+    gen = torch.Generator().manual_seed(seed)
+    x = _offset_tensor((m, k), dtype, offset, gen).requires_grad_()
+    w = _offset_tensor((n, k), dtype, offset, gen, k ** -0.5).requires_grad_()
+    b = _offset_tensor((n,), dtype, offset, gen).requires_grad_()
+    g = _offset_tensor((m, n), dtype, offset, gen)
+    return x, w, b, g
+
+
+def _check_with_grads(y, params, torch_fn, g, dtype, ks):
+    """y (a fastops op of params) and its gradients for the upstream gradient g against torch_fn
+    in the same dtype and in float64, by the criterion of the linear tests (check_vs_ref); ks:
+    the length of the sums behind y and behind each gradient. Each result is first divided by
+    the power of two nearest its root mean square (exact), as check_vs_ref's tolerances are
+    made for sums of unit size and a sum over 65536 tokens is some 256 times larger."""
+    from test_linear import check_vs_ref
+
+    def check(ours, theirs, ref, k):
+        rms = ref.pow(2).mean().sqrt().cpu()
+        scale = 2.0 ** int(torch.frexp(rms).exponent) if rms > 0 else 1.0
+        check_vs_ref(ours / scale, theirs / scale, ref / scale, dtype, k)
+
+    theirs = [p.detach().clone().requires_grad_() for p in params]
+    refs = [p.detach().double().requires_grad_() for p in params]
+    y2, yr = torch_fn(*theirs), torch_fn(*refs)
+    check(y, y2.detach(), yr.detach(), ks[0])
+    got = torch.autograd.grad(y, params, g)
+    want = torch.autograd.grad(y2, theirs, g)
+    ref = torch.autograd.grad(yr, refs, g.double())
+    for a, e, r, k in zip(got, want, ref, ks[1:]):
+        check(a, e, r, k)
+
+
+# (m, k, n) with k and n odd, 2 mod 8, 4 mod 8 or multiples of 8, so that the rows of x, w and
+# grad_z allow 2-, 4-, 8- or 16-byte access; the last shape has enough tiles for the big
+# tensor-core tile, the others take the small one
+UNALIGNED_SHAPES = [(1031, 1001, 1003), (1031, 1002, 1010), (1031, 1004, 1012),
+                    (1031, 1008, 1000), (2051, 1002, 2100)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", UNALIGNED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("offset", [0, 1, 2, 4], ids=lambda o: f"offset{o}")
+def test_linear_rows_and_pointers_off_16_bytes(dtype, shape, offset):
+    """Every access width of the GEMM loaders (16, 8, 4 bytes and element by element), with
+    partial chunks at the matrix edges: values and gradients against torch."""
+    m, k, n = shape
+    x, w, b, g = _linear_inputs(m, k, n, dtype, offset, seed=11)
+    _check_with_grads(F.linear(x, w, b), (x, w, b), TF.linear, g, dtype, (k, n, m, m))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(257, 1001, 1003), (1031, 1002, 1012)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("offset", [1, 2], ids=lambda o: f"offset{o}")
+def test_linear_act_rows_and_pointers_off_16_bytes(dtype, shape, offset):
+    m, k, n = shape
+    x, w, b, g = _linear_inputs(m, k, n, dtype, offset, seed=12)
+    y = F.linear_act(x, w, b, activation="gelu")
+    _check_with_grads(y, (x, w, b), lambda *a: TF.gelu(TF.linear(*a)), g, dtype, (k, n, m, m))
+
+
+# (m, k, n) whose output has a few tiles and whose sums are long: a small-M forward (K = 65536),
+# the weight gradient over many tokens (k = m), with odd and unaligned leading dimensions and
+# a last k tile cut short
+SPLIT_K_SHAPES = [(64, 65536, 64), (65536, 64, 64), (61, 40001, 67), (40003, 72, 33)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", SPLIT_K_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("offset", [0, 1], ids=lambda o: f"offset{o}")
+def test_linear_split_k(dtype, shape, offset):
+    m, k, n = shape
+    x, w, b, g = _linear_inputs(m, k, n, dtype, offset, seed=13)
+    _check_with_grads(F.linear(x, w, b), (x, w, b), TF.linear, g, dtype, (k, n, m, m))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(64, 65536, 64), (40003, 72, 33)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_linear_act_split_k(dtype, shape):
+    m, k, n = shape
+    x, w, b, g = _linear_inputs(m, k, n, dtype, 0, seed=14)
+    y = F.linear_act(x, w, b, activation="gelu")
+    _check_with_grads(y, (x, w, b), lambda *a: TF.gelu(TF.linear(*a)), g, dtype, (k, n, m, m))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(64, 65536, 64), (40003, 72, 33), (61, 40001, 67)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_split_k_bitwise_deterministic(dtype, shape):
+    """The splits are summed in a fixed order: the same call gives the same bits."""
+    m, k, n = shape
+    x, w, b, g = _linear_inputs(m, k, n, dtype, 1, seed=15)
+    runs = []
+    for _ in range(2):
+        y = F.linear(x, w, b)
+        ya = F.linear_act(x, w, b, activation="gelu")
+        runs.append([y, ya, *torch.autograd.grad(y, (x, w, b), g),
+                     *torch.autograd.grad(ya, (x, w, b), g)])
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+# ---- S > 1 with a small class dim and few positions: several n packed into a block -------------
+
+# (N, C, d1, ...): classes S apart, C and S small enough that a block packs many n
+SMALL_SPATIAL = [(65536, 5, 3), (4097, 10, 7), (3, 2, 5), (1, 3, 1, 2)]
+SMALL_SPATIAL_IDS = ["65536x5x3", "4097x10x7", "3x2x5", "1x3x1x2"]
+
+
+def _on_cuda(fn):
+    """fn run on the GPU for CPU tensors, its result brought back differentiably: the CPU-side
+    comparison of test_losses then checks the CUDA kernels, values and gradients."""
+    def run(x, *args, **kwargs):
+        args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+        kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        return fn(x.cuda(), *args, **kwargs).cpu()
+    return run
+
+
+def _skip_float16_sum_overflow(shape, dtype, reduction):
+    # Thousands of row losses add up past float16's range (65504), torch's sum included.
+    rows = torch.Size(shape).numel() // shape[1]
+    if dtype == torch.float16 and reduction == "sum" and rows > 2000:
+        pytest.skip("the summed loss overflows float16")
+
+
+@pytest.mark.parametrize("shape", SMALL_SPATIAL, ids=SMALL_SPATIAL_IDS)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["now", "weight"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.15], ids=["ls0", "ls.15"])
+def test_small_spatial_cross_entropy(shape, reduction, weighted, smoothing, dtype):
+    from test_losses import _check_vs_torch, _inputs, _target
+    _skip_float16_sum_overflow(shape, dtype, reduction)
+    C = shape[1]
+    x, gen = _inputs(shape, dtype)
+    t = _target(shape, C, gen, ignore=-100, frac=0.2)
+    t.view(-1)[0] = 1  # a class of nonzero weight: 'mean' divides by the targets' total weight
+    w = None
+    if weighted:
+        w = torch.rand(C, generator=gen, dtype=torch.float64)
+        w[::3] = 0
+        w = w.to(dtype)
+    _check_vs_torch(_on_cuda(F.cross_entropy), _on_cuda(TF.cross_entropy), x, dtype, t,
+                    weight=w, reduction=reduction, label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("shape", SMALL_SPATIAL, ids=SMALL_SPATIAL_IDS)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_small_spatial_cross_entropy_ignore_index_in_range(shape, reduction):
+    from test_losses import _check_vs_torch, _inputs, _target
+    C = shape[1]
+    x, gen = _inputs(shape, torch.float32)
+    t = _target(shape, C, gen, ignore=1, frac=0.3)
+    w = torch.rand(C, generator=gen)
+    _check_vs_torch(_on_cuda(F.cross_entropy), _on_cuda(TF.cross_entropy), x, torch.float32, t,
+                    weight=w, ignore_index=1, reduction=reduction, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("shape", SMALL_SPATIAL, ids=SMALL_SPATIAL_IDS)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["now", "weight"])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2], ids=["ls0", "ls.2"])
+def test_small_spatial_cross_entropy_soft_targets(shape, reduction, weighted, smoothing, dtype):
+    from test_losses import _check_vs_torch, _inputs
+    _skip_float16_sum_overflow(shape, dtype, reduction)
+    C = shape[1]
+    x, gen = _inputs(shape, dtype)
+    y = torch.rand(shape, generator=gen, dtype=torch.float64).softmax(1).to(dtype)
+    w = torch.rand(C, generator=gen, dtype=torch.float64).to(dtype) if weighted else None
+    _check_vs_torch(_on_cuda(F.cross_entropy), _on_cuda(TF.cross_entropy), x, dtype, y,
+                    weight=w, reduction=reduction, label_smoothing=smoothing)
+
+
+@pytest.mark.parametrize("shape", SMALL_SPATIAL, ids=SMALL_SPATIAL_IDS)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["now", "weight"])
+def test_small_spatial_nll_loss(shape, reduction, weighted, dtype):
+    from test_losses import _check_vs_torch, _inputs, _target
+    C = shape[1]
+    x, gen = _inputs(shape, dtype)
+    t = _target(shape, C, gen, ignore=-100, frac=0.2)
+    w = None
+    if weighted:
+        w = torch.rand(C, generator=gen, dtype=torch.float64)
+        w[::4] = 0
+        w = w.to(dtype)
+    _check_vs_torch(_on_cuda(F.nll_loss), _on_cuda(TF.nll_loss), x, dtype, t, weight=w,
+                    reduction=reduction)
+
+
+@pytest.mark.parametrize("shape", SMALL_SPATIAL, ids=SMALL_SPATIAL_IDS)
+def test_small_spatial_log_softmax(shape, dtype):
+    from test_losses import _check_vs_torch, _inputs
+    x, _ = _inputs(shape, dtype)
+    _check_vs_torch(_on_cuda(F.log_softmax), _on_cuda(TF.log_softmax), x, dtype, 1)
+
+
+# (shape, a NaN, a row of -inf, a row of -inf but for its last class), rows given as (n, s)
+SPECIAL_ROWS = [
+    ((65536, 5, 3), (40000, 4, 2), (65535, 0), (0, 1)),
+    ((4097, 10, 7), (4096, 0, 6), (37, 3), (4000, 0)),
+    ((3, 2, 5), (1, 1, 0), (2, 4), (0, 3)),
+]
+
+
+def _nan_rows(v, expected):
+    """Whether v, of shape (N, S) or (N, C, S), is NaN exactly in the rows of `expected` (an
+    (N, S) mask) and there in every element."""
+    isnan = v.isnan()
+    if v.dim() == 2:
+        return torch.equal(isnan, expected)
+    return torch.equal(isnan.any(1), expected) and bool(isnan.all(1)[expected].all())
+
+
+@pytest.mark.parametrize("shape,nan_at,neg_inf_row,leading_neg_inf_row", SPECIAL_ROWS,
+                         ids=["65536x5x3", "4097x10x7", "3x2x5"])
+def test_small_spatial_nan_in_one_row(shape, nan_at, neg_inf_row, leading_neg_inf_row, dtype):
+    """A NaN anywhere in a row makes all of that row's results NaN (loss, log_softmax and each
+    of their gradients) and no other row's; a row of -inf gives NaN, as in torch; -inf before
+    the first finite class adds 0. Values and gradients as torch's."""
+    from test_losses import _check_vs_torch, _inputs
+    N, C, S = shape
+    x, gen = _inputs(shape, dtype)
+    x[nan_at] = float("nan")
+    x[neg_inf_row[0], :, neg_inf_row[1]] = -float("inf")
+    x[leading_neg_inf_row[0], :C - 1, leading_neg_inf_row[1]] = -float("inf")
+    t = torch.randint(0, C, (N, S), generator=gen)
+    t[leading_neg_inf_row] = C - 1  # the finite class: a finite loss
+    y = torch.rand(shape, generator=gen, dtype=torch.float64).softmax(1).to(dtype)
+    expected = torch.zeros(N, S, dtype=torch.bool)
+    expected[nan_at[0], nan_at[2]] = True
+    expected[neg_inf_row] = True
+    expected = expected.cuda()
+    cases = [(F.cross_entropy, TF.cross_entropy, (t,), dict(reduction="none")),
+             (F.cross_entropy, TF.cross_entropy, (t,),
+              dict(reduction="none", label_smoothing=0.1)),
+             (F.cross_entropy, TF.cross_entropy, (y,), dict(reduction="none")),
+             (F.log_softmax, TF.log_softmax, (1,), {})]
+    for ours, theirs, args, kwargs in cases:
+        _check_vs_torch(_on_cuda(ours), _on_cuda(theirs), x, dtype, *args, **kwargs)
+        xc = x.cuda().requires_grad_(True)
+        cuda_args = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
+        out = ours(xc, *cuda_args, **kwargs)
+        (grad,) = torch.autograd.grad(out, xc, torch.ones_like(out))
+        assert _nan_rows(out, expected), (ours.__name__, kwargs)
+        assert _nan_rows(grad, expected), (ours.__name__, kwargs)
+        lead = out[leading_neg_inf_row[0], ..., leading_neg_inf_row[1]]
+        assert not lead.isnan().any(), (ours.__name__, kwargs)
+    # reduced: the NaN reaches the loss, but only the gradients of its own rows
+    xc = x.cuda().requires_grad_(True)
+    loss = F.cross_entropy(xc, t.cuda(), label_smoothing=0.1)
+    (grad,) = torch.autograd.grad(loss, xc)
+    assert loss.isnan().item()
+    assert _nan_rows(grad, expected)
+
+
+def _small_spatial_results(x, t, y, w, g_rows, g_full, rows):
+    """Values and gradients of every S > 1 op on the batch x[rows]: first the per-row ones
+    (reduction 'none', log_softmax), then two means."""
+    xs = x[rows].detach().requires_grad_(True)
+    outs = [(F.cross_entropy(xs, t[rows], weight=w, label_smoothing=0.1, reduction="none"),
+             g_rows[rows]),
+            (F.cross_entropy(xs, y[rows], weight=w, reduction="none"), g_rows[rows]),
+            (F.nll_loss(xs, t[rows], weight=w, reduction="none"), g_rows[rows]),
+            (F.log_softmax(xs, 1), g_full[rows])]
+    results = []
+    for out, g in outs:
+        results += [out, torch.autograd.grad(out, xs, g)[0]]
+    for target in (t[rows], y[rows]):
+        loss = F.cross_entropy(xs, target, weight=w, label_smoothing=0.1)
+        results += [loss, torch.autograd.grad(loss, xs)[0]]
+    return results
+
+
+@pytest.mark.parametrize("shape", [(65536, 5, 3), (4097, 10, 7)], ids=["65536x5x3", "4097x10x7"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=["float32", "float64", "bfloat16"])
+def test_small_spatial_bitwise_deterministic(shape, dtype):
+    """The same bits from two runs; a row's results do not depend on N nor on where the batch
+    starts in memory (the S > 1 layout depends on C, S and the dtype only)."""
+    N, C, S = shape
+    gen = torch.Generator().manual_seed(8)
+    x = (torch.randn(shape, generator=gen) * 3).to("cuda", dtype)
+    t = torch.randint(0, C, (N, S), generator=gen).cuda()
+    t[::5, 0] = -100
+    y = torch.rand(shape, generator=gen).softmax(1).to("cuda", dtype)
+    w = torch.rand(C, generator=gen).to("cuda", dtype)
+    g_rows = torch.randn(N, S, generator=gen).to("cuda", dtype)
+    g_full = torch.randn(shape, generator=gen).to("cuda", dtype)
+    args = (x, t, y, w, g_rows, g_full)
+    first = _small_spatial_results(*args, slice(0, N))
+    second = _small_spatial_results(*args, slice(0, N))
+    for i, (a, b) in enumerate(zip(first, second)):
+        assert torch.equal(a, b), i
+    # rows 1..37 alone: a smaller N, at an offset of C * S elements (not 16-byte aligned)
+    part = _small_spatial_results(*args, slice(1, 38))
+    for i, (a, b) in enumerate(zip(first[:8], part[:8])):
+        assert torch.equal(a[1:38], b), i
+
+
+@pytest.mark.parametrize("call", [
+    "F.cross_entropy(x, t, reduction='none')",
+    "F.nll_loss(x, t)",
+    "torch.ops.fastops.cross_entropy_backward(torch.ones(4097, 7, device='cuda'), x, t, None, 0, "
+    "-100, 0.0, torch.zeros(4097, 7, device='cuda'), torch.tensor(1.0, device='cuda'))",
+    "torch.ops.fastops.nll_loss_backward(torch.tensor(1.0, device='cuda'), x, t, None, 2, -100, "
+    "torch.tensor(1.0, device='cuda'))",
+])
+def test_small_spatial_out_of_range_target_is_an_error(call):
+    """A class target outside [0, C) in the last packed row fails on the device, forward and
+    backward, and is not read."""
+    result = run_python(f"""
+        import torch, fastops
+        import fastops.functional as F
+        x = torch.randn(4097, 10, 7, device='cuda')
+        t = torch.randint(0, 10, (4097, 7), device='cuda')
+        t[4096, 6] = 10
+        try:
+            out = {call}
+            torch.cuda.synchronize()
+        except (RuntimeError, IndexError) as e:
+            print("raised:", e)
+            raise SystemExit(3)
+        print("no error, got", out)
+        """)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "raised:" in result.stdout
+
+
+# ---- masked activations and maxout with saved indices: every access path of their kernels ----
+# Several 16-byte accesses in flight per thread where the storage is 16-byte aligned (and, for
+# maxout, inner a multiple of the vector width), one element at a time where it is not
+# (x = buf[1:]); sizes off the vector width, a thread's share and a block's, and past one pass
+# of the grid. The CPU kernels share the functors and the bit and index layouts: same bytes.
+
+ACTIVATION_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+# op: (params, the elements whose gradient passes, as torch's backward decides, torch's op)
+MASKED_CUDA_OPS = {
+    "relu": ((), lambda x: ~(x <= 0), TF.relu),
+    "leaky_relu": ((0.2,), lambda x: x > 0, lambda x: TF.leaky_relu(x, 0.2)),
+    "hardtanh": ((-0.5, 2.0), lambda x: ~((x <= -0.5) | (x >= 2.0)),
+                 lambda x: TF.hardtanh(x, -0.5, 2.0)),
+    "hardshrink": ((0.5,), lambda x: ~((x >= -0.5) & (x <= 0.5)),
+                   lambda x: TF.hardshrink(x, 0.5)),
+}
+
+# Elements per access: 1 to 8; per thread and grid-stride trip: 8 to 32; per block and trip:
+# 2048 to 8192 (scalar, float64, float32, 16-bit types).
+MASKED_SIZES = [0, 1, 7, 8, 9, 15, 17, 31, 32, 33, 63, 65, 127, 129, 2047, 2049, 4095, 4097,
+                8191, 8193, 3 * 8192 + 13]
+
+
+def grid_pass_elements(per_thread):
+    """What one pass of the largest grid covers with `per_thread` per thread: the kernels' grids
+    are capped at 4 blocks of 256 threads per SM."""
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return sms * 4 * 256 * per_thread
+
+
+def copy_at_offset(t, offset):
+    """t's values in new storage, `offset` elements into it: offset 1 leaves the data without
+    the 16-byte alignment the vector paths need (a uint8 tensor without any alignment)."""
+    buf = torch.empty(t.numel() + offset, dtype=t.dtype, device=t.device)
+    return buf[offset:].view(t.shape).copy_(t)
+
+
+def kinked_input(n, dtype, gen):
+    """Normal values and, every 5th element, a threshold or special value (NaN, +-inf, +-0,
+    -0.5, 0.5, 2): 5 and 8 are coprime, so each lands at every bit position of a mask byte."""
+    x = torch.randn(n, generator=gen, dtype=torch.float64) * 2
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, -0.5, 0.5,
+                            2.0], dtype=torch.float64)
+    at = torch.arange(0, n, 5)
+    x[at] = special[torch.arange(at.numel()) % special.numel()]
+    return x.to("cuda", dtype)
+
+
+def unpacked_mask_bits(mask, n):
+    """(the n bits of a mask as bools, element i from bit i % 8 of byte i // 8; the padding bits
+    of its last byte)."""
+    bits = (mask.long().unsqueeze(1) >> torch.arange(8, device=mask.device)) & 1
+    bits = bits.flatten().bool()
+    return bits[:n], bits[n:]
+
+
+def check_masked_op(op, x, g):
+    """NAME_with_mask and NAME_mask_backward against the input forms (bit for bit), torch, and
+    the CPU kernel's mask."""
+    params, passes, torch_op = MASKED_CUDA_OPS[op]
+    ops = torch.ops.fastops
+    n = x.numel()
+    out, mask = getattr(ops, op + "_with_mask")(x, *params)
+    torch.testing.assert_close(out, getattr(ops, op)(x, *params), atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(out, torch_op(x), equal_nan=True)
+    assert mask.dtype == torch.uint8 and mask.shape == ((n + 7) // 8,)
+    bits, padding = unpacked_mask_bits(mask, n)
+    assert torch.equal(bits, passes(x))
+    assert not padding.any()
+    assert torch.equal(mask.cpu(), getattr(ops, op + "_with_mask")(x.cpu(), *params)[1])
+    xt = x.detach().requires_grad_(True)
+    want = torch.autograd.grad(torch_op(xt), xt, g)[0]
+    from_input = getattr(ops, op + "_backward")(g, x, *params)
+    number = ~x.isnan()  # torch's gradient at NaN differs between its own kernels
+    for saved in (mask, copy_at_offset(mask, 1)):
+        grad = getattr(ops, op + "_mask_backward")(g, saved, *params)
+        torch.testing.assert_close(grad, from_input, atol=0, rtol=0, equal_nan=True)
+        torch.testing.assert_close(grad[number], want[number])
+
+
+@pytest.mark.parametrize("x_offset,g_offset", [(0, 0), (1, 1), (0, 1)],
+                         ids=["aligned", "offset", "offset_grad"])
+@pytest.mark.parametrize("dtype", ACTIVATION_DTYPES, ids=str)
+@pytest.mark.parametrize("op", list(MASKED_CUDA_OPS))
+def test_masked_ops_every_access_path(op, dtype, x_offset, g_offset):
+    gen = torch.Generator().manual_seed(21)
+    for n in MASKED_SIZES:
+        x = copy_at_offset(kinked_input(n, dtype, gen), x_offset)
+        g = copy_at_offset(torch.randn(n, generator=gen).to("cuda", dtype), g_offset)
+        try:
+            check_masked_op(op, x, g)
+        except AssertionError as e:
+            raise AssertionError(f"{n} elements: {e}") from e
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", list(MASKED_CUDA_OPS))
+def test_masked_ops_past_one_grid_pass(op, dtype):
+    """More mask bytes than one pass of the grid takes (3 passes at the 16-bit types' 32
+    elements per thread): every grid-stride trip."""
+    n = 3 * grid_pass_elements(32) + 13
+    gen = torch.Generator().manual_seed(22)
+    x = kinked_input(n, dtype, gen)
+    check_masked_op(op, x, torch.randn(n, generator=gen).to("cuda", dtype))
+
+
+# (shape, pool size)
+MAXOUT_INDEXED_SHAPES = [
+    # inner 1: the members of an output side by side, read up to 16 bytes at a time
+    ((5, 6), 2), ((7, 12), 3), ((3, 8), 4), ((9, 18), 6), ((2049, 12), 3), ((1031, 24), 4),
+    # odd inner: one output at a time along the inner positions
+    ((3, 6, 3), 2), ((5, 9, 7), 3), ((2, 8, 5, 7), 4), ((3, 12, 1, 9), 6), ((65, 6, 33), 3),
+    # inner a multiple of 8: 16-byte vectors for every dtype (aligned storage)
+    ((3, 4, 8), 2), ((5, 9, 16), 3), ((2, 8, 4, 6), 4), ((7, 12, 24), 6), ((33, 6, 1024), 2),
+    # inner 2, 4, 6: vectors for float64 (2 per access), float32 at 4 only
+    ((3, 4, 2), 2), ((3, 6, 4), 3), ((5, 8, 6), 4),
+    # the pool sizes at both ends of a byte index
+    ((4, 4, 8), 1), ((2, 512, 8), 256), ((3, 512), 256),
+    ((0, 4), 2), ((2, 4, 0), 2), ((2, 0, 3), 3),
+]
+
+
+def tied_maxout_input(shape, dtype, gen):
+    """Half-integers in about [-2, 2] (exact ties in most groups) and, every 11th element, NaN
+    or an infinity, at every member position."""
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 1.5).round() / 2
+    flat = x.view(-1)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf")], dtype=torch.float64)
+    at = torch.arange(0, flat.numel(), 11)
+    flat[at] = special[torch.arange(at.numel()) % special.numel()]
+    return x.to("cuda", dtype)
+
+
+def check_maxout_indices(x, k, g_offset, gen):
+    """maxout_with_indices against torch.max (values, and indices: the first maximum, the first
+    NaN), maxout_indices_backward against torch's scatter and maxout_backward (bit for bit),
+    with the saved indices at an offset too. Returns the indices."""
+    ops = torch.ops.fastops
+    out, idx = ops.maxout_with_indices(x, k)
+    groups = x.unflatten(1, (-1, k))
+    want = groups.max(dim=2)
+    assert idx.dtype == torch.uint8 and idx.shape == want.values.shape
+    torch.testing.assert_close(out, want.values, atol=0, rtol=0, equal_nan=True)
+    assert torch.equal(idx.long(), want.indices)
+    torch.testing.assert_close(out, ops.maxout(x, k), atol=0, rtol=0, equal_nan=True)
+    g = copy_at_offset(torch.randn(out.shape, generator=gen).to("cuda", x.dtype), g_offset)
+    want_grad = torch.zeros_like(groups).scatter_(2, want.indices.unsqueeze(2), g.unsqueeze(2))
+    want_grad = want_grad.flatten(1, 2)
+    from_input = ops.maxout_backward(g, x, k)
+    for saved in (idx, copy_at_offset(idx, 1)):
+        grad = ops.maxout_indices_backward(g, saved, k)
+        assert grad.shape == x.shape and grad.dtype == x.dtype
+        assert torch.equal(grad, want_grad)
+        assert torch.equal(grad, from_input)
+    return idx
+
+
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "offset"])
+@pytest.mark.parametrize("dtype", ACTIVATION_DTYPES, ids=str)
+@pytest.mark.parametrize("shape,k", MAXOUT_INDEXED_SHAPES, ids=str)
+def test_maxout_indices_every_access_path(shape, k, dtype, offset):
+    gen = torch.Generator().manual_seed(23)
+    x = copy_at_offset(tied_maxout_input(shape, dtype, gen), offset)
+    idx = check_maxout_indices(x, k, offset, gen)
+    assert torch.equal(idx.cpu(), torch.ops.fastops.maxout_with_indices(x.cpu(), k)[1])
+
+
+@pytest.mark.parametrize("inner", [1, 7, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_maxout_indices_past_one_grid_pass(dtype, inner):
+    """More outputs than one pass of the grid takes (3 passes of the most per thread, the
+    backward's 4 accesses of 8 outputs): every grid-stride trip."""
+    n_out = 3 * grid_pass_elements(32) + 5
+    rows = -(-n_out // inner)
+    shape = (rows, 3) if inner == 1 else (rows, 3, inner)
+    gen = torch.Generator().manual_seed(24)
+    check_maxout_indices(tied_maxout_input(shape, dtype, gen), 3, 0, gen)
+
+
+@pytest.mark.slow
+def test_maxout_indices_beyond_uint32_elements():
+    """An input of more than 2^32 elements (64-bit index division): the last rows against
+    torch."""
+    rows, k, inner = 2**28 + 3, 2, 8
+    gen = torch.Generator(device="cuda").manual_seed(25)
+    x = torch.randn((rows, k, inner), generator=gen, device="cuda", dtype=torch.bfloat16)
+    assert x.numel() > 2**32
+    ops = torch.ops.fastops
+    out, idx = ops.maxout_with_indices(x, k)
+    tail = slice(rows - 5, rows)
+    want = x[tail].unflatten(1, (-1, k)).max(dim=2)
+    assert torch.equal(out[tail], want.values) and torch.equal(idx[tail].long(), want.indices)
+    grad = ops.maxout_indices_backward(out, idx, k)  # grad_output = out
+    assert torch.equal(grad[tail], ops.maxout_indices_backward(out[tail], idx[tail], k))
+    assert torch.equal(grad[:3], ops.maxout_indices_backward(out[:3], idx[:3], k))
+
+
+@pytest.mark.slow
+def test_masked_relu_beyond_int32_elements():
+    """More than 2^31 elements: the last whole mask byte and the partial one against the same
+    elements alone (they start at a byte boundary) and torch."""
+    n = 2**31 + 37
+    x = torch.full((n,), -0.5, dtype=torch.bfloat16, device="cuda")
+    x[-13:] = torch.tensor([1.5, -2.0, 0.0, float("nan"), 3.0, -0.0, 0.25, -1.0, 2.0, -3.0,
+                            float("inf"), -float("inf"), 0.5], dtype=torch.bfloat16)
+    ops = torch.ops.fastops
+    out, mask = ops.relu_with_mask(x)
+    end = x[-13:].clone()
+    end_out, end_mask = ops.relu_with_mask(end)
+    assert torch.equal(mask[-2:], end_mask)
+    torch.testing.assert_close(out[-13:], end_out, atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(end_out, TF.relu(end), equal_nan=True)
+    del out
+    grad = ops.relu_mask_backward(x, mask)  # grad_output = x
+    torch.testing.assert_close(grad[-13:], ops.relu_mask_backward(end, end_mask), atol=0,
+                               rtol=0, equal_nan=True)
+    assert torch.equal(grad[:3], torch.zeros(3, dtype=torch.bfloat16, device="cuda"))
+
+
+@pytest.mark.parametrize("shape", [(2, 3), (2, 3, 8), (2, 3, 5)], ids=str)
+def test_maxout_saved_index_out_of_range_is_an_error(shape):
+    """A saved index past the pool (not from maxout_with_indices) is reported, not followed:
+    members side by side, 16-byte vectors and single elements along the inner positions."""
+    result = run_python(f"""
+        import torch, fastops
+        g = torch.randn({shape}, device='cuda')
+        idx = torch.zeros({shape}, dtype=torch.uint8, device='cuda')
+        idx.view(-1)[-1] = 2
+        try:
+            grad = torch.ops.fastops.maxout_indices_backward(g, idx, 2)
+            torch.cuda.synchronize()
+        except RuntimeError as e:
+            print("raised:", e)
+            raise SystemExit(3)
+        print("no error, got", grad)
+        """)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "raised:" in result.stdout
