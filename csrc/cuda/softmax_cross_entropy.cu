@@ -1,6 +1,6 @@
-// CUDA kernels of the losses: log_softmax, nll_loss, cross_entropy (fused log_softmax + nll_loss:
-// hard or soft targets, class weights, ignore_index, label smoothing) and mse_loss. They accept
-// what the CPU kernels accept and give the same results (csrc/cpu/softmax_cross_entropy.cpp and regression_losses.cpp are the reference).
+// CUDA kernels of log_softmax, nll_loss and cross_entropy (fused log_softmax + nll_loss: hard or
+// soft targets, class weights, ignore_index, label smoothing). They accept what the CPU kernels
+// accept and give the same results (csrc/cpu/softmax_cross_entropy.cpp is the reference).
 //
 // Layout: an input is viewed as (N, C, S), the class dim in the middle; a "row" is the C values
 // of one (n, s).
@@ -25,9 +25,8 @@
 // losses are summed by fixed blocks of rows, then the block sums in order, in float64. Same
 // shape, dtype and alignments: same bits. The shape alone is not enough: in the S == 1 kernels
 // a row's scalar head runs up to its first 16-byte aligned element, and the 16-byte path is
-// taken only when the tensors read together share an alignment (mse_loss: when all are
-// aligned), so the same values at another storage offset may be summed in another order and
-// round differently. The S > 1 layout depends on the shape and dtype only.
+// taken only when the tensors read together share an alignment, so the same values at another
+// storage offset may be summed in another order and round differently. The S > 1 layout depends on the shape and dtype only.
 //
 // Class targets are checked on the device: one outside [0, C) that is not ignore_index fails a
 // device assertion (as torch's nll_loss) and is never used to index memory.
@@ -41,7 +40,7 @@
 #include <type_traits>
 
 #include "../loss_checks.h"
-#include "cuda_common.cuh"
+#include "loss_common.cuh"
 #include "loss_layout.h"
 
 namespace fastops {
@@ -57,11 +56,6 @@ using loss_layout::SpatialThread;
 static_assert(loss_layout::kSpatialMaxThreads == kThreads, "the S > 1 kernels' shared arrays");
 
 // ---- device math -----------------------------------------------------------------------------
-
-template <class A>
-__device__ __forceinline__ A neg_inf() {
-  return -std::numeric_limits<A>::infinity();
-}
 
 // exp for the softmax terms. float: the hardware exp2 (about 2 ulp near 0, where the terms that
 // matter lie; -inf -> 0, NaN -> NaN); double: libm.
@@ -98,47 +92,6 @@ __device__ __forceinline__ void lse_fold(const A (&v)[K], A& m, A& s) {
 }
 
 // ---- loads -----------------------------------------------------------------------------------
-
-// The dtype of a tensor read through a void pointer (a grad_output or total_weight of any
-// floating dtype, read without converting it on the host).
-enum DKind : int { kF32 = 0, kF64 = 1, kF16 = 2, kBF16 = 3 };
-
-DKind dkind(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return kF32;
-    case at::kDouble: return kF64;
-    case at::kHalf: return kF16;
-    default:
-      TORCH_CHECK(t == at::kBFloat16, "fastops: unexpected dtype ", t);
-      return kBF16;
-  }
-}
-
-template <class A>
-__device__ __forceinline__ A load_as(const void* p, int kind, int64_t i) {
-  switch (kind) {
-    case kF32: return static_cast<A>(static_cast<const float*>(p)[i]);
-    case kF64: return static_cast<A>(static_cast<const double*>(p)[i]);
-    case kF16: return static_cast<A>(static_cast<float>(static_cast<const c10::Half*>(p)[i]));
-    default: return static_cast<A>(static_cast<float>(static_cast<const c10::BFloat16*>(p)[i]));
-  }
-}
-
-__device__ __forceinline__ int64_t load_target(const void* t, bool byte, int64_t i) {
-  return byte ? static_cast<int64_t>(static_cast<const uint8_t*>(t)[i])
-              : static_cast<const int64_t*>(t)[i];
-}
-
-// Whether a class target is a class to use: false for ignore_index; a target outside [0, C)
-// fails a device assertion and is never used as an index.
-__device__ __forceinline__ bool target_class(int64_t t, int64_t C, int64_t ignore_index) {
-  if (t == ignore_index) return false;
-  const bool in_range = t >= 0 && t < C;
-  CUDA_KERNEL_ASSERT_MSG(in_range,
-                         "fastops: class target out of bounds: expected a class index in [0, C) "
-                         "or ignore_index");
-  return in_range;
-}
 
 // Elements before the first 16-byte aligned one (at most len).
 template <class T>
@@ -213,13 +166,12 @@ __device__ __forceinline__ void group_sum(A (&v)[K], int tpr, A* smem) {
   }
 }
 
+// NaN-propagating like warp_max (the running maxima it merges never hold one: lse_fold).
 template <class A>
 __device__ __forceinline__ A group_max(A v, int tpr, A* smem) {
   if (tpr <= 32) {
-    for (int off = tpr >> 1; off > 0; off >>= 1) {
-      const A o = __shfl_xor_sync(0xffffffffu, v, off);
-      v = o > v ? o : v;
-    }
+    for (int off = tpr >> 1; off > 0; off >>= 1)
+      v = nan_max(__shfl_xor_sync(0xffffffffu, v, off), v);
     return v;
   }
   v = warp_max(v);
@@ -228,7 +180,7 @@ __device__ __forceinline__ A group_max(A v, int tpr, A* smem) {
   if ((threadIdx.x & 31) == 0) smem[warp] = v;
   __syncthreads();
   A t = smem[0];
-  for (int w = 1; w < nw; ++w) t = smem[w] > t ? smem[w] : t;
+  for (int w = 1; w < nw; ++w) t = nan_max(smem[w], t);
   return t;
 }
 
@@ -319,24 +271,6 @@ __device__ __forceinline__ A ce_row_loss(A lse, A log_s, const Stats<A>& st, boo
     // plus eps / C * sum_c w_c (lse - x_c)
     return om_eps * nll + eps_c * (wsum * lse - st.dot);
   }
-}
-
-// The incoming gradient: per row for reduction 'none', else one value (over total_weight for
-// 'mean', in float64 as the CPU kernel).
-struct GradIn {
-  const void* g;
-  int g_kind;
-  int64_t reduction;
-  const void* tw;  // total_weight (kMean)
-  int tw_kind;
-};
-
-template <class A>
-__device__ __forceinline__ A grad_scale(const GradIn& gi) {
-  if (gi.reduction == kNone) return A(0);
-  const A g0 = load_as<A>(gi.g, gi.g_kind, 0);
-  if (gi.reduction != kMean) return g0;
-  return static_cast<A>(static_cast<double>(g0) / load_as<double>(gi.tw, gi.tw_kind, 0));
 }
 
 // Row coefficients of the gradient: grad_c = exp(x_c - l) * coef - cw * (w_c | y'_c) and, at
@@ -759,102 +693,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// ---- deterministic loss sums -----------------------------------------------------------------
-
-constexpr int kReduceThreads = 256;
-constexpr int64_t kRowsPerReduceBlock = 2048;
-
-struct LossTerms {
-  double loss, weight;
-};
-
-// Where a reduction's result goes: loss (reduced: sum, or sum / total weight for 'mean'; null
-// for 'none') and total_weight (null: not wanted).
-template <class T>
-struct LossOut {
-  T* loss;
-  acc_t<T>* total_weight;
-  int64_t reduction;
-};
-
-template <class T>
-__device__ __forceinline__ void write_loss(const LossOut<T>& o, double loss, double weight) {
-  using A = acc_t<T>;
-  if (o.total_weight != nullptr) o.total_weight[0] = static_cast<A>(weight);
-  if (o.loss != nullptr) {
-    // 'mean' over a total weight of 0 (all targets ignored or of weight 0, or no rows) is NaN
-    // as in torch, where the nll part is 0 / 0 even when label smoothing adds to the sum.
-    const double v = o.reduction != kMean ? loss
-                     : weight == 0            ? std::numeric_limits<double>::quiet_NaN()
-                                              : loss / weight;
-    o.loss[0] = static_cast<T>(static_cast<A>(v));
-  }
-}
-
-// Block b sums the terms of rows [b * kRowsPerReduceBlock, ...) in a fixed order; a single
-// block writes the result, several write their sums to partials (loss sums, then weight sums)
-// for finish_sums.
-template <class T, class Terms>
-__global__ void __launch_bounds__(kReduceThreads)
-    sum_rows(Terms terms, int64_t rows, double* partials, LossOut<T> out) {
-  __shared__ double scratch[32];
-  const int64_t b0 = static_cast<int64_t>(blockIdx.x) * kRowsPerReduceBlock;
-  const int64_t b1 = rows < b0 + kRowsPerReduceBlock ? rows : b0 + kRowsPerReduceBlock;
-  double l = 0, w = 0;
-#pragma unroll 4
-  for (int64_t r = b0 + threadIdx.x; r < b1; r += blockDim.x) {
-    const LossTerms t = terms(r);
-    l += t.loss;
-    w += t.weight;
-  }
-  l = block_sum(l, scratch);
-  w = block_sum(w, scratch);
-  if (threadIdx.x == 0) {
-    if (gridDim.x == 1) {
-      write_loss(out, l, w);
-    } else {
-      partials[blockIdx.x] = l;
-      partials[gridDim.x + blockIdx.x] = w;
-    }
-  }
-}
-
-template <class T>
-__global__ void __launch_bounds__(kReduceThreads)
-    finish_sums(const double* partials, int64_t nparts, LossOut<T> out) {
-  __shared__ double scratch[32];
-  double l = 0, w = 0;
-  for (int64_t i = threadIdx.x; i < nparts; i += blockDim.x) {
-    l += partials[i];
-    w += partials[nparts + i];
-  }
-  l = block_sum(l, scratch);
-  w = block_sum(w, scratch);
-  if (threadIdx.x == 0) write_loss(out, l, w);
-}
-
-// Launches sum_rows (and finish_sums when it takes several blocks).
-template <class T, class Terms>
-void launch_sum_rows(const Terms& terms, int64_t rows, const LossOut<T>& out,
-                     const at::TensorOptions& opts, cudaStream_t stream) {
-  const int64_t nblocks = rows > 0 ? (rows + kRowsPerReduceBlock - 1) / kRowsPerReduceBlock : 1;
-  TORCH_CHECK(nblocks <= std::numeric_limits<int32_t>::max(), "fastops: too many rows (", rows,
-              ")");
-  Tensor partials;
-  double* pp = nullptr;
-  if (nblocks > 1) {
-    partials = at::empty({2 * nblocks}, opts.dtype(at::kDouble));
-    pp = partials.mutable_data_ptr<double>();
-  }
-  sum_rows<T, Terms><<<static_cast<unsigned int>(nblocks), kReduceThreads, 0, stream>>>(
-      terms, rows, pp, out);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  if (nblocks > 1) {
-    finish_sums<T><<<1, kReduceThreads, 0, stream>>>(pp, nblocks, out);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-}
-
 // Terms of cross entropy: the row losses of the forward kernel (null for 'none') and the
 // weight of each row's target (1 per row for soft targets).
 template <class T>
@@ -1074,18 +912,6 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_cuda(const Tensor& self, const 
     launch_sum_rows<scalar_t>(terms, rows, out, self.options(), scope.stream);
   });
   return {loss, lse, total_weight};
-}
-
-// The incoming gradient as the kernels read it (no host synchronisation: the mean's divisor is
-// read on the device).
-GradIn grad_in(const Tensor& g, int64_t reduction, const Tensor& tw) {
-  GradIn gi{};
-  gi.g = g.const_data_ptr();
-  gi.g_kind = dkind(g.scalar_type());
-  gi.reduction = reduction;
-  gi.tw = tw.defined() ? tw.const_data_ptr() : nullptr;
-  gi.tw_kind = tw.defined() ? dkind(tw.scalar_type()) : kF64;
-  return gi;
 }
 
 // total_weight as a floating tensor on self's device (any dtype is accepted, as on the CPU).
@@ -1469,190 +1295,6 @@ Tensor log_softmax_backward_cuda(const Tensor& grad_output, const Tensor& output
   return gx;
 }
 
-// ---- mse_loss --------------------------------------------------------------------------------
-
-constexpr int64_t kMseChunk = 8192;  // elements per block of the sum (a multiple of every kVec)
-
-template <class T>
-__global__ void __launch_bounds__(kThreads)
-    mse_none_kernel(const T* x, const T* y, T* out, int64_t n, bool vec) {
-  using A = acc_t<T>;
-  constexpr int V = kVec<T>;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t npk = vec ? n / V : 0;
-  for (int64_t k = first; k < npk; k += stride) {
-    const Pack<T, V> px = load_pack<T, V>(x + k * V);
-    const Pack<T, V> py = load_pack<T, V>(y + k * V);
-    Pack<T, V> o;
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const A d = static_cast<A>(px.v[j]) - static_cast<A>(py.v[j]);
-      o.v[j] = static_cast<T>(d * d);
-    }
-    store_pack<T, V>(out + k * V, o);
-  }
-  for (int64_t i = npk * V + first; i < n; i += stride) {
-    const A d = static_cast<A>(x[i]) - static_cast<A>(y[i]);
-    out[i] = static_cast<T>(d * d);
-  }
-}
-
-// Block b sums (x - y)^2 over [b * kMseChunk, ...) in an order fixed by n and vec (16-byte
-// packs when x and y are both aligned, else single elements: the same values at another offset
-// may round differently); the chunk sums are added in order (finish_sums) unless one block
-// covers everything. The "weight" is the element count, so that 'mean' divides by n (0 / 0 =
-// NaN for an empty input).
-template <class T>
-__global__ void __launch_bounds__(kThreads)
-    mse_sum_kernel(const T* x, const T* y, int64_t n, bool vec, double* partials,
-                   LossOut<T> out) {
-  using A = acc_t<T>;
-  constexpr int V = kVec<T>;
-  __shared__ A scratch[32];
-  const int64_t b0 = static_cast<int64_t>(blockIdx.x) * kMseChunk;
-  const int64_t b1 = n < b0 + kMseChunk ? n : b0 + kMseChunk;
-  A acc = A(0);
-  const int64_t npk = vec && b1 > b0 ? (b1 - b0) / V : 0;
-  for (int64_t k = threadIdx.x; k < npk; k += blockDim.x) {
-    const Pack<T, V> px = load_pack<T, V>(x + b0 + k * V);
-    const Pack<T, V> py = load_pack<T, V>(y + b0 + k * V);
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const A d = static_cast<A>(px.v[j]) - static_cast<A>(py.v[j]);
-      acc += d * d;
-    }
-  }
-  for (int64_t i = b0 + npk * V + threadIdx.x; i < b1; i += blockDim.x) {
-    const A d = static_cast<A>(x[i]) - static_cast<A>(y[i]);
-    acc += d * d;
-  }
-  acc = block_sum(acc, scratch);
-  if (threadIdx.x == 0) {
-    const double cnt = b1 > b0 ? static_cast<double>(b1 - b0) : 0.0;
-    if (gridDim.x == 1) {
-      write_loss(out, static_cast<double>(acc), cnt);
-    } else {
-      partials[blockIdx.x] = static_cast<double>(acc);
-      partials[gridDim.x + blockIdx.x] = cnt;
-    }
-  }
-}
-
-// grad_self = 2 (x - y) g (elementwise g for 'none', else one scale), grad_target = -grad_self;
-// either pointer may be null.
-template <class T>
-__global__ void __launch_bounds__(kThreads)
-    mse_backward_kernel(const T* x, const T* y, const T* g_none, GradIn gi, T* gx, T* gy,
-                        int64_t n, bool vec) {
-  using A = acc_t<T>;
-  constexpr int V = kVec<T>;
-  A scale = A(0);
-  if (gi.reduction != kNone) {
-    scale = A(2) * load_as<A>(gi.g, gi.g_kind, 0);
-    if (gi.reduction == kMean) scale = static_cast<A>(static_cast<double>(scale) / n);
-  }
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t npk = vec ? n / V : 0;
-  for (int64_t k = first; k < npk; k += stride) {
-    const Pack<T, V> px = load_pack<T, V>(x + k * V);
-    const Pack<T, V> py = load_pack<T, V>(y + k * V);
-    Pack<T, V> pg;
-    if (g_none != nullptr) pg = load_pack<T, V>(g_none + k * V);
-    Pack<T, V> ox, oy;
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      const A d = static_cast<A>(px.v[j]) - static_cast<A>(py.v[j]);
-      const A v = g_none != nullptr ? A(2) * d * static_cast<A>(pg.v[j]) : d * scale;
-      ox.v[j] = static_cast<T>(v);
-      oy.v[j] = static_cast<T>(-v);
-    }
-    if (gx != nullptr) store_pack<T, V>(gx + k * V, ox);
-    if (gy != nullptr) store_pack<T, V>(gy + k * V, oy);
-  }
-  for (int64_t i = npk * V + first; i < n; i += stride) {
-    const A d = static_cast<A>(x[i]) - static_cast<A>(y[i]);
-    const A v = g_none != nullptr ? A(2) * d * static_cast<A>(g_none[i]) : d * scale;
-    if (gx != nullptr) gx[i] = static_cast<T>(v);
-    if (gy != nullptr) gy[i] = static_cast<T>(-v);
-  }
-}
-
-Tensor mse_loss_cuda(const Tensor& self, const Tensor& target, int64_t reduction) {
-  const char* op = "fastops.mse_loss";
-  check_mse(self, target, reduction, op);
-  const KernelScope scope(self);
-  const Tensor x = self.contiguous();
-  const Tensor y = target.contiguous();
-  const int64_t n = x.numel();
-  Tensor out = reduction == kNone ? at::empty_like(x, at::MemoryFormat::Contiguous)
-                                  : at::empty({}, self.options());
-  FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* yp = y.const_data_ptr<scalar_t>();
-    if (reduction == kNone) {
-      if (n == 0) return;
-      scalar_t* op_ = out.mutable_data_ptr<scalar_t>();
-      const bool vec = aligned16(xp, yp, op_);
-      const int64_t work = vec ? (n + kVec<scalar_t> - 1) / kVec<scalar_t> : n;
-      mse_none_kernel<scalar_t><<<grid_for(work, kThreads, 8), kThreads, 0, scope.stream>>>(
-          xp, yp, op_, n, vec);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return;
-    }
-    const int64_t nblocks = n > 0 ? (n + kMseChunk - 1) / kMseChunk : 1;
-    TORCH_CHECK(nblocks <= std::numeric_limits<int32_t>::max(), op, ": input too large (", n,
-                " elements)");
-    Tensor partials;
-    double* pp = nullptr;
-    if (nblocks > 1) {
-      partials = at::empty({2 * nblocks}, self.options().dtype(at::kDouble));
-      pp = partials.mutable_data_ptr<double>();
-    }
-    const LossOut<scalar_t> lo{out.mutable_data_ptr<scalar_t>(), nullptr, reduction};
-    mse_sum_kernel<scalar_t><<<static_cast<unsigned int>(nblocks), kThreads, 0, scope.stream>>>(
-        xp, yp, n, aligned16(xp, yp), pp, lo);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (nblocks > 1) {
-      finish_sums<scalar_t><<<1, kReduceThreads, 0, scope.stream>>>(pp, nblocks, lo);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
-  });
-  return out;
-}
-
-std::tuple<Tensor, Tensor> mse_loss_backward_cuda(const Tensor& grad_output, const Tensor& self,
-                                                  const Tensor& target, int64_t reduction,
-                                                  std::array<bool, 2> output_mask) {
-  const char* op = "fastops.mse_loss_backward";
-  check_mse_backward(grad_output, self, target, reduction, op);
-  const KernelScope scope(self);
-  const Tensor x = self.contiguous();
-  const Tensor y = target.contiguous();
-  const int64_t n = x.numel();
-  Tensor gx = output_mask[0] ? at::empty_like(x, at::MemoryFormat::Contiguous) : x.new_empty({0});
-  Tensor gy = output_mask[1] ? at::empty_like(x, at::MemoryFormat::Contiguous) : x.new_empty({0});
-  if (n == 0 || !(output_mask[0] || output_mask[1])) return {gx, gy};
-  FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
-    // 'none': the elementwise gradient in the input's dtype, as the CPU kernel reads it.
-    const Tensor g = reduction == kNone ? grad_output.to(x.scalar_type()).contiguous()
-                                        : grad_output.contiguous();
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
-    const scalar_t* yp = y.const_data_ptr<scalar_t>();
-    const scalar_t* gn = reduction == kNone ? g.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gxp = output_mask[0] ? gx.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gyp = output_mask[1] ? gy.mutable_data_ptr<scalar_t>() : nullptr;
-    const bool vec = aligned16(xp, yp) && (gn == nullptr || aligned16(gn)) &&
-                     (gxp == nullptr || aligned16(gxp)) && (gyp == nullptr || aligned16(gyp));
-    const int64_t work = vec ? (n + kVec<scalar_t> - 1) / kVec<scalar_t> : n;
-    mse_backward_kernel<scalar_t><<<grid_for(work, kThreads, 8), kThreads, 0, scope.stream>>>(
-        xp, yp, gn, grad_in(g, reduction, Tensor()), gxp, gyp, n, vec);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
-  return {gx, gy};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastops, CUDA, m) {
@@ -1662,8 +1304,6 @@ TORCH_LIBRARY_IMPL(fastops, CUDA, m) {
   m.impl("nll_loss_backward", &nll_loss_backward_cuda);
   m.impl("cross_entropy", &cross_entropy_cuda);
   m.impl("cross_entropy_backward", &cross_entropy_backward_cuda);
-  m.impl("mse_loss", &mse_loss_cuda);
-  m.impl("mse_loss_backward", &mse_loss_backward_cuda);
 }
 
 }  // namespace gpu
