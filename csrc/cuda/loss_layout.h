@@ -1,6 +1,7 @@
 // Thread layout of the loss kernels for inputs viewed as (N, C, S) with S > 1 (classes S
 // elements apart): which (n, s, class slice) each thread of a block handles. Integer arithmetic
-// only, shared by csrc/cuda/softmax_cross_entropy.cu and a CPU test (tests/cpp/loss_layout_test.cpp).
+// only, shared by csrc/cuda/softmax_cross_entropy.cu and a CPU test
+// (tests/cpp/loss_layout_test.cpp).
 //
 // A tile is sx neighbouring positions s of one n. A block holds tiles_per_block consecutive
 // tiles side by side, sx * tiles_per_block "columns" (one (tile, position) each), times cy class
