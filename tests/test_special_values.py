@@ -48,7 +48,8 @@ def upstream(shape, dtype, device, seed=0):
 
 def assert_matches(got, want, dtype):
     assert got.dtype == dtype
-    torch.testing.assert_close(got.double(), want.to(got.device), equal_nan=True, **tol(dtype))
+    torch.testing.assert_close(got.double(), want.to(got.device, torch.float64), equal_nan=True,
+                               **tol(dtype))
 
 
 def reference(name, args, kwargs):
@@ -227,3 +228,47 @@ def test_softmax_losses_nan_in_every_chunk(C, S, dtype, device):
     xeg = xe.clone().requires_grad_(True)
     want_grad = torch.autograd.grad(TF.cross_entropy(xeg, target, reduction="sum"), xeg)[0]
     assert_matches(grad, want_grad, dtype)
+
+
+LOSSES = {  # name -> (fastops, torch) taking (input, class target, float target)
+    "log_softmax": (lambda x, t, y: F.log_softmax(x, dim=1),
+                    lambda x, t, y: TF.log_softmax(x, dim=1)),
+    "cross_entropy": (lambda x, t, y: F.cross_entropy(x, t, reduction="none"),
+                      lambda x, t, y: TF.cross_entropy(x, t, reduction="none")),
+    "cross_entropy_smoothing": (
+        lambda x, t, y: F.cross_entropy(x, t, reduction="none", label_smoothing=0.2),
+        lambda x, t, y: TF.cross_entropy(x, t, reduction="none", label_smoothing=0.2)),
+    "cross_entropy_probs": (lambda x, t, y: F.cross_entropy(x, y.softmax(1), reduction="none"),
+                            lambda x, t, y: TF.cross_entropy(x, y.softmax(1), reduction="none")),
+    "nll_loss": (lambda x, t, y: F.nll_loss(x, t, reduction="none"),
+                 lambda x, t, y: TF.nll_loss(x, t, reduction="none")),
+    "mse_loss": (lambda x, t, y: F.mse_loss(x, y, reduction="none"),
+                 lambda x, t, y: TF.mse_loss(x, y, reduction="none")),
+    "linear": (lambda x, t, y: F.linear(x, y[:5]), lambda x, t, y: TF.linear(x, y[:5])),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_losses_and_linear_special_values(name, dtype, device):
+    """Rows of special values (one per row, among ordinary ones, and some rows all special):
+    values and input gradients against torch in float64, NaN where torch's are."""
+    C = 6
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(len(SPECIAL), C, dtype=torch.float64, generator=gen)
+    x[:, 2] = torch.tensor(SPECIAL, dtype=torch.float64)
+    x[-3:] = torch.tensor(SPECIAL[:C], dtype=torch.float64)
+    x = x.to(device=device, dtype=dtype)
+    t = torch.arange(len(SPECIAL), device=device) % C
+    y = torch.rand(len(SPECIAL), C, dtype=dtype, device=device)
+    fo, ref = LOSSES[name]
+    xg = x.clone().requires_grad_(True)
+    out = fo(xg, t, y)
+    xe = x.double().requires_grad_(True)
+    want = ref(xe, t, y.double())
+    # rounded to the dtype: float16 overflows to inf where float64 does not (mse of 1e4)
+    assert_matches(out, want.detach().to(dtype), dtype)
+    g = upstream(out.shape, dtype, device)
+    got = torch.autograd.grad(out, xg, g)[0]
+    wanted = torch.autograd.grad(want, xe, g.double())[0]
+    assert_matches(got, wanted.to(dtype), dtype)
