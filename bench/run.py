@@ -177,9 +177,10 @@ def softmax_cases(size, shapes, randn, g, device, es):
         ce = {"fwd": nb, "bwd": 2 * nb, "fwd+bwd": 3 * nb}
         cases.append(Case("cross_entropy", size, f"{bsz}x{classes}", [logits, tgt],
                           F.cross_entropy, TF.cross_entropy, ce.get, "GB/s"))
-        cases.append(Case("log_softmax", size, f"{bsz}x{classes}", [logits, 1],
-                          F.log_softmax, TF.log_softmax,
-                          {"fwd": 2 * nb, "bwd": 3 * nb, "fwd+bwd": 5 * nb}.get, "GB/s"))
+        for name in ("log_softmax", "softmax"):
+            cases.append(Case(name, size, f"{bsz}x{classes}", [logits, 1],
+                              getattr(F, name), getattr(TF, name),
+                              {"fwd": 2 * nb, "bwd": 3 * nb, "fwd+bwd": 5 * nb}.get, "GB/s"))
     return cases
 
 

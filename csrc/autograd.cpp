@@ -386,10 +386,12 @@ struct LinearActFn : torch::autograd::Function<LinearActFn> {
 
 // ---- losses ----------------------------------------------------------------------------------
 
-struct LogSoftmaxFn : torch::autograd::Function<LogSoftmaxFn> {
+// log_softmax and softmax: the backward op takes the forward's output, the only value saved.
+template <class Names>
+struct SoftmaxLikeFn : torch::autograd::Function<SoftmaxLikeFn<Names>> {
   // the op this node differentiates, called below autograd
   static const auto& op() {
-    static const auto handle = typed_op<Tensor(const Tensor&, int64_t)>("fastops::log_softmax");
+    static const auto handle = typed_op<Tensor(const Tensor&, int64_t)>(Names::forward);
     return handle;
   }
   static Tensor forward(AutogradContext* ctx, const Tensor& self, int64_t dim) {
@@ -403,14 +405,25 @@ struct LogSoftmaxFn : torch::autograd::Function<LogSoftmaxFn> {
     return out;
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
-    static const auto backward_op = typed_op<Tensor(const Tensor&, const Tensor&, int64_t)>(
-        "fastops::log_softmax_backward");
+    static const auto backward_op =
+        typed_op<Tensor(const Tensor&, const Tensor&, int64_t)>(Names::backward);
     if (!grads[0].defined() || !ctx->needs_input_grad(0)) return {Tensor(), Tensor()};
     BackwardCalls calls;
-    return {backward_op.call(grads[0], ctx->get_saved_variables()[0], ctx->saved_data["dim"].toInt()),
+    return {backward_op.call(grads[0], ctx->get_saved_variables()[0],
+                             ctx->saved_data["dim"].toInt()),
             Tensor()};
   }
 };
+struct LogSoftmaxNames {
+  static constexpr const char* forward = "fastops::log_softmax";
+  static constexpr const char* backward = "fastops::log_softmax_backward";
+};
+struct SoftmaxNames {
+  static constexpr const char* forward = "fastops::softmax";
+  static constexpr const char* backward = "fastops::softmax_backward";
+};
+using LogSoftmaxFn = SoftmaxLikeFn<LogSoftmaxNames>;
+using SoftmaxFn = SoftmaxLikeFn<SoftmaxNames>;
 
 // Class-index targets and the class weights get no gradient.
 struct NllLossFn : torch::autograd::Function<NllLossFn> {
@@ -632,6 +645,12 @@ TORCH_LIBRARY_IMPL(fastops, Autograd, m) {
     if (needs_graph(self)) return LogSoftmaxFn::apply(self, dim);
     at::AutoDispatchBelowADInplaceOrView guard;
     return LogSoftmaxFn::op().call(self, dim);
+  });
+  m.impl("softmax", [](const Tensor& self, int64_t dim) {
+    if (needs_forward_ad(self)) return python_autograd(SoftmaxFn::op(), self, dim);
+    if (needs_graph(self)) return SoftmaxFn::apply(self, dim);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return SoftmaxFn::op().call(self, dim);
   });
   m.impl("nll_loss", [](const Tensor& self, const Tensor& target,
                         const c10::optional<Tensor>& weight, int64_t reduction,

@@ -86,6 +86,9 @@ TORCH_LIBRARY(fastops, m) {
   // log_softmax over dim; backward takes the forward's output.
   m.def("log_softmax(Tensor self, int dim) -> Tensor");
   m.def("log_softmax_backward(Tensor grad_output, Tensor output, int dim) -> Tensor");
+  // softmax over dim; backward takes the forward's output: output * (g - sum(g * output)).
+  m.def("softmax(Tensor self, int dim) -> Tensor");
+  m.def("softmax_backward(Tensor grad_output, Tensor output, int dim) -> Tensor");
 
   // nll_loss on log-probabilities self of shape (N, C), (N, C, d1..dk) or (C,). Returns
   // (loss, total_weight); total_weight is the sum of the weights of the non-ignored targets.

@@ -14,8 +14,8 @@ from fastops import functional as F
 
 __all__ = [
     "Linear", "LinearAct", "ReLU", "ELU", "GELU", "PReLU", "Hardtanh", "Maxout", "LeakyReLU",
-    "Sigmoid", "Tanh", "Hardshrink", "LogSoftmax", "NLLLoss", "CrossEntropyLoss", "MSELoss",
-    "convert",
+    "Sigmoid", "Tanh", "Hardshrink", "LogSoftmax", "Softmax", "NLLLoss", "CrossEntropyLoss",
+    "MSELoss", "convert",
 ]
 
 
@@ -91,6 +91,11 @@ class LogSoftmax(_nn.LogSoftmax):
         return F.log_softmax(input, self.dim, _stacklevel=5)
 
 
+class Softmax(_nn.Softmax):
+    def forward(self, input):
+        return F.softmax(input, self.dim, _stacklevel=5)
+
+
 class NLLLoss(_nn.NLLLoss):
     def forward(self, input, target):
         return F.nll_loss(input, target, weight=self.weight, ignore_index=self.ignore_index,
@@ -144,7 +149,8 @@ class LinearAct(_nn.Linear):
 _TWINS = {
     _nn.Linear: Linear, _nn.ReLU: ReLU, _nn.ELU: ELU, _nn.GELU: GELU, _nn.PReLU: PReLU,
     _nn.Hardtanh: Hardtanh, _nn.LeakyReLU: LeakyReLU, _nn.Sigmoid: Sigmoid, _nn.Tanh: Tanh,
-    _nn.Hardshrink: Hardshrink, _nn.LogSoftmax: LogSoftmax, _nn.NLLLoss: NLLLoss,
+    _nn.Hardshrink: Hardshrink, _nn.LogSoftmax: LogSoftmax, _nn.Softmax: Softmax,
+    _nn.NLLLoss: NLLLoss,
     _nn.CrossEntropyLoss: CrossEntropyLoss, _nn.MSELoss: MSELoss,
 }
 

@@ -170,6 +170,18 @@ CASES = {
         [_randn(4, 3, 2)],
         [0],
     ),
+    "softmax": (
+        functools.partial(FF.softmax, dim=1),
+        functools.partial(F.softmax, dim=1),
+        [_randn(4, 5)],
+        [0],
+    ),
+    "softmax_dim0": (
+        functools.partial(FF.softmax, dim=0),
+        functools.partial(F.softmax, dim=0),
+        [_randn(4, 3, 2)],
+        [0],
+    ),
     "nll_loss": (
         lambda x, t: FF.nll_loss(FF.log_softmax(x, 1), t),
         lambda x, t: F.nll_loss(F.log_softmax(x, 1), t),

@@ -1,4 +1,4 @@
-"""The losses (log_softmax, nll_loss, cross_entropy, mse_loss) held against torch: values and
+"""The losses (log_softmax, softmax, nll_loss, cross_entropy, mse_loss) held against torch: values and
 gradients in every dtype, gradcheck in float64, every option, odd and empty shapes, views,
 extreme values, determinism, bad inputs and torch.library.opcheck."""
 
@@ -438,28 +438,43 @@ def test_nll_loss_log_softmax_compose_and_gradcheck():
 @pytest.mark.parametrize("shape,dim", [((9, 341), 1), ((9, 341), 0), ((9, 41, 7), 1),
                                        ((9, 41, 7), -1), ((5000,), 0), ((3, 0, 4), 2),
                                        ((), 0)])
-def test_log_softmax_matches_torch(shape, dim, dtype, device):
+@pytest.mark.parametrize("name", ["log_softmax", "softmax"])
+def test_log_softmax_matches_torch(name, shape, dim, dtype, device):
     x, _ = _inputs(shape, dtype)
-    _check_vs_torch(L.log_softmax, F.log_softmax, x, dtype, dim, device=device)
+    _check_vs_torch(getattr(L, name), getattr(F, name), x, dtype, dim, device=device)
 
 
-def test_log_softmax_gradcheck_and_options():
+@pytest.mark.parametrize("name", ["log_softmax", "softmax"])
+def test_log_softmax_gradcheck_and_options(name):
+    ours_fn, torch_fn = getattr(L, name), getattr(F, name)
     x = torch.randn(4, 5, 3, dtype=torch.float64, requires_grad=True)
     for dim in range(3):
-        assert torch.autograd.gradcheck(lambda a: L.log_softmax(a, dim), (x,), fast_mode=True)
+        assert torch.autograd.gradcheck(lambda a: ours_fn(a, dim), (x,), fast_mode=True)
+        assert torch.autograd.gradgradcheck(lambda a: ours_fn(a, dim), (x,), fast_mode=True)
     xt = torch.randn(6, 7).t()  # non-contiguous
-    torch.testing.assert_close(L.log_softmax(xt, 1), F.log_softmax(xt, 1))
+    torch.testing.assert_close(ours_fn(xt, 1), torch_fn(xt, 1))
     with pytest.warns(UserWarning, match="Implicit dimension"):
-        ours = L.log_softmax(x.detach())
+        ours = ours_fn(x.detach())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.testing.assert_close(ours, F.log_softmax(x.detach()))
+        torch.testing.assert_close(ours, torch_fn(x.detach()))
     xh = torch.randn(3, 4).half()
-    out = L.log_softmax(xh, 1, dtype=torch.float32)
+    out = ours_fn(xh, 1, dtype=torch.float32)
     assert out.dtype == torch.float32
-    torch.testing.assert_close(out, F.log_softmax(xh, 1, dtype=torch.float32))
-    big = torch.tensor([[1e4, -1e4, 0.0], [float("nan"), 0.0, 1.0], [float("inf"), 0.0, 1.0]])
-    torch.testing.assert_close(L.log_softmax(big, 1), F.log_softmax(big, 1), equal_nan=True)
+    torch.testing.assert_close(out, torch_fn(xh, 1, dtype=torch.float32))
+    big = torch.tensor([[1e4, -1e4, 0.0], [float("nan"), 0.0, 1.0], [float("inf"), 0.0, 1.0],
+                        [-float("inf")] * 3, [-float("inf"), 0.0, -float("inf")]])
+    torch.testing.assert_close(ours_fn(big, 1), torch_fn(big, 1), equal_nan=True)
+    misaligned = torch.randn(7 * 33 + 1)[1:].view(7, 33)
+    torch.testing.assert_close(ours_fn(misaligned, 1), torch_fn(misaligned, 1))
+
+
+def test_softmax_saves_only_its_output():
+    x = torch.randn(8, 100, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = L.softmax(x, 1)
+    assert len(saved) == 1 and saved[0].data_ptr() == y.data_ptr()
 
 
 # ---- mse_loss --------------------------------------------------------------------------------
@@ -539,6 +554,8 @@ def _opcheck_cases():
         (ops.log_softmax, (x, 1)),
         (ops.log_softmax_backward, (torch.randn(4, 6, dtype=torch.float64),
                                     torch.log_softmax(x, 1), 1)),
+        (ops.softmax, (x3, 1)),
+        (ops.softmax_backward, (torch.randn(4, 6, dtype=torch.float64), torch.softmax(x, 1), 1)),
         (ops.nll_loss, (x, t, w, 1, -100)),
         (ops.nll_loss, (x3, t3, None, 0, -100)),
         (ops.nll_loss_backward, (torch.tensor(1.0, dtype=torch.float64), x, t, w, 1, -100, tw)),
@@ -556,7 +573,7 @@ def _opcheck_cases():
     ]
 
 
-@pytest.mark.parametrize("case", range(13))
+@pytest.mark.parametrize("case", range(15))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     if not op._qualified_op_name.endswith("_backward"):  # the backward ops have no autograd
@@ -574,10 +591,10 @@ def test_compile_fullgraph():
     @torch.compile(fullgraph=True, backend="aot_eager")
     def f(a):
         return (L.cross_entropy(a, t, label_smoothing=0.1) + L.mse_loss(a, y)
-                + L.nll_loss(L.log_softmax(a, 1), t))
+                + L.nll_loss(L.log_softmax(a, 1), t) + L.softmax(a, 1)[:, 0].sum())
 
     ref = (F.cross_entropy(x, t, label_smoothing=0.1) + F.mse_loss(x, y)
-           + F.nll_loss(F.log_softmax(x, 1), t))
+           + F.nll_loss(F.log_softmax(x, 1), t) + F.softmax(x, 1)[:, 0].sum())
     out = f(x)
     torch.testing.assert_close(out, ref)
     (g,) = torch.autograd.grad(out, x)
@@ -586,7 +603,7 @@ def test_compile_fullgraph():
 
 def test_signatures_match_torch():
     import inspect
-    for name in ["log_softmax", "nll_loss", "cross_entropy", "mse_loss"]:
+    for name in ["log_softmax", "softmax", "nll_loss", "cross_entropy", "mse_loss"]:
         ours = inspect.signature(getattr(L, name))
         theirs = inspect.signature(getattr(F, name))
         assert list(ours.parameters) == list(theirs.parameters), name

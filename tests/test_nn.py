@@ -35,7 +35,7 @@ def test_state_dict_loads_unchanged():
 @pytest.mark.parametrize("module, args", [
     (tnn.ReLU, ()), (tnn.ELU, (0.5,)), (tnn.GELU, ("tanh",)), (tnn.Hardtanh, (-2.0, 2.0)),
     (tnn.LeakyReLU, (0.1,)), (tnn.Sigmoid, ()), (tnn.Tanh, ()), (tnn.Hardshrink, (0.3,)),
-    (tnn.PReLU, (3, 0.1)), (tnn.LogSoftmax, (1,)),
+    (tnn.PReLU, (3, 0.1)), (tnn.LogSoftmax, (1,)), (tnn.Softmax, (1,)),
 ])
 def test_modules_match_torch(module, args):
     ref = module(*args)

@@ -1,5 +1,5 @@
-// CPU kernels of log_softmax, nll_loss and cross_entropy (fused log_softmax + nll_loss, hard or
-// soft targets, class weights, ignore_index, label smoothing).
+// CPU kernels of log_softmax, softmax, nll_loss and cross_entropy (fused log_softmax + nll_loss,
+// hard or soft targets, class weights, ignore_index, label smoothing).
 //
 // Layout: the class dim is dim 1 ((C,) inputs have no batch), so an input is viewed as (N, C, S)
 // with S the product of the spatial dims; a "row" is the C values of one (n, s). For S == 1 a
@@ -126,6 +126,26 @@ struct Smooth {
   double eps_c;   // eps / C
 };
 
+// The max of x[0..len) (-inf for none), NaN skipped.
+template <class A, class T>
+FO_ALWAYS_INLINE A max_of(const T* x, int64_t len) {
+  int64_t i = 0;
+  A m = neg_inf<A>();
+  if constexpr (std::is_same_v<A, float>) {
+    v16f mx = v16f{} + neg_inf<float>();
+    for (; i + kLanes <= len; i += kLanes) mx = vmax16(load16(x + i), mx);
+    for (int j = 0; j < kLanes; ++j) m = fmax_(mx[j], m);
+  } else {
+    A mx[kLanes];
+    for (int j = 0; j < kLanes; ++j) mx[j] = neg_inf<A>();
+    for (; i + kLanes <= len; i += kLanes)
+      for (int j = 0; j < kLanes; ++j) mx[j] = fmax_(static_cast<A>(x[i + j]), mx[j]);
+    for (int j = 0; j < kLanes; ++j) m = fmax_(mx[j], m);
+  }
+  for (; i < len; ++i) m = fmax_(static_cast<A>(x[i]), m);
+  return m;
+}
+
 // One contiguous row of C values: x[c], y[c] (soft targets), w[c].
 template <int MODE, class T, class A>
 FO_ALWAYS_INLINE void row_stats(const T* x, const T* y, const T* w, int64_t C, A om_eps, A eps_c,
@@ -138,20 +158,7 @@ FO_ALWAYS_INLINE void row_stats(const T* x, const T* y, const T* w, int64_t C, A
     const int64_t len = std::min(kChunk, C - c0);
     const T* xc = x + c0;
     int64_t i = 0;
-    A cm = neg_inf<A>();
-    if constexpr (std::is_same_v<A, float>) {
-      v16f mx = v16f{} + neg_inf<float>();
-      for (; i + kLanes <= len; i += kLanes) mx = vmax16(load16(xc + i), mx);
-      for (int j = 0; j < kLanes; ++j) cm = fmax_(mx[j], cm);
-    } else {
-      A mx[kLanes];
-      for (int j = 0; j < kLanes; ++j) mx[j] = neg_inf<A>();
-      for (; i + kLanes <= len; i += kLanes)
-        for (int j = 0; j < kLanes; ++j) mx[j] = fmax_(static_cast<A>(xc[i + j]), mx[j]);
-      for (int j = 0; j < kLanes; ++j) cm = fmax_(mx[j], cm);
-    }
-    for (; i < len; ++i) cm = fmax_(static_cast<A>(xc[i]), cm);
-    const A nm = fmax_(cm, M);
+    const A nm = fmax_(max_of<A>(xc, len), M);
     // While the max is -inf, shifting by it would give exp(-inf + inf) = NaN for every value.
     if (nm != neg_inf<A>()) {
       if (nm != M) sum *= fo_exp(M - nm);
@@ -710,10 +717,60 @@ Tensor nll_loss_bwd(const Tensor& grad_output, const Tensor& self, const Tensor&
   return gx;
 }
 
-// ---- log_softmax -----------------------------------------------------------------------------
+// ---- log_softmax and softmax -----------------------------------------------------------------
+//
+// Forward: the row's lse in one online pass (row_stats / lane_stats), then one pass writing
+// x - lse (log_softmax) or exp(x - lse) (softmax). Backward, from the output y:
+//   log_softmax: g - exp(y) * sum(g)      softmax: y * (g - sum(g * y))
 
-Tensor log_softmax_fwd(const Tensor& self, int64_t dim) {
-  const char* op = "fastops.log_softmax";
+template <bool Log, class A>
+FO_ALWAYS_INLINE A softmax_out(A x, A lse) {
+  if constexpr (Log) return x - lse;
+  else return fo_exp(x - lse);
+}
+
+// The row sum the backward needs: sum(g) (log_softmax) or sum(g * y) (softmax).
+template <bool Log, class A>
+FO_ALWAYS_INLINE A softmax_bwd_term(A g, A y) {
+  if constexpr (Log) return g;
+  else return g * y;
+}
+
+template <bool Log, class A>
+FO_ALWAYS_INLINE A softmax_grad(A g, A y, A s) {
+  if constexpr (Log) return g - fo_exp(y) * s;
+  else return y * (g - s);
+}
+
+// softmax of one contiguous float / double row with one exp per element: the max, then
+// y = exp(x - max) with its sum, then y *= 1 / sum while the row is still in cache. (The online
+// pass of row_stats computes each exp twice: once for the sum, once for the output.) A NaN, or
+// a row of -inf, makes the whole row NaN, as in torch.
+template <class A>
+FO_ALWAYS_INLINE void softmax_row(const A* x, A* y, int64_t C) {
+  const A M = max_of<A>(x, C);
+  A acc[kLanes];
+  for (int j = 0; j < kLanes; ++j) acc[j] = 0;
+  int64_t c = 0;
+  for (; c + kLanes <= C; c += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      const A v = fo_exp(x[c + j] - M);
+      y[c + j] = v;
+      acc[j] += v;
+    }
+  A sum = 0;
+  for (int j = 0; j < kLanes; ++j) sum += acc[j];
+  for (; c < C; ++c) {
+    const A v = fo_exp(x[c] - M);
+    y[c] = v;
+    sum += v;
+  }
+  const A inv = A(1) / sum;
+  for (c = 0; c < C; ++c) y[c] *= inv;
+}
+
+template <bool Log>
+Tensor softmax_forward(const Tensor& self, int64_t dim, const char* op) {
   const DimLayout l = check_log_softmax(self, dim, op);
   const Tensor x = self.contiguous();
   Tensor y = empty_output(x);
@@ -728,15 +785,21 @@ Tensor log_softmax_fwd(const Tensor& self, int64_t dim) {
           for (int64_t n = b; n < e; ++n) {
             const scalar_t* xr = xp + n * l.C;
             scalar_t* yr = yp + n * l.C;
+            if constexpr (!Log && std::is_same_v<scalar_t, A>) {
+              softmax_row(xr, yr, l.C);
+              continue;
+            }
             A lse, a, d;
             row_stats<0>(xr, xr, xr, l.C, A(1), A(0), lse, a, d);
-            for (int64_t c = 0; c < l.C; ++c) yr[c] = static_cast<scalar_t>(static_cast<A>(xr[c]) - lse);
+            for (int64_t c = 0; c < l.C; ++c)
+              yr[c] = static_cast<scalar_t>(softmax_out<Log>(static_cast<A>(xr[c]), lse));
           }
         });
       });
     } else {
       const int64_t nblk = (l.inner + kLanes - 1) / kLanes;
-      at::parallel_for(0, l.outer * nblk, std::max<int64_t>(1, 4096 / l.C), [&](int64_t b, int64_t e) {
+      at::parallel_for(0, l.outer * nblk, std::max<int64_t>(1, 4096 / l.C),
+                       [&](int64_t b, int64_t e) {
         dispatch_isa([&]() FO_INLINE_LAMBDA {
           for (int64_t task = b; task < e; ++task) {
             const int64_t n = task / nblk, s0 = (task % nblk) * kLanes;
@@ -745,18 +808,21 @@ Tensor log_softmax_fwd(const Tensor& self, int64_t dim) {
             A lse[kLanes], a[kLanes], d[kLanes];
             if (nl == kLanes) {
               lane_stats<kLanes, 0>(xp + base, xp, xp, l.C, l.inner, A(1), A(0), lse, a, d);
-              for (int64_t c = 0; c < l.C; ++c)
-                for (int j = 0; j < kLanes; ++j)
-                  yp[base + c * l.inner + j] =
-                      static_cast<scalar_t>(static_cast<A>(xp[base + c * l.inner + j]) - lse[j]);
             } else {
               for (int64_t j = 0; j < nl; ++j)
                 lane_stats<1, 0>(xp + base + j, xp, xp, l.C, l.inner, A(1), A(0), lse + j, a + j,
                                  d + j);
-              for (int64_t c = 0; c < l.C; ++c)
+            }
+            for (int64_t c = 0; c < l.C; ++c) {
+              const scalar_t* xc = xp + base + c * l.inner;
+              scalar_t* yc = yp + base + c * l.inner;
+              if (nl == kLanes) {
+                for (int j = 0; j < kLanes; ++j)
+                  yc[j] = static_cast<scalar_t>(softmax_out<Log>(static_cast<A>(xc[j]), lse[j]));
+              } else {
                 for (int64_t j = 0; j < nl; ++j)
-                  yp[base + c * l.inner + j] =
-                      static_cast<scalar_t>(static_cast<A>(xp[base + c * l.inner + j]) - lse[j]);
+                  yc[j] = static_cast<scalar_t>(softmax_out<Log>(static_cast<A>(xc[j]), lse[j]));
+              }
             }
           }
         });
@@ -766,9 +832,9 @@ Tensor log_softmax_fwd(const Tensor& self, int64_t dim) {
   return y;
 }
 
-// grad_input = g - exp(y) * sum(g) along dim.
-Tensor log_softmax_bwd(const Tensor& grad_output, const Tensor& output, int64_t dim) {
-  const char* op = "fastops.log_softmax_backward";
+template <bool Log>
+Tensor softmax_backward(const Tensor& grad_output, const Tensor& output, int64_t dim,
+                        const char* op) {
   const DimLayout l = check_log_softmax_backward(grad_output, output, dim, op);
   const Tensor y = output.contiguous();
   const Tensor g = grad_output.contiguous();
@@ -790,13 +856,16 @@ Tensor log_softmax_bwd(const Tensor& grad_output, const Tensor& output, int64_t 
             for (int j = 0; j < kLanes; ++j) acc[j] = 0;
             int64_t c = 0;
             for (; c + kLanes <= l.C; c += kLanes)
-              for (int j = 0; j < kLanes; ++j) acc[j] += static_cast<A>(gr[c + j]);
+              for (int j = 0; j < kLanes; ++j)
+                acc[j] += softmax_bwd_term<Log>(static_cast<A>(gr[c + j]),
+                                                static_cast<A>(yr[c + j]));
             A s = 0;
             for (int j = 0; j < kLanes; ++j) s += acc[j];
-            for (; c < l.C; ++c) s += static_cast<A>(gr[c]);
+            for (; c < l.C; ++c)
+              s += softmax_bwd_term<Log>(static_cast<A>(gr[c]), static_cast<A>(yr[c]));
             for (c = 0; c < l.C; ++c)
-              o[c] = static_cast<scalar_t>(static_cast<A>(gr[c]) -
-                                           fo_exp(static_cast<A>(yr[c])) * s);
+              o[c] = static_cast<scalar_t>(
+                  softmax_grad<Log>(static_cast<A>(gr[c]), static_cast<A>(yr[c]), s));
           }
         });
       });
@@ -809,13 +878,15 @@ Tensor log_softmax_bwd(const Tensor& grad_output, const Tensor& output, int64_t 
             const int64_t base = n * l.C * l.inner;
             for (int64_t i = 0; i < l.inner; ++i) s[i] = 0;
             for (int64_t c = 0; c < l.C; ++c)
-              for (int64_t i = 0; i < l.inner; ++i)
-                s[i] += static_cast<A>(gp[base + c * l.inner + i]);
+              for (int64_t i = 0; i < l.inner; ++i) {
+                const int64_t k = base + c * l.inner + i;
+                s[i] += softmax_bwd_term<Log>(static_cast<A>(gp[k]), static_cast<A>(yp[k]));
+              }
             for (int64_t c = 0; c < l.C; ++c)
               for (int64_t i = 0; i < l.inner; ++i) {
                 const int64_t k = base + c * l.inner + i;
-                op_[k] = static_cast<scalar_t>(static_cast<A>(gp[k]) -
-                                               fo_exp(static_cast<A>(yp[k])) * s[i]);
+                op_[k] = static_cast<scalar_t>(
+                    softmax_grad<Log>(static_cast<A>(gp[k]), static_cast<A>(yp[k]), s[i]));
               }
           }
         });
@@ -825,11 +896,26 @@ Tensor log_softmax_bwd(const Tensor& grad_output, const Tensor& output, int64_t 
   return gx;
 }
 
+Tensor log_softmax_fwd(const Tensor& self, int64_t dim) {
+  return softmax_forward<true>(self, dim, "fastops.log_softmax");
+}
+Tensor log_softmax_bwd(const Tensor& grad_output, const Tensor& output, int64_t dim) {
+  return softmax_backward<true>(grad_output, output, dim, "fastops.log_softmax_backward");
+}
+Tensor softmax_fwd(const Tensor& self, int64_t dim) {
+  return softmax_forward<false>(self, dim, "fastops.softmax");
+}
+Tensor softmax_bwd(const Tensor& grad_output, const Tensor& output, int64_t dim) {
+  return softmax_backward<false>(grad_output, output, dim, "fastops.softmax_backward");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastops, CPU, m) {
   m.impl("log_softmax", &log_softmax_fwd);
   m.impl("log_softmax_backward", &log_softmax_bwd);
+  m.impl("softmax", &softmax_fwd);
+  m.impl("softmax_backward", &softmax_bwd);
   m.impl("nll_loss", &nll_loss_fwd);
   m.impl("nll_loss_backward", &nll_loss_bwd);
   m.impl("cross_entropy", &cross_entropy_fwd);

@@ -1,6 +1,7 @@
-// CUDA kernels of log_softmax, nll_loss and cross_entropy (fused log_softmax + nll_loss: hard or
-// soft targets, class weights, ignore_index, label smoothing). They accept what the CPU kernels
-// accept and give the same results (csrc/cpu/softmax_cross_entropy.cpp is the reference).
+// CUDA kernels of log_softmax, softmax, nll_loss and cross_entropy (fused log_softmax + nll_loss:
+// hard or soft targets, class weights, ignore_index, label smoothing). They accept what the CPU
+// kernels accept and give the same results (csrc/cpu/softmax_cross_entropy.cpp is the
+// reference).
 //
 // Layout: an input is viewed as (N, C, S), the class dim in the middle; a "row" is the C values
 // of one (n, s).
@@ -26,7 +27,8 @@
 // shape, dtype and alignments: same bits. The shape alone is not enough: in the S == 1 kernels
 // a row's scalar head runs up to its first 16-byte aligned element, and the 16-byte path is
 // taken only when the tensors read together share an alignment, so the same values at another
-// storage offset may be summed in another order and round differently. The S > 1 layout depends on the shape and dtype only.
+// storage offset may be summed in another order and round differently. The S > 1 layout
+// depends on the shape and dtype only.
 //
 // Class targets are checked on the device: one outside [0, C) that is not ignore_index fails a
 // device assertion (as torch's nll_loss) and is never used to index memory.
@@ -1036,14 +1038,33 @@ Tensor nll_loss_backward_cuda(const Tensor& grad_output, const Tensor& self, con
   return gx;
 }
 
-// ---- log_softmax -----------------------------------------------------------------------------
+// ---- log_softmax and softmax -----------------------------------------------------------------
+//
+// Forward: the row's max M and sum s of exp(x - M) in one online pass, then one pass writing
+// (x - M) - log(s) (log_softmax; keeps the digits of the values near the max, which x - lse
+// would round to the precision of lse) or exp(x - M) / s (softmax). Backward, from the output:
+//   log_softmax: g - exp(y) * sum(g)      softmax: y * (g - sum(g * y))
 
-// S == 1 (dim is the last one, or all after it have size 1): stats, then
-// y = (x - max) - log(sum), which keeps the digits of the values near the max (x - lse would
-// round them to the precision of lse).
-template <class T>
+template <bool Log, class A>
+__device__ __forceinline__ A softmax_out(A x, A M, A log_s, A inv_s) {
+  if constexpr (Log) return (x - M) - log_s;
+  else return dexp(x - M) * inv_s;
+}
+template <bool Log, class A>
+__device__ __forceinline__ A softmax_bwd_term(A g, A y) {
+  if constexpr (Log) return g;
+  else return g * y;
+}
+template <bool Log, class A>
+__device__ __forceinline__ A softmax_grad(A g, A y, A s) {
+  if constexpr (Log) return g - dexp(y) * s;
+  else return y * (g - s);
+}
+
+// S == 1 (dim is the last one, or all after it have size 1).
+template <bool Log, class T>
 __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocks<T>)
-    log_softmax_rows(const T* x, T* y, int64_t rows, int64_t C, int tpr, bool vec) {
+    softmax_rows(const T* x, T* y, int64_t rows, int64_t C, int tpr, bool vec) {
   using A = acc_t<T>;
   constexpr int V = kVec<T>;
   constexpr int U = kUnroll<T>;
@@ -1079,10 +1100,12 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocks<T>)
     const A M = group_max(m, tpr, smem);
     A r[1] = {rescale(s, m, M)};
     group_sum(r, tpr, smem);
-    const A log_s = dlog(r[0]);
+    const A log_s = dlog(r[0]), inv_s = A(1) / r[0];
     visit_row<V, U>(
         len, head, rg.lane, tpr,
-        [&](int64_t c) { yr[c] = static_cast<T>((static_cast<A>(xr[c]) - M) - log_s); },
+        [&](int64_t c) {
+          yr[c] = static_cast<T>(softmax_out<Log>(static_cast<A>(xr[c]), M, log_s, inv_s));
+        },
         [&](auto np_c, int64_t c0, int64_t cs) {
           constexpr int NP = decltype(np_c)::value;
           Pack<T, V> px[NP];
@@ -1093,16 +1116,17 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocks<T>)
             Pack<T, V> out;
 #pragma unroll
             for (int j = 0; j < V; ++j)
-              out.v[j] = static_cast<T>((static_cast<A>(px[u].v[j]) - M) - log_s);
+              out.v[j] =
+                  static_cast<T>(softmax_out<Log>(static_cast<A>(px[u].v[j]), M, log_s, inv_s));
             store_pack<T, V>(yr + c0 + u * cs, out);
           }
         });
   }
 }
 
-template <class T>
+template <bool Log, class T>
 __global__ void __launch_bounds__(kThreads)
-    log_softmax_spatial(const T* x, T* y, SpatialLayout L) {
+    softmax_spatial(const T* x, T* y, SpatialLayout L) {
   using A = acc_t<T>;
   constexpr int U = kSpatialUnroll<T>;
   __shared__ A sm_m[kThreads], sm_s[kThreads];
@@ -1141,21 +1165,20 @@ __global__ void __launch_bounds__(kThreads)
       }
       __syncthreads();
     }
-    const A M = sm_m[th.column], log_s = dlog(sm_s[th.column]);
+    const A M = sm_m[th.column], log_s = dlog(sm_s[th.column]), inv_s = A(1) / sm_s[th.column];
     __syncthreads();  // every slice has read the row's stats before the next group's writes
     if (!valid) continue;
     for (int64_t c = yq; c < C; c += Cy) {
       const int64_t at = base + c * S;
-      y[at] = static_cast<T>((static_cast<A>(x[at]) - M) - log_s);
+      y[at] = static_cast<T>(softmax_out<Log>(static_cast<A>(x[at]), M, log_s, inv_s));
     }
   }
 }
 
-// grad_input = g - exp(y) * sum(g) along the dim.
-template <class T>
+template <bool Log, class T>
 __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocks<T>)
-    log_softmax_backward_rows(const T* g, const T* y, T* gx, int64_t rows, int64_t C, int tpr,
-                              bool vec) {
+    softmax_backward_rows(const T* g, const T* y, T* gx, int64_t rows, int64_t C, int tpr,
+                          bool vec) {
   using A = acc_t<T>;
   constexpr int V = kVec<T>;
   constexpr int U = kUnroll<T>;
@@ -1173,23 +1196,32 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocks<T>)
     const int64_t head = vec ? aligned_head(gr, len) : len;
     A sum[1] = {A(0)};
     visit_row<V, U>(
-        len, head, rg.lane, tpr, [&](int64_t c) { sum[0] += static_cast<A>(gr[c]); },
+        len, head, rg.lane, tpr,
+        [&](int64_t c) {
+          sum[0] += softmax_bwd_term<Log>(static_cast<A>(gr[c]), static_cast<A>(yr[c]));
+        },
         [&](auto np_c, int64_t c0, int64_t cs) {
           constexpr int NP = decltype(np_c)::value;
-          Pack<T, V> pg[NP];
+          Pack<T, V> pg[NP], py[NP];
 #pragma unroll
-          for (int u = 0; u < NP; ++u) pg[u] = load_pack<T, V>(gr + c0 + u * cs);
+          for (int u = 0; u < NP; ++u) {
+            pg[u] = load_pack<T, V>(gr + c0 + u * cs);
+            if constexpr (!Log) py[u] = load_pack<T, V>(yr + c0 + u * cs);
+          }
 #pragma unroll
           for (int u = 0; u < NP; ++u)
 #pragma unroll
-            for (int j = 0; j < V; ++j) sum[0] += static_cast<A>(pg[u].v[j]);
+            for (int j = 0; j < V; ++j)
+              sum[0] += softmax_bwd_term<Log>(static_cast<A>(pg[u].v[j]),
+                                              Log ? A(0) : static_cast<A>(py[u].v[j]));
         });
     group_sum(sum, tpr, smem);
     const A s = sum[0];
     visit_row<V, U>(
         len, head, rg.lane, tpr,
         [&](int64_t c) {
-          out[c] = static_cast<T>(static_cast<A>(gr[c]) - dexp(static_cast<A>(yr[c])) * s);
+          out[c] = static_cast<T>(
+              softmax_grad<Log>(static_cast<A>(gr[c]), static_cast<A>(yr[c]), s));
         },
         [&](auto np_c, int64_t c0, int64_t cs) {
           constexpr int NP = decltype(np_c)::value;
@@ -1204,17 +1236,17 @@ __global__ void __launch_bounds__(kMaxRowThreads, kRowMinBlocks<T>)
             Pack<T, V> o;
 #pragma unroll
             for (int j = 0; j < V; ++j)
-              o.v[j] = static_cast<T>(static_cast<A>(pg[u].v[j]) -
-                                      dexp(static_cast<A>(py[u].v[j])) * s);
+              o.v[j] = static_cast<T>(softmax_grad<Log>(static_cast<A>(pg[u].v[j]),
+                                                        static_cast<A>(py[u].v[j]), s));
             store_pack<T, V>(out + c0 + u * cs, o);
           }
         });
   }
 }
 
-template <class T>
+template <bool Log, class T>
 __global__ void __launch_bounds__(kThreads)
-    log_softmax_backward_spatial(const T* g, const T* y, T* gx, SpatialLayout L) {
+    softmax_backward_spatial(const T* g, const T* y, T* gx, SpatialLayout L) {
   using A = acc_t<T>;
   __shared__ A sm[kThreads];
   const SpatialThread th = loss_layout::spatial_thread(L, threadIdx.x);
@@ -1226,7 +1258,9 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t base = pos.base;
     A sum = A(0);
     if (valid)
-      for (int64_t c = yq; c < C; c += Cy) sum += static_cast<A>(g[base + c * S]);
+      for (int64_t c = yq; c < C; c += Cy)
+        sum += softmax_bwd_term<Log>(static_cast<A>(g[base + c * S]),
+                                     static_cast<A>(y[base + c * S]));
     sm[threadIdx.x] = sum;
     __syncthreads();
     for (int h = Cy >> 1; h > 0; h >>= 1) {
@@ -1238,13 +1272,13 @@ __global__ void __launch_bounds__(kThreads)
     if (!valid) continue;
     for (int64_t c = yq; c < C; c += Cy) {
       const int64_t at = base + c * S;
-      gx[at] = static_cast<T>(static_cast<A>(g[at]) - dexp(static_cast<A>(y[at])) * tot);
+      gx[at] = static_cast<T>(softmax_grad<Log>(static_cast<A>(g[at]), static_cast<A>(y[at]), tot));
     }
   }
 }
 
-Tensor log_softmax_cuda(const Tensor& self, int64_t dim) {
-  const char* op = "fastops.log_softmax";
+template <bool Log>
+Tensor softmax_forward(const Tensor& self, int64_t dim, const char* op) {
   const DimLayout l = check_log_softmax(self, dim, op);
   const KernelScope scope(self);
   const Tensor x = self.contiguous();
@@ -1255,12 +1289,12 @@ Tensor log_softmax_cuda(const Tensor& self, int64_t dim) {
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     if (l.inner == 1) {
       const RowConfig cfg = row_config(l.outer, l.C, kVec<scalar_t>);
-      log_softmax_rows<scalar_t><<<cfg.grid, cfg.threads, 0, scope.stream>>>(
+      softmax_rows<Log, scalar_t><<<cfg.grid, cfg.threads, 0, scope.stream>>>(
           xp, yp, l.outer, l.C, cfg.tpr, same_alignment(xp, yp));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       const SpatialConfig cfg = spatial_config(l.outer, l.C, l.inner, sizeof(scalar_t));
-      log_softmax_spatial<scalar_t><<<cfg.grid, cfg.layout.threads, 0, scope.stream>>>(
+      softmax_spatial<Log, scalar_t><<<cfg.grid, cfg.layout.threads, 0, scope.stream>>>(
           xp, yp, cfg.layout);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -1268,8 +1302,9 @@ Tensor log_softmax_cuda(const Tensor& self, int64_t dim) {
   return y;
 }
 
-Tensor log_softmax_backward_cuda(const Tensor& grad_output, const Tensor& output, int64_t dim) {
-  const char* op = "fastops.log_softmax_backward";
+template <bool Log>
+Tensor softmax_backward(const Tensor& grad_output, const Tensor& output, int64_t dim,
+                        const char* op) {
   const DimLayout l = check_log_softmax_backward(grad_output, output, dim, op);
   const KernelScope scope(output);
   const Tensor y = output.contiguous();
@@ -1282,17 +1317,30 @@ Tensor log_softmax_backward_cuda(const Tensor& grad_output, const Tensor& output
     scalar_t* op_ = gx.mutable_data_ptr<scalar_t>();
     if (l.inner == 1) {
       const RowConfig cfg = row_config(l.outer, l.C, kVec<scalar_t>);
-      log_softmax_backward_rows<scalar_t><<<cfg.grid, cfg.threads, 0, scope.stream>>>(
+      softmax_backward_rows<Log, scalar_t><<<cfg.grid, cfg.threads, 0, scope.stream>>>(
           gp, yp, op_, l.outer, l.C, cfg.tpr, same_alignment(gp, yp, op_));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     } else {
       const SpatialConfig cfg = spatial_config(l.outer, l.C, l.inner, sizeof(scalar_t));
-      log_softmax_backward_spatial<scalar_t><<<cfg.grid, cfg.layout.threads, 0, scope.stream>>>(
-          gp, yp, op_, cfg.layout);
+      softmax_backward_spatial<Log, scalar_t>
+          <<<cfg.grid, cfg.layout.threads, 0, scope.stream>>>(gp, yp, op_, cfg.layout);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
   return gx;
+}
+
+Tensor log_softmax_cuda(const Tensor& self, int64_t dim) {
+  return softmax_forward<true>(self, dim, "fastops.log_softmax");
+}
+Tensor log_softmax_backward_cuda(const Tensor& grad_output, const Tensor& output, int64_t dim) {
+  return softmax_backward<true>(grad_output, output, dim, "fastops.log_softmax_backward");
+}
+Tensor softmax_cuda(const Tensor& self, int64_t dim) {
+  return softmax_forward<false>(self, dim, "fastops.softmax");
+}
+Tensor softmax_backward_cuda(const Tensor& grad_output, const Tensor& output, int64_t dim) {
+  return softmax_backward<false>(grad_output, output, dim, "fastops.softmax_backward");
 }
 
 }  // namespace
@@ -1300,6 +1348,8 @@ Tensor log_softmax_backward_cuda(const Tensor& grad_output, const Tensor& output
 TORCH_LIBRARY_IMPL(fastops, CUDA, m) {
   m.impl("log_softmax", &log_softmax_cuda);
   m.impl("log_softmax_backward", &log_softmax_backward_cuda);
+  m.impl("softmax", &softmax_cuda);
+  m.impl("softmax_backward", &softmax_backward_cuda);
   m.impl("nll_loss", &nll_loss_cuda);
   m.impl("nll_loss_backward", &nll_loss_backward_cuda);
   m.impl("cross_entropy", &cross_entropy_cuda);

@@ -1,5 +1,5 @@
-"""Autograd formulas, fake kernels and functional forms of the losses: log_softmax, nll_loss,
-cross_entropy (fused log_softmax + nll_loss) and mse_loss.
+"""Autograd formulas, fake kernels and functional forms of the losses and their softmaxes:
+log_softmax, softmax, nll_loss, cross_entropy (fused log_softmax + nll_loss) and mse_loss.
 
 The functional forms take exactly the arguments of their torch.nn.functional twins. The reduction
 is passed to the ops as an int: 0 none, 1 mean, 2 sum.
@@ -15,8 +15,8 @@ from fastops.ops import _dispatch
 _ops = torch.ops.fastops
 
 __all__ = [
-    "LogSoftmaxFunction", "NLLLossFunction", "CrossEntropyFunction", "MSELossFunction",
-    "log_softmax", "nll_loss", "cross_entropy", "mse_loss",
+    "LogSoftmaxFunction", "SoftmaxFunction", "NLLLossFunction", "CrossEntropyFunction",
+    "MSELossFunction", "log_softmax", "softmax", "nll_loss", "cross_entropy", "mse_loss",
 ]
 
 
@@ -38,12 +38,14 @@ def _loss_like(self, reduction):
 
 
 @torch.library.register_fake("fastops::log_softmax")
-def _log_softmax_fake(self, dim):
+@torch.library.register_fake("fastops::softmax")
+def _softmax_fake(self, dim):
     return self.new_empty(self.shape)
 
 
 @torch.library.register_fake("fastops::log_softmax_backward")
-def _log_softmax_backward_fake(grad_output, output, dim):
+@torch.library.register_fake("fastops::softmax_backward")
+def _softmax_backward_fake(grad_output, output, dim):
     return output.new_empty(output.shape)
 
 
@@ -161,6 +163,85 @@ class _LogSoftmaxBackward(torch.autograd.Function):
 
 _dispatch.transforms_use("log_softmax", LogSoftmaxFunction.apply)
 _dispatch.differentiable("log_softmax_backward", _LogSoftmaxBackward.apply)
+
+
+class SoftmaxFunction(torch.autograd.Function):
+    """fastops.softmax with its own backward, from the output. apply(input, dim)."""
+
+    @staticmethod
+    def forward(input, dim):
+        return torch.ops.fastops.softmax(input, dim)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.dim = inputs[1]
+        ctx.save_for_backward(output)
+        ctx.save_for_forward(output)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if grad_output is None or not ctx.needs_input_grad[0]:
+            return None, None
+        (output,) = ctx.saved_tensors
+        return torch.ops.fastops.softmax_backward(grad_output, output, ctx.dim), None
+
+    @staticmethod
+    def jvp(ctx, t_input, _):
+        (output,) = ctx.saved_tensors
+        return torch.ops.fastops.softmax_backward(t_input, output, ctx.dim)
+
+    @staticmethod
+    def vmap(info, in_dims, input, dim):
+        x = _dispatch.batch_first(input, in_dims[0], info.batch_size)
+        return SoftmaxFunction.apply(x, _batched_dim(dim, x)), 0
+
+
+class _SoftmaxBackward(torch.autograd.Function):
+    """The autograd of softmax_backward(g, y, dim) = y * (g - sum(g * y, dim)): linear in g
+    with a symmetric matrix (diag(y) - y y^T), so its transpose is itself."""
+
+    @staticmethod
+    def forward(grad_output, output, dim):
+        return torch.ops.fastops.softmax_backward(grad_output, output, dim)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:2])
+        ctx.save_for_forward(*inputs[:2])
+        ctx.dim = inputs[2]
+
+    @staticmethod
+    def _d_output(g, y, t, dim):
+        """d/dy of y * (g - sum(g y)) applied to t: t (g - sum(g y)) - y sum(g t)."""
+        return t * (g - (g * y).sum(dim, keepdim=True)) - y * (g * t).sum(dim, keepdim=True)
+
+    @staticmethod
+    def backward(ctx, grad_grad):
+        g, y = ctx.saved_tensors
+        d_g = torch.ops.fastops.softmax_backward(grad_grad, y, ctx.dim)
+        # the transpose of t -> t (g - s) - y sum(g t): gg (g - s) - g sum(gg y)
+        s = (g * y).sum(ctx.dim, keepdim=True)
+        d_y = grad_grad * (g - s) - g * (grad_grad * y).sum(ctx.dim, keepdim=True)
+        return d_g, d_y, None
+
+    @staticmethod
+    def jvp(ctx, t_g, t_y, _):
+        g, y = ctx.saved_tensors
+        out = torch.ops.fastops.softmax_backward(t_g, y, ctx.dim) if t_g is not None else None
+        if t_y is not None:
+            d = _SoftmaxBackward._d_output(g, y, t_y, ctx.dim)
+            out = d if out is None else out + d
+        return out
+
+    @staticmethod
+    def vmap(info, in_dims, grad_output, output, dim):
+        g, y = (_dispatch.batch_first(t, d, info.batch_size)
+                for t, d in zip((grad_output, output), in_dims))
+        return _SoftmaxBackward.apply(g, y, _batched_dim(dim, y)), 0
+
+
+_dispatch.transforms_use("softmax", SoftmaxFunction.apply)
+_dispatch.differentiable("softmax_backward", _SoftmaxBackward.apply)
 
 
 class NLLLossFunction(torch.autograd.Function):
@@ -490,16 +571,30 @@ def _reduction_enum(size_average, reduce, reduction):
     return _Reduction.get_enum(reduction)
 
 
-def log_softmax(input, dim=None, _stacklevel=3, dtype=None):
-    """torch.nn.functional.log_softmax on fastops kernels."""
+def _softmax_dim(name, input, dim, _stacklevel):
+    """torch's legacy choice when dim is None, with its warning."""
     if dim is None:
-        warnings.warn("Implicit dimension choice for log_softmax has been deprecated. "
+        warnings.warn(f"Implicit dimension choice for {name} has been deprecated. "
                       "Change the call to include dim=X as an argument.",
                       stacklevel=_stacklevel)
         dim = 0 if input.dim() in (0, 1, 3) else 1
+    return dim
+
+
+def log_softmax(input, dim=None, _stacklevel=3, dtype=None):
+    """torch.nn.functional.log_softmax on fastops kernels."""
+    dim = _softmax_dim("log_softmax", input, dim, _stacklevel + 1)
     if dtype is not None:
         input = input.to(dtype)
     return _ops.log_softmax.default(input, dim)
+
+
+def softmax(input, dim=None, _stacklevel=3, dtype=None):
+    """torch.nn.functional.softmax on fastops kernels."""
+    dim = _softmax_dim("softmax", input, dim, _stacklevel + 1)
+    if dtype is not None:
+        input = input.to(dtype)
+    return _ops.softmax.default(input, dim)
 
 
 def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
