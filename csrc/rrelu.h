@@ -13,8 +13,10 @@
 //   float, float16, bfloat16 (computed in float): with l, h the bounds rounded to float and
 //     d = h - l in float, slope = min(h, float(double(l) + (w >> 8) * 2^-24 * double(d))):
 //     the product is exact in double (24-bit by 24-bit), so the result does not depend on
-//     whether the compiler fuses it into an FMA; one of 2^24 evenly spaced values in [l, h).
-//   float64: slope = min(h, fma(w * 2^-32, h - l, l)): one of 2^32 values in [l, h).
+//     whether the compiler fuses it into an FMA: 2^24 evenly spaced fractions of [l, h], each
+//     rounded (twice: to double, then to float).
+//   float64: slope = min(h, fma(w * 2^-32, h - l, l)): 2^32 evenly spaced fractions, rounded
+//     once.
 // lower == upper gives that value exactly. The element's output is x * slope where x <= 0 and
 // x elsewhere (NaN passes, as in torch), its gradient grad * slope and grad.
 #pragma once

@@ -54,7 +54,7 @@ def leaky_relu(input, negative_slope=0.01, inplace=False):
 
 
 def rrelu(input, lower=1.0 / 8, upper=1.0 / 3, training=False, inplace=False):
-    """Training: a slope per element where input <= 0, drawn uniformly from [lower, upper) from
+    """Training: a slope per element where input <= 0, drawn uniformly from [lower, upper] from
     the default generator of input's device (torch.manual_seed reproduces it); autograd keeps a
     bit per element and 16 bytes of seed. Evaluation: leaky_relu with slope (lower + upper) / 2.
     The exact draw is documented in csrc/rrelu.h."""
