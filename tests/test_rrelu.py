@@ -208,6 +208,39 @@ def test_the_same_whatever_the_thread_count():
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
+def draws_on_every_path():
+    """Outputs that take every path of the CPU Philox: whole blocks of 16 and 8 groups and their
+    tails, slices that start inside a group, the mask form; float32, float64 and bfloat16."""
+    ops = torch.ops.fastops
+    rows = torch.tensor([[1234567890123, 5], [-987654321, 2**40]])
+    out = []
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        x = torch.linspace(-3, 1, 2 * 4099, dtype=torch.float64).to(dtype).view(2, 4099)
+        out += [ops.rrelu_seeded(x, rows[0], 0.1, 0.3), ops.rrelu_seeded(x, rows, -0.2, 0.7),
+                *ops.rrelu_seeded_with_mask(x, rows[1], 0.0, 1.0)]
+    return out
+
+
+def test_every_cpu_isa_draws_the_same_slopes(tmp_path):
+    """The AVX-512 and AVX2 Philox (intrinsics) and the scalar one give the same words, and the
+    slope formula the same bits, whatever the instruction set (FASTOPS_CPU_ISA caps it)."""
+    import os
+    import subprocess
+    import sys
+
+    here = draws_on_every_path()
+    script = ("import sys, torch, fastops; sys.path.insert(0, sys.argv[2]); "
+              "from test_rrelu import draws_on_every_path; "
+              "torch.save((fastops.cpu_isa(), draws_on_every_path()), sys.argv[1])")
+    for isa in ("avx2", "baseline"):
+        path = tmp_path / f"{isa}.pt"
+        subprocess.run([sys.executable, "-c", script, str(path), os.path.dirname(__file__)],
+                       env={**os.environ, "FASTOPS_CPU_ISA": isa}, check=True)
+        ran, there = torch.load(path)
+        assert ran in (isa, "baseline")
+        assert all(torch.equal(a, b) for a, b in zip(here, there, strict=True))
+
+
 def philox4x32_10(ctr, key):
     """Philox4x32-10 in Python, the reference the kernels' words are held against."""
     ctr, (k0, k1) = list(ctr), key
@@ -233,11 +266,12 @@ def test_philox_known_answers_and_counter_layout():
         assert philox4x32_10(ctr, key) == words
     for key, offset in [(0, 0), (0x299F31D0A4093822, 0x0370734413198A2E), (2**64 - 1, 2**64 - 1)]:
         signed = [v - 2**64 if v >= 2**63 else v for v in (key, offset)]
-        got = -ops.rrelu_seeded(-torch.ones(23, dtype=torch.float64), torch.tensor(signed),
+        n = 151  # 38 groups: blocks of 16 and 8 for the intrinsics, and a tail
+        got = -ops.rrelu_seeded(-torch.ones(n, dtype=torch.float64), torch.tensor(signed),
                                 0.0, 1.0)
         split = [key & 0xFFFFFFFF, key >> 32]
         want = [philox4x32_10((e // 4, 0, offset & 0xFFFFFFFF, offset >> 32), split)[e % 4]
-                for e in range(23)]
+                for e in range(n)]
         assert [int(v * 2**32) for v in got.tolist()] == want
 
 
