@@ -91,6 +91,17 @@ def test_eval_matches_torch(device, dtype):
                                        atol=0, rtol=0)
 
 
+def test_signature_and_defaults_are_torchs():
+    import inspect
+
+    ours, theirs = inspect.signature(F.rrelu), inspect.signature(TF.rrelu)
+    assert [(p.name, p.default) for p in ours.parameters.values()] == \
+        [(p.name, p.default) for p in theirs.parameters.values()]
+    ours, theirs = inspect.signature(fnn.RReLU), inspect.signature(torch.nn.RReLU)
+    assert [(p.name, p.default) for p in ours.parameters.values()] == \
+        [(p.name, p.default) for p in theirs.parameters.values()]
+
+
 def test_eval_is_the_default_and_module_follows_training():
     x = torch.randn(50)
     torch.testing.assert_close(F.rrelu(x), TF.leaky_relu(x, (1 / 8 + 1 / 3) / 2), atol=0, rtol=0)
@@ -356,6 +367,28 @@ def test_bad_inputs():
     # the process survives and keeps working
     torch.testing.assert_close(F.rrelu(torch.tensor([-1.0, 2.0]), 0.5, 0.5, True),
                                torch.tensor([-0.5, 2.0]))
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
+                         ids=str)
+def test_cuda_draws_the_cpu_slopes(dtype):
+    """The same seed rows give the same bits on both devices (one formula, csrc/rrelu.h): 16-byte
+    packs, element-wise access (a misaligned view), the partial last octet, rows per slice, and
+    the mask forms."""
+    rows = torch.tensor([[1234567890123, 5], [-987654321, 2**40], [7, 0]])
+    base = torch.linspace(-3, 1, 3 * 1003 + 1, dtype=torch.float64).to(dtype)
+    for x in (base[:-1].view(3, 1003), base[1:].view(3, 1003)):
+        g = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+        for seed in (rows[0], rows):
+            results = []
+            for xd, gd, sd in ((x, g, seed), (x.cuda(), g.cuda(), seed.cuda())):
+                out, mask = ops.rrelu_seeded_with_mask(xd, sd, 0.1, 0.3)
+                results.append([ops.rrelu_seeded(xd, sd, 0.1, 0.3), out, mask,
+                                ops.rrelu_seeded_backward(gd, xd, sd, 0.1, 0.3),
+                                ops.rrelu_seeded_mask_backward(gd, mask, sd, 0.1, 0.3)])
+            for a, b in zip(*results):
+                assert torch.equal(a, b.cpu())
 
 
 @pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU")
