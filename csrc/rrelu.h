@@ -19,6 +19,11 @@
 //     once.
 // lower == upper gives that value exactly. The element's output is x * slope where x <= 0 and
 // x elsewhere (NaN passes, as in torch), its gradient grad * slope and grad.
+//
+// The seed rows come from rrelu_seed, from the default generator of the device, so that
+// torch.manual_seed reproduces them: on the CPU a fresh 64-bit key per call (offset 0, or the
+// sample's index for a row per sample); on CUDA the generator's seed (XOR a constant) and its
+// Philox offset, which each call advances, as torch's dropout takes them.
 #pragma once
 
 #include <cmath>
