@@ -571,3 +571,16 @@ def test_module_is_a_drop_in():
     torch.testing.assert_close(model(x), expected)
     model.train()
     assert not torch.equal(model(x), model(x))
+
+
+@pytest.mark.slow
+def test_beyond_int32_elements():
+    """64-bit element indices: elements past 2^31 take the words of their own groups."""
+    n = 2**31 + 37
+    key, offset = 123456789, 42
+    x = torch.full((n,), -0.5, dtype=torch.bfloat16)
+    y = ops.rrelu_seeded(x, torch.tensor([key, offset]), 0.0, 1.0)
+    for e in [0, 5, 2**31 - 1, 2**31, 2**31 + 6, n - 1]:
+        w = philox4x32_10((e // 4 & 0xFFFFFFFF, e // 4 >> 32, offset, 0), (key, 0))[e % 4]
+        want = torch.tensor(-0.5 * (w >> 8) / 2**24, dtype=torch.float32).to(torch.bfloat16)
+        assert y[e] == want
