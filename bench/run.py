@@ -75,6 +75,9 @@ ELEMENTWISE = {
                   lambda x: TF.gelu(x, approximate="tanh"), {}),
     "hardtanh": (F.hardtanh, TF.hardtanh, {}),
     "leaky_relu": (F.leaky_relu, TF.leaky_relu, {}),
+    # training mode: a random slope per element, drawn again by the backward (fastops) or kept
+    # in a noise tensor (torch)
+    "rrelu": (lambda x: F.rrelu(x, training=True), lambda x: TF.rrelu(x, training=True), {}),
     "sigmoid": (F.sigmoid, torch.sigmoid, {}),
     "tanh": (F.tanh, torch.tanh, {}),
     "hardshrink": (F.hardshrink, TF.hardshrink, {}),

@@ -24,6 +24,29 @@ void check_mask_backward(const Tensor& grad_output, const Tensor& mask, const ch
   check_same_device(grad_output, mask, op, "grad_output", "mask");
 }
 
+void check_rrelu_bounds(double lower, double upper, const char* op) {
+  TORCH_CHECK(lower <= upper, op,
+              ": Lower bound should be less than or equal to the upper bound, got lower=", lower,
+              " and upper=", upper);
+}
+
+int64_t rrelu_seed_rows(const Tensor& shaped, const Tensor& seed, const char* op,
+                        const char* shaped_name) {
+  TORCH_CHECK(seed.defined(), op, ": seed is an undefined tensor");
+  TORCH_CHECK_TYPE(seed.scalar_type() == at::kLong, op,
+                   ": expected seed to be an int64 tensor (from rrelu_seed), got ",
+                   seed.scalar_type());
+  check_same_device(shaped, seed, op, shaped_name, "seed");
+  const bool one_row = seed.dim() == 1 && seed.size(0) == 2;
+  const bool per_slice = seed.dim() == 2 && seed.size(1) == 2 && shaped.dim() >= 1 &&
+                         seed.size(0) == shaped.size(0);
+  TORCH_CHECK(one_row || per_slice, op,
+              ": expected seed of shape (2,), or (S, 2) with S the size of dim 0 of the input, "
+              "got seed of shape ", seed.sizes(), " for ", shaped_name, " of shape ",
+              shaped.sizes());
+  return one_row ? 1 : seed.size(0);
+}
+
 ChannelLayout prelu_layout(const Tensor& self, const Tensor& weight, const char* op) {
   check_floating(self, op, "self");
   check_floating(weight, op, "weight");

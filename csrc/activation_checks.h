@@ -21,6 +21,15 @@ inline int64_t mask_bytes(int64_t numel) { return (numel + 7) / 8; }
 // grad_output's numel, on its device.
 void check_mask_backward(const at::Tensor& grad_output, const at::Tensor& mask, const char* op);
 
+// RReLU: lower <= upper (torch's message), for every mode.
+void check_rrelu_bounds(double lower, double upper, const char* op);
+// The seed rows of RReLU in training mode (rrelu.h): an int64 tensor on the device of `shaped`
+// (the input, or grad_output), of shape (2,) (one row for the whole tensor) or (S, 2) with
+// shaped.size(0) == S (a row per slice along dim 0, as vmap's per-sample draws give). Returns
+// the number of rows.
+int64_t rrelu_seed_rows(const at::Tensor& shaped, const at::Tensor& seed, const char* op,
+                        const char* shaped_name = "self");
+
 // PReLU: self viewed as (outer, channels, inner) with the weight indexed by the channel
 // (channels = 1 for a single shared weight, then inner = self.numel()).
 struct ChannelLayout {

@@ -189,6 +189,64 @@ void pointwise_autograd(const c10::OperatorHandle& op, c10::DispatchKeySet keys,
   torch::jit::push(*stack, first_output(Fn::apply(self, op, params)));
 }
 
+// ---- rrelu (rrelu.h) ---------------------------------------------------------------------------
+
+const auto& rrelu_seeded_op() {
+  static const auto handle = typed_op<Tensor(const Tensor&, const Tensor&, double, double)>(
+      "fastops::rrelu_seeded");
+  return handle;
+}
+
+// Training mode: the forward runs rrelu_seeded_with_mask and saves the seed rows and its bit mask
+// (16 bytes and 1 bit per element, where torch keeps a noise tensor of the input's size and
+// dtype), and the tie (see new_tie); backward calls rrelu_seeded_mask_backward, which draws the
+// same slopes again from the seed rows.
+struct RReLUSeededFn : torch::autograd::Function<RReLUSeededFn> {
+  static tensor_list forward(AutogradContext* ctx, const Tensor& self, const Tensor& seed,
+                             double lower, double upper) {
+    static const auto with_mask = typed_op<std::tuple<Tensor, Tensor>(
+        const Tensor&, const Tensor&, double, double)>("fastops::rrelu_seeded_with_mask");
+    Tensor out, mask;
+    {
+      at::AutoDispatchBelowADInplaceOrView guard;
+      std::tie(out, mask) = with_mask.call(self, seed, lower, upper);
+    }
+    Tensor tie = new_tie(self);
+    ctx->save_for_backward({mask, seed, tie});
+    ctx->saved_data["lower"] = lower;
+    ctx->saved_data["upper"] = upper;
+    ctx->set_materialize_grads(false);
+    return {out, tie};
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    static const auto mask_backward = typed_op<Tensor(const Tensor&, const Tensor&,
+                                                      const Tensor&, double, double)>(
+        "fastops::rrelu_seeded_mask_backward");
+    tensor_list result(4);
+    if (!ctx->needs_input_grad(0)) return result;
+    const auto saved = ctx->get_saved_variables();
+    Tensor grad_input;
+    if (grads[0].defined()) {
+      BackwardCalls calls;
+      grad_input = mask_backward.call(grads[0], saved[0], saved[1],
+                                      ctx->saved_data["lower"].toDouble(),
+                                      ctx->saved_data["upper"].toDouble());
+    }
+    result[0] = tied(grad_input, saved[2], grads[1]);
+    return result;
+  }
+};
+
+// rrelu itself is a composite of the ops (registered for CompositeImplicitAutograd): its autograd,
+// fake kernel and torch.func rules are those of leaky_relu, rrelu_seed and rrelu_seeded.
+Tensor rrelu_composite(const Tensor& self, double lower, double upper, bool training) {
+  static const auto leaky_relu = typed_op<Tensor(const Tensor&, double)>("fastops::leaky_relu");
+  static const auto rrelu_seed = typed_op<Tensor(const Tensor&, int64_t)>("fastops::rrelu_seed");
+  check_rrelu_bounds(lower, upper, "fastops.rrelu");
+  if (!training) return leaky_relu.call(self, (lower + upper) / 2);
+  return rrelu_seeded_op().call(self, rrelu_seed.call(self, 0), lower, upper);
+}
+
 // ---- prelu, maxout ---------------------------------------------------------------------------
 
 struct PreluFn : torch::autograd::Function<PreluFn> {
@@ -589,6 +647,13 @@ TORCH_LIBRARY_IMPL(fastops, Autograd, m) {
   FASTOPS_OUTPUT_ACTIVATIONS(FO_NO_DERIVATIVE)
 #undef FO_NO_DERIVATIVE
   m.impl("maxout_with_indices", torch::autograd::autogradNotImplementedFallback());
+  m.impl("rrelu_seeded_with_mask", torch::autograd::autogradNotImplementedFallback());
+  // An integer output: nothing to differentiate, whether self requires grad or carries a
+  // tangent (the not-implemented fallback would reject the tangent).
+  m.impl("rrelu_seed", [](c10::DispatchKeySet keys, const Tensor& self, int64_t samples) {
+    static const auto op = typed_op<Tensor(const Tensor&, int64_t)>("fastops::rrelu_seed");
+    return op.redispatch(keys & c10::after_autograd_keyset, self, samples);
+  });
 #define FO_AUTOGRAD_MASKED(name, ...) \
   m.impl(#name,                       \
          torch::CppFunction::makeFromBoxedFunction<&pointwise_autograd<MaskedPointwiseFn>>());
@@ -616,6 +681,12 @@ TORCH_LIBRARY_IMPL(fastops, Autograd, m) {
     if (needs_graph(self)) return MaxoutFn::apply(self, pool_size)[0];
     at::AutoDispatchBelowADInplaceOrView guard;
     return MaxoutFn::op().call(self, pool_size);
+  });
+  m.impl("rrelu_seeded", [](const Tensor& self, const Tensor& seed, double lower, double upper) {
+    if (needs_forward_ad(self)) return python_autograd(rrelu_seeded_op(), self, seed, lower, upper);
+    if (needs_graph(self)) return RReLUSeededFn::apply(self, seed, lower, upper)[0];
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return rrelu_seeded_op().call(self, seed, lower, upper);
   });
   m.impl("linear", [](const Tensor& input, const Tensor& weight,
                       const c10::optional<Tensor>& bias) {
@@ -682,6 +753,10 @@ TORCH_LIBRARY_IMPL(fastops, Autograd, m) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return MseLossFn::op().call(self, target, reduction);
   });
+}
+
+TORCH_LIBRARY_IMPL(fastops, CompositeImplicitAutograd, m) {
+  m.impl("rrelu", &rrelu_composite);
 }
 
 }  // namespace fastops

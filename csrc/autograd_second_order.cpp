@@ -1,9 +1,9 @@
 // The autograd of the backward ops that a recorded backward (create_graph=True) runs most: the
-// pointwise NAME_backward, NAME_output_backward and NAME_mask_backward, linear_backward and
-// linear_act_backward. Their formulas are the ones of fastops.ops (Python), written here again
-// so that a gradient penalty or a Hessian-vector product does not pay Python per op; the other
-// backward ops keep their Python autograd, and torch.func transforms run the Python formulas of
-// all of them.
+// pointwise NAME_backward, NAME_output_backward and NAME_mask_backward, rrelu's two backward ops,
+// linear_backward and linear_act_backward. Their formulas are the ones of fastops.ops (Python),
+// written here again so that a gradient penalty or a Hessian-vector product does not pay Python
+// per op; the other backward ops keep their Python autograd, and torch.func transforms run the
+// Python formulas of all of them.
 //
 // Each node computes its derivatives with fastops ops called through the dispatcher, so a
 // derivative of a derivative records again; the second derivatives of the activations
@@ -222,6 +222,58 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> linear_act_backward_autograd(
   return {gi, gw, gb, gaw};
 }
 
+// ---- rrelu_seeded_backward(grad_output, self, seed, lower, upper) and
+// rrelu_seeded_mask_backward(grad_output, mask, seed, lower, upper) = grad_output * slope ---------
+// Linear in grad_output (the derivative is the op itself), piecewise constant in self (zeros, as
+// torch's), none for the mask and the seed.
+
+using SeededBackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, double, double);
+const c10::TypedOperatorHandle<SeededBackwardSig>& seeded_backward_op(bool from_mask) {
+  static const auto from_input = typed_op<SeededBackwardSig>("fastops::rrelu_seeded_backward");
+  static const auto from_bits = typed_op<SeededBackwardSig>("fastops::rrelu_seeded_mask_backward");
+  return from_mask ? from_bits : from_input;
+}
+
+struct SeededBackwardFn : torch::autograd::Function<SeededBackwardFn> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& grad_output, const Tensor& saved,
+                        const Tensor& seed, double lower, double upper, bool from_mask) {
+    ctx->save_for_backward({saved, seed});
+    ctx->saved_data["lower"] = lower;
+    ctx->saved_data["upper"] = upper;
+    ctx->saved_data["from_mask"] = from_mask;
+    ctx->set_materialize_grads(false);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return seeded_backward_op(from_mask).call(grad_output, saved, seed, lower, upper);
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    tensor_list result(6);
+    const Tensor& grad_grad = grads[0];
+    if (!grad_grad.defined()) return result;
+    const auto saved = ctx->get_saved_variables();
+    if (ctx->needs_input_grad(0)) {
+      BackwardCalls calls;
+      result[0] = seeded_backward_op(ctx->saved_data["from_mask"].toBool())
+                      .call(grad_grad, saved[0], saved[1], ctx->saved_data["lower"].toDouble(),
+                            ctx->saved_data["upper"].toDouble());
+    }
+    if (ctx->needs_input_grad(1)) result[1] = at::zeros_like(saved[0]);
+    return result;
+  }
+};
+
+template <bool kFromMask>
+Tensor seeded_backward_autograd(c10::DispatchKeySet keys, const Tensor& grad_output,
+                                const Tensor& saved, const Tensor& seed, double lower,
+                                double upper) {
+  const auto& op = seeded_backward_op(kFromMask);
+  if (needs_forward_ad(grad_output, saved))
+    return python_autograd(op, grad_output, saved, seed, lower, upper);
+  if (!needs_graph(grad_output, saved))
+    return op.redispatch(keys & c10::after_autograd_keyset, grad_output, saved, seed, lower,
+                         upper);
+  return SeededBackwardFn::apply(grad_output, saved, seed, lower, upper, kFromMask);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastops, Autograd, m) {
@@ -239,6 +291,8 @@ TORCH_LIBRARY_IMPL(fastops, Autograd, m) {
 #undef FO_AUTOGRAD_BACKWARD
   m.impl("linear_backward", &linear_backward_autograd);
   m.impl("linear_act_backward", &linear_act_backward_autograd);
+  m.impl("rrelu_seeded_backward", &seeded_backward_autograd<false>);
+  m.impl("rrelu_seeded_mask_backward", &seeded_backward_autograd<true>);
 }
 
 }  // namespace fastops

@@ -69,6 +69,27 @@ TORCH_LIBRARY(fastops, m) {
   FASTOPS_OUTPUT_ACTIVATIONS(FO_DEF_OUTPUT)
 #undef FO_DEF_OUTPUT
 
+  // RReLU (rrelu.h). rrelu is torch.rrelu: leaky_relu with slope (lower + upper) / 2 in
+  // evaluation, and in training a slope per element drawn from [lower, upper]: it draws a seed
+  // with rrelu_seed and calls rrelu_seeded, and is differentiated through them.
+  m.def("rrelu(Tensor self, float lower, float upper, bool training) -> Tensor");
+  // The seed rows from the default generator of self's device (the tensor is used for its device
+  // only): (2,) when samples is 0, else (samples, 2), one row per sample. The only random op.
+  m.def("rrelu_seed(Tensor self, int samples=0) -> Tensor", {at::Tag::nondeterministic_seeded});
+  // Training mode from given seed rows (rrelu_seed_rows in activation_checks.h): pure functions
+  // of their arguments. The mask forms are those of the masked activations (the bits of
+  // x > 0, NaN included); autograd saves the seed and the mask.
+  m.def("rrelu_seeded(Tensor self, Tensor seed, float lower, float upper) -> Tensor");
+  m.def(
+      "rrelu_seeded_backward(Tensor grad_output, Tensor self, Tensor seed, float lower, "
+      "float upper) -> Tensor");
+  m.def(
+      "rrelu_seeded_with_mask(Tensor self, Tensor seed, float lower, float upper) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "rrelu_seeded_mask_backward(Tensor grad_output, Tensor mask, Tensor seed, float lower, "
+      "float upper) -> Tensor");
+
   // PReLU: weight of 1 or C (= self.size(1)) slopes. backward returns (grad_self, grad_weight).
   m.def("prelu(Tensor self, Tensor weight) -> Tensor");
   m.def(

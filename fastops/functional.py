@@ -16,9 +16,9 @@ from fastops.ops.losses import cross_entropy, log_softmax, mse_loss, nll_loss, s
 _ops = torch.ops.fastops
 
 __all__ = [
-    "linear", "linear_act", "relu", "elu", "gelu", "prelu", "hardtanh", "leaky_relu", "sigmoid",
-    "tanh", "hardshrink", "maxout", "log_softmax", "softmax", "nll_loss", "cross_entropy",
-    "mse_loss",
+    "linear", "linear_act", "relu", "elu", "gelu", "prelu", "hardtanh", "leaky_relu", "rrelu",
+    "sigmoid", "tanh", "hardshrink", "maxout", "log_softmax", "softmax", "nll_loss",
+    "cross_entropy", "mse_loss",
 ]
 
 
@@ -51,6 +51,14 @@ def hardtanh(input, min_val=-1.0, max_val=1.0, inplace=False):
 
 def leaky_relu(input, negative_slope=0.01, inplace=False):
     return _ops.leaky_relu.default(input, float(negative_slope))
+
+
+def rrelu(input, lower=1.0 / 8, upper=1.0 / 3, training=False, inplace=False):
+    """Training: a slope per element where input <= 0, drawn uniformly from [lower, upper] from
+    the default generator of input's device (torch.manual_seed reproduces it); autograd keeps a
+    bit per element and 16 bytes of seed. Evaluation: leaky_relu with slope (lower + upper) / 2.
+    The exact draw is documented in csrc/rrelu.h."""
+    return _ops.rrelu.default(input, float(lower), float(upper), bool(training))
 
 
 def sigmoid(input):

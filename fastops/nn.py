@@ -14,8 +14,8 @@ from fastops import functional as F
 
 __all__ = [
     "Linear", "LinearAct", "ReLU", "ELU", "GELU", "PReLU", "Hardtanh", "Maxout", "LeakyReLU",
-    "Sigmoid", "Tanh", "Hardshrink", "LogSoftmax", "Softmax", "NLLLoss", "CrossEntropyLoss",
-    "MSELoss", "convert",
+    "RReLU", "Sigmoid", "Tanh", "Hardshrink", "LogSoftmax", "Softmax", "NLLLoss",
+    "CrossEntropyLoss", "MSELoss", "convert",
 ]
 
 
@@ -52,6 +52,11 @@ class Hardtanh(_nn.Hardtanh):
 class LeakyReLU(_nn.LeakyReLU):
     def forward(self, input):
         return F.leaky_relu(input, self.negative_slope)
+
+
+class RReLU(_nn.RReLU):
+    def forward(self, input):
+        return F.rrelu(input, self.lower, self.upper, self.training, self.inplace)
 
 
 class Sigmoid(_nn.Sigmoid):
@@ -148,10 +153,9 @@ class LinearAct(_nn.Linear):
 # layout, so swapping __class__ converts a module in place with its parameters untouched.
 _TWINS = {
     _nn.Linear: Linear, _nn.ReLU: ReLU, _nn.ELU: ELU, _nn.GELU: GELU, _nn.PReLU: PReLU,
-    _nn.Hardtanh: Hardtanh, _nn.LeakyReLU: LeakyReLU, _nn.Sigmoid: Sigmoid, _nn.Tanh: Tanh,
-    _nn.Hardshrink: Hardshrink, _nn.LogSoftmax: LogSoftmax, _nn.Softmax: Softmax,
-    _nn.NLLLoss: NLLLoss,
-    _nn.CrossEntropyLoss: CrossEntropyLoss, _nn.MSELoss: MSELoss,
+    _nn.Hardtanh: Hardtanh, _nn.LeakyReLU: LeakyReLU, _nn.RReLU: RReLU, _nn.Sigmoid: Sigmoid,
+    _nn.Tanh: Tanh, _nn.Hardshrink: Hardshrink, _nn.LogSoftmax: LogSoftmax, _nn.Softmax: Softmax,
+    _nn.NLLLoss: NLLLoss, _nn.CrossEntropyLoss: CrossEntropyLoss, _nn.MSELoss: MSELoss,
 }
 
 

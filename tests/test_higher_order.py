@@ -90,6 +90,32 @@ def _probs(*shape):
     )
 
 
+def _reseeded(fn, seed=7):
+    """fn with the default generators re-seeded on every call (and restored after): a random op
+    then draws the same values each time, a function gradcheck and the transforms can probe."""
+
+    def f(x, *rest):
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            return fn(x, *rest)
+
+    return f
+
+
+def _rrelu_slopes_reference(lower, upper):
+    """torch ops on the slopes fastops draws: they depend on the seed and the element's index
+    only, so -rrelu(-1) under the same seed gives them."""
+
+    draw = _reseeded(functools.partial(FF.rrelu, lower=lower, upper=upper, training=True))
+
+    def f(x):
+        slopes = -draw(-torch.ones(x.shape, dtype=x.dtype, device=x.device))
+        return torch.where(x <= 0, x * slopes, x)
+
+    return f
+
+
 _w5 = _pos((5,))
 # name -> (fastops fn, torch fn, [input makers], indices of the differentiated inputs)
 CASES = {
@@ -116,6 +142,19 @@ CASES = {
     "leaky_relu": (
         functools.partial(FF.leaky_relu, negative_slope=0.2),
         functools.partial(F.leaky_relu, negative_slope=0.2),
+        [_randn(4, 5)],
+        [0],
+    ),
+    # eval: torch's leaky_relu with the mean slope (torch's rrelu has no vmap rule)
+    "rrelu_eval": (
+        functools.partial(FF.rrelu, lower=0.1, upper=0.3),
+        functools.partial(F.leaky_relu, negative_slope=0.2),
+        [_randn(4, 5)],
+        [0],
+    ),
+    "rrelu_train": (
+        _reseeded(functools.partial(FF.rrelu, lower=0.1, upper=0.3, training=True)),
+        _rrelu_slopes_reference(0.1, 0.3),
         [_randn(4, 5)],
         [0],
     ),
@@ -241,6 +280,10 @@ CASES = {
 }
 
 
+# vmap's randomness flag per case (default "error"): the random ones draw one seed for the batch
+VMAP_RANDOMNESS = {"rrelu_train": "same"}
+
+
 def make_inputs(name, device, dtype=torch.float64):
     fo, tf, makers, diff = CASES[name]
     g = torch.Generator().manual_seed(sum(map(ord, name)))
@@ -325,10 +368,11 @@ def test_vmap_and_per_sample_grad(name, device):
 
         return f
 
-    torch.testing.assert_close(vmap(per_sample(fo))(batch), vmap(per_sample(tf))(batch))
-    torch.testing.assert_close(
-        vmap(grad(sum_of(per_sample(fo))))(batch), vmap(grad(sum_of(per_sample(tf))))(batch)
-    )
+    randomness = VMAP_RANDOMNESS.get(name, "error")
+    for f in (lambda fn: per_sample(fn), lambda fn: grad(sum_of(per_sample(fn)))):
+        torch.testing.assert_close(
+            vmap(f(fo), randomness=randomness)(batch), vmap(f(tf), randomness=randomness)(batch)
+        )
 
 
 def test_vmap_does_not_loop(device):

@@ -12,6 +12,7 @@
 #include "../activation_checks.h"
 #include "../activations.h"
 #include "cpu_common.h"
+#include "mask_bits.h"
 
 namespace fastops {
 namespace cpu {
@@ -94,27 +95,9 @@ Tensor unary_double_backward(const Tensor& grad_grad, const Tensor& grad_output,
 // The masked forms of the piecewise-linear activations (see activations.h): the forward also
 // writes f.mask(x) packed 8 elements to a byte (bit j of byte i is element 8i + j), and the
 // backward needs only those bits, 1/32 of the bytes of a float32 input. Each runs over chunks of
-// kMaskChunk elements: a vectorised loop between the data and one byte per element in a stack
-// buffer, and a loop packing (or unpacking) 8 of those bytes per 64-bit word. The loops
-// take restrict pointers: a byte pointer may alias anything, and they would not vectorise. f by
-// value: its parameters then cannot alias them either.
-constexpr int64_t kMaskChunk = 512;  // a multiple of 8
-
-// 8 bytes of 0/1 (a little-endian word) -> 8 bits, and back; loops over whole words vectorise.
-FO_ALWAYS_INLINE void pack_words(const uint64_t* __restrict words, uint8_t* __restrict bits,
-                                 int64_t n) {
-  for (int64_t k = 0; k < n; ++k)
-    bits[k] = static_cast<uint8_t>((words[k] * 0x0102040810204080ULL) >> 56);
-}
-
-FO_ALWAYS_INLINE void unpack_words(const uint8_t* __restrict bits, uint64_t* __restrict words,
-                                   int64_t n) {
-  for (int64_t k = 0; k < n; ++k) {
-    const uint64_t e = (bits[k] * 0x0101010101010101ULL) & 0x8040201008040201ULL;
-    words[k] = ((e + 0x7F7F7F7F7F7F7F7FULL) & 0x8080808080808080ULL) >> 7;
-  }
-}
-
+// kMaskChunk elements (mask_bits.h). The loops take restrict pointers: a byte pointer may alias
+// anything, and they would not vectorise. f by value: its parameters then cannot alias them
+// either.
 template <class scalar_t, class F>
 FO_ALWAYS_INLINE void masked_forward_chunk(const scalar_t* __restrict x, scalar_t* __restrict y,
                                            uint8_t* __restrict bytes, int64_t n, const F f) {
@@ -133,14 +116,6 @@ FO_ALWAYS_INLINE void masked_backward_chunk(const scalar_t* __restrict g,
   using acc = acc_t<scalar_t>;
   for (int64_t i = 0; i < n; ++i)
     gx[i] = static_cast<scalar_t>(f.backward_masked(bytes[i] != 0, static_cast<acc>(g[i])));
-}
-
-// Elements [8 * b0, min(n, 8 * b1)): whole bytes of the mask, so threads never share one.
-template <class Body>
-void for_mask_bytes(int64_t n, const Body& body) {
-  at::parallel_for(0, mask_bytes(n), kElementwiseGrain / 8, [&](int64_t b0, int64_t b1) {
-    body(8 * b0, std::min(n, 8 * b1));
-  });
 }
 
 template <class F>

@@ -2,7 +2,8 @@
 
 Every pointwise activation is one row of POINTWISE: its op name in torch.ops.fastops and its
 parameters. The autograd.Function classes are made from the rows; PReLU (a weight with its own
-gradient) and Maxout (changes the shape) are written out below.
+gradient), Maxout (changes the shape) and RReLU (random slopes, from seed rows) are written out
+below.
 
 The ops themselves carry the same formulas in C++ (csrc/autograd.cpp), so torch.ops.fastops.*
 and the functional forms are differentiable without going through these classes. There the
@@ -21,7 +22,7 @@ from fastops.ops import _dispatch
 __all__ = [
     "POINTWISE", "MASKED", "OUTPUT", "ReLUFunction", "ELUFunction", "GELUFunction",
     "GELUTanhFunction", "HardtanhFunction", "LeakyReLUFunction", "SigmoidFunction", "TanhFunction",
-    "HardshrinkFunction", "PReLUFunction", "MaxoutFunction",
+    "HardshrinkFunction", "PReLUFunction", "MaxoutFunction", "RReLUFunction",
 ]
 
 # op name -> (autograd.Function class name, parameter names in schema order)
@@ -505,3 +506,184 @@ _dispatch.differentiable("maxout_backward",
                          lambda g, x, k: _MaxoutBackward.apply(g, x, k, False))
 _dispatch.differentiable("maxout_indices_backward",
                          lambda g, i, k: _MaxoutBackward.apply(g, i, k, True))
+
+
+# ---- RReLU ----------------------------------------------------------------------------------
+# torch.ops.fastops.rrelu(input, lower, upper, training) is a composite (csrc/autograd.cpp):
+# leaky_relu with slope (lower + upper) / 2 in evaluation; in training, rrelu_seed draws seed
+# rows from the default generator of the input's device and rrelu_seeded applies the slopes
+# they give (csrc/rrelu.h), a pure function of the input and the seed rows. Its C++ autograd
+# saves the seed rows and a bit mask; RReLUFunction below saves the input and the seed rows.
+
+_VMAP_RANDOMNESS_ERROR = (
+    "vmap: called random operation while in randomness error mode. Please either use the "
+    "'same' or 'different' randomness flags on vmap or perform the randomness operation out of "
+    "vmap")
+
+
+@torch.library.register_fake("fastops::rrelu_seed")
+def _rrelu_seed_fake(self, samples=0):
+    return self.new_empty((2,) if samples == 0 else (samples, 2), dtype=torch.int64)
+
+
+@torch.library.register_fake("fastops::rrelu_seeded")
+def _rrelu_seeded_fake(self, seed, lower, upper):
+    return _contiguous_like(self)
+
+
+@torch.library.register_fake("fastops::rrelu_seeded_backward")
+def _rrelu_seeded_backward_fake(grad_output, self, seed, lower, upper):
+    return _contiguous_like(self)
+
+
+@torch.library.register_fake("fastops::rrelu_seeded_with_mask")
+def _rrelu_seeded_with_mask_fake(self, seed, lower, upper):
+    return _contiguous_like(self), _mask_like(self)
+
+
+@torch.library.register_fake("fastops::rrelu_seeded_mask_backward")
+def _rrelu_seeded_mask_backward_fake(grad_output, mask, seed, lower, upper):
+    return _contiguous_like(grad_output)
+
+
+@torch.library.register_vmap("fastops::rrelu_seed")
+def _rrelu_seed_vmap(info, in_dims, self, samples=0):
+    """vmap's randomness flag, as for torch's random ops: 'same' draws one seed for every sample,
+    'different' one per sample (from one draw), 'error' raises."""
+    if info.randomness == "error":
+        raise RuntimeError(_VMAP_RANDOMNESS_ERROR)
+    if info.randomness == "same":
+        return torch.ops.fastops.rrelu_seed(self, samples), None
+    rows = torch.ops.fastops.rrelu_seed(self, info.batch_size * max(samples, 1))
+    return (rows if samples == 0 else rows.view(info.batch_size, samples, 2)), 0
+
+
+def _vmap_seeded(fn, info, in_dims, tensors, seed, *bounds):
+    """vmap rule of the rrelu_seeded ops: input-shaped tensors and the seed batch first. A seed of
+    one row per sample (logical shape (2,)) gives each sample its row; a row per slice of each
+    sample (logical (S, 2)) folds into the batch with the slices. Either way a sample whose seed
+    is not batched draws the very slopes it would draw alone."""
+    b = info.batch_size
+    moved = [_dispatch.batch_first(t, d, b) for t, d in zip(tensors, in_dims)]
+    rows = _dispatch.batch_first(seed, in_dims[len(tensors)], b)
+    if rows.dim() == 2:
+        return fn(*moved, rows, *bounds), 0
+    out = fn(*[t.flatten(0, 1) for t in moved], rows.flatten(0, 1), *bounds)
+    return out.unflatten(0, (b, -1)), 0
+
+
+class RReLUFunction(torch.autograd.Function):
+    """fastops.rrelu_seeded with its own backward: RReLU in training mode with the slopes that the
+    seed rows give. apply(input, seed, lower, upper); seed = torch.ops.fastops.rrelu_seed(input)
+    (the same seed gives the same slopes). F.rrelu draws the seed itself."""
+
+    @staticmethod
+    def forward(input, seed, lower, upper):
+        return torch.ops.fastops.rrelu_seeded(input, seed, lower, upper)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[:2])
+        ctx.save_for_forward(*inputs[:2])
+        ctx.bounds = inputs[2:]
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        input, seed = ctx.saved_tensors
+        grad_input = None
+        if ctx.needs_input_grad[0] and grad_output is not None:
+            grad_input = torch.ops.fastops.rrelu_seeded_backward(grad_output, input, seed,
+                                                                 *ctx.bounds)
+        return grad_input, None, None, None
+
+    @staticmethod
+    def jvp(ctx, t_input, *_):
+        input, seed = ctx.saved_tensors
+        return torch.ops.fastops.rrelu_seeded_backward(t_input, input, seed, *ctx.bounds)
+
+    @staticmethod
+    def vmap(info, in_dims, input, seed, lower, upper):
+        return _vmap_seeded(RReLUFunction.apply, info, in_dims, (input,), seed, lower, upper)
+
+
+class _RReLUSeededBackward(torch.autograd.Function):
+    """The autograd of rrelu_seeded_backward(grad_output, input, seed, lower, upper) =
+    grad_output * slope: linear in grad_output, piecewise constant in input (zeros)."""
+
+    @staticmethod
+    def forward(grad_output, input, seed, lower, upper):
+        return torch.ops.fastops.rrelu_seeded_backward(grad_output, input, seed, lower, upper)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[1:3])
+        ctx.save_for_forward(*inputs[1:3])
+        ctx.bounds = inputs[3:]
+
+    @staticmethod
+    def backward(ctx, grad_grad):
+        input, seed = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        d_grad = (torch.ops.fastops.rrelu_seeded_backward(grad_grad, input, seed, *ctx.bounds)
+                  if need[0] else None)
+        return d_grad, torch.zeros_like(input) if need[1] else None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, t_grad, *_):
+        input, seed = ctx.saved_tensors
+        if t_grad is None:
+            return torch.zeros_like(input)
+        return torch.ops.fastops.rrelu_seeded_backward(t_grad, input, seed, *ctx.bounds)
+
+    @staticmethod
+    def vmap(info, in_dims, grad_output, input, seed, lower, upper):
+        return _vmap_seeded(_RReLUSeededBackward.apply, info, in_dims, (grad_output, input), seed,
+                            lower, upper)
+
+
+class _RReLUSeededMaskBackward(torch.autograd.Function):
+    """The autograd of rrelu_seeded_mask_backward(grad_output, mask, seed, lower, upper): linear
+    in grad_output."""
+
+    @staticmethod
+    def forward(grad_output, mask, seed, lower, upper):
+        return torch.ops.fastops.rrelu_seeded_mask_backward(grad_output, mask, seed, lower, upper)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs[1:3])
+        ctx.save_for_forward(*inputs[1:3])
+        ctx.bounds = inputs[3:]
+
+    @staticmethod
+    def backward(ctx, grad_grad):
+        mask, seed = ctx.saved_tensors
+        return (torch.ops.fastops.rrelu_seeded_mask_backward(grad_grad, mask, seed, *ctx.bounds),
+                None, None, None, None)
+
+    @staticmethod
+    def jvp(ctx, t_grad, *_):
+        mask, seed = ctx.saved_tensors
+        return torch.ops.fastops.rrelu_seeded_mask_backward(t_grad, mask, seed, *ctx.bounds)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _dispatch.vmap_loop(_RReLUSeededMaskBackward.apply, info, in_dims, *args)
+
+
+def _rrelu_composite(input, lower, upper, training):
+    """rrelu under torch.func transforms: the composite of csrc/autograd.cpp, so that each op it
+    calls meets its own rule there (the seed draw, vmap's randomness flag)."""
+    if not lower <= upper:
+        raise RuntimeError(f"fastops.rrelu: Lower bound should be less than or equal to the upper "
+                           f"bound, got lower={lower} and upper={upper}")
+    if not training:
+        return torch.ops.fastops.leaky_relu(input, (lower + upper) / 2)
+    seed = torch.ops.fastops.rrelu_seed(input)
+    return torch.ops.fastops.rrelu_seeded(input, seed, lower, upper)
+
+
+_dispatch.transforms_use("rrelu", _rrelu_composite)
+_dispatch.transforms_use("rrelu_seeded", RReLUFunction.apply)
+_dispatch.differentiable("rrelu_seeded_backward", _RReLUSeededBackward.apply)
+_dispatch.differentiable("rrelu_seeded_mask_backward", _RReLUSeededMaskBackward.apply)
