@@ -232,9 +232,11 @@ def test_multi_margin_extremes_and_ties(dtype, device):
                                margin=1.0, weight=weight, reduction=reduction)
 
 
-@pytest.mark.parametrize("shape", [(9, 341), (5, 7), (3, 1000), (341,), (1, 2)], ids=str)
+@pytest.mark.parametrize("shape", [(9, 341), (5, 7), (5, 100), (33, 200), (3, 1000), (341,),
+                                   (1, 2)], ids=str)
 def test_multi_margin_shapes_match_torch(shape, dtype, device):
-    """Odd class counts (off the SIMD width and the thread groups) and long rows."""
+    """Odd class counts (off the SIMD width; on CUDA, thread groups of 1 to 32 lanes of a warp
+    and whole blocks) and long rows."""
     gen = torch.Generator().manual_seed(6)
     classes = shape[-1]
     x = (torch.randn(shape, generator=gen, dtype=torch.float64) * 2).to(device, dtype)
@@ -255,6 +257,21 @@ def test_hinge_sizes_match_torch(dtype, device):
         for reduction in REDUCTIONS:
             check_vs_torch(FF.hinge_embedding_loss, F.hinge_embedding_loss, x, t,
                            reduction=reduction)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_past_one_grid_pass(dtype, device):
+    """Enough rows and elements for the CUDA grid-stride loops to go round more than once (and
+    for many blocks of the ordered sums)."""
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(600_001, 3, generator=gen).to(device, dtype)
+    t = torch.randint(0, 3, (600_001,), generator=gen).to(device)
+    y = signs(600_001, 3, gen=gen, device=device, dtype=dtype)
+    for reduction in ("none", "mean"):
+        check_vs_torch(FF.multi_margin_loss, F.multi_margin_loss, x, t, p=2,
+                       reduction=reduction)
+        check_vs_torch(FF.hinge_embedding_loss, F.hinge_embedding_loss, x, y,
+                       reduction=reduction)
 
 
 # ---- empty, views ----------------------------------------------------------------------------
