@@ -83,23 +83,24 @@ ELEMENTWISE = {
     "hardshrink": (F.hardshrink, TF.hardshrink, {}),
 }
 # Sizes per device: (rows, cols) of the elementwise ops, (M, K, N) of linear, (batch, classes)
-# of the softmax losses, (batch, hidden width) of the gradient-penalty critic. The CPU's large
-# is 4M elements; the GPU's 2^26, with the linear and cross-entropy shapes of the GPU targets.
+# of the softmax losses and of multi_margin, (batch, hidden width) of the gradient-penalty
+# critic. The CPU's large is 4M elements; the GPU's 2^26, with the linear and cross-entropy
+# shapes of the GPU targets.
 # "xl" is 64 MB elementwise tensors on the CPU, the 131072-class cross entropy on the GPU.
 SIZES = {
     "cpu": {
         "small": dict(elementwise=(256, 256), linear=(256, 256, 256), softmax=(256, 1000),
-                      gan_gp=(256, 128)),
+                      gan_gp=(256, 128), margin=(256, 1000)),
         "large": dict(elementwise=(2048, 2048), linear=(1024, 1024, 1024),
-                      softmax=(4096, 32000), gan_gp=(4096, 512)),
+                      softmax=(4096, 32000), gan_gp=(4096, 512), margin=(4096, 1000)),
         # 64 MB tensors: past the L3 and past malloc's mmap threshold (fresh pages every call)
         "xl": dict(elementwise=(4096, 4096)),
     },
     "cuda": {
         "small": dict(elementwise=(256, 256), linear=(256, 256, 256), softmax=(256, 1000),
-                      gan_gp=(256, 128)),
+                      gan_gp=(256, 128), margin=(256, 1000)),
         "large": dict(elementwise=(8192, 8192), linear=(4096, 4096, 4096),
-                      softmax=(8192, 32768), gan_gp=(4096, 512)),
+                      softmax=(8192, 32768), gan_gp=(4096, 512), margin=(32768, 1000)),
         "xl": dict(softmax=(4096, 131072)),
     },
 }
@@ -128,6 +129,7 @@ def make_cases(device, dtype, sizes):
         cases += linear_cases(size, shapes, randn)
         cases += softmax_cases(size, shapes, randn, g, device, es)
         cases += gan_gp_cases(size, shapes, randn)
+        cases += margin_cases(size, shapes, randn, g, device, es)
     return cases
 
 
@@ -154,6 +156,10 @@ def elementwise_cases(size, shapes, randn, g, device, dtype, es):
         target = randn(rows, cols, grad=False)
         cases.append(Case("mse_loss", size, shape, [randn(rows, cols), target],
                           F.mse_loss, TF.mse_loss, mse.get, "GB/s"))
+        # +-1 targets in the input's dtype; the same bytes as mse_loss
+        signs = (torch.randint(0, 2, (rows, cols), generator=g) * 2 - 1).to(device, dtype)
+        cases.append(Case("hinge_embedding", size, shape, [randn(rows, cols), signs],
+                          F.hinge_embedding_loss, TF.hinge_embedding_loss, mse.get, "GB/s"))
     return cases
 
 
@@ -184,6 +190,22 @@ def softmax_cases(size, shapes, randn, g, device, es):
             cases.append(Case(name, size, f"{bsz}x{classes}", [logits, 1],
                               getattr(F, name), getattr(TF, name),
                               {"fwd": 2 * nb, "bwd": 3 * nb, "fwd+bwd": 5 * nb}.get, "GB/s"))
+    return cases
+
+
+def margin_cases(size, shapes, randn, g, device, es):
+    """multi_margin_loss (p=1) on (batch, classes) scores: the forward reads the scores and the
+    targets, the backward reads them again and writes the gradient."""
+    cases = []
+    if "margin" in shapes:
+        bsz, classes = shapes["margin"]
+        nb = bsz * classes * es
+        tb = bsz * 8
+        mm = {"fwd": nb + tb, "bwd": 2 * nb + tb}
+        mm["fwd+bwd"] = mm["fwd"] + mm["bwd"]
+        tgt = torch.randint(0, classes, (bsz,), generator=g).to(device)
+        cases.append(Case("multi_margin", size, f"{bsz}x{classes}", [randn(bsz, classes), tgt],
+                          F.multi_margin_loss, TF.multi_margin_loss, mm.get, "GB/s"))
     return cases
 
 
@@ -430,7 +452,7 @@ def main(argv=None):
         print(f"device {name}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
               f"dtype {dtype_name}, malloc: {malloc}")
         print(f"ceilings: copy {bandwidth:.1f} GB/s, torch.matmul {matmul:.1f} GFLOP/s\n")
-        print(f"{'kernel':<14}{'size':<7}{'mode':<9}{'fastops ms':>11}{'torch ms':>10}"
+        print(f"{'kernel':<16}{'size':<7}{'mode':<9}{'fastops ms':>11}{'torch ms':>10}"
               f"{'compile ms':>11}{'vs torch':>9}{'vs comp':>8}{'achieved':>16}{'of ceil':>8}"
               f"{'peak MB':>9}{'torch MB':>9}{'saved MB':>9}{'torch':>7}")
         cases = [c for c in make_cases(args.device, dtype, sizes)
@@ -451,7 +473,7 @@ def main(argv=None):
                 rate = case.work(mode) / ours / 1e9
                 ceiling = bandwidth if case.unit == "GB/s" else matmul
                 vs = {prov: times[prov][1] / ours for prov in times}
-                print(f"{case.kernel:<14}{case.size:<7}{mode:<9}{ours * 1e3:>11.3f}"
+                print(f"{case.kernel:<16}{case.size:<7}{mode:<9}{ours * 1e3:>11.3f}"
                       f"{times['torch'][1] * 1e3:>10.3f}"
                       f"{times['compile'][1] * 1e3 if 'compile' in times else float('nan'):>11.3f}"
                       f"{vs['torch']:>9.2f}{vs.get('compile', float('nan')):>8.2f}"

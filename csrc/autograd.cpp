@@ -625,6 +625,73 @@ struct MseLossFn : torch::autograd::Function<MseLossFn> {
   }
 };
 
+// The margin losses: their targets enter through comparisons only and get no gradient, nor
+// does multi_margin_loss's weight (the kernel below refuses one that requires grad, as torch).
+struct HingeEmbeddingLossFn : torch::autograd::Function<HingeEmbeddingLossFn> {
+  // the op this node differentiates, called below autograd
+  static const auto& op() {
+    static const auto handle = typed_op<Tensor(const Tensor&, const Tensor&, double, int64_t)>(
+        "fastops::hinge_embedding_loss");
+    return handle;
+  }
+  static Tensor forward(AutogradContext* ctx, const Tensor& self, const Tensor& target,
+                        double margin, int64_t reduction) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({self, target});
+    ctx->saved_data["margin"] = margin;
+    ctx->saved_data["reduction"] = reduction;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op().call(self, target, margin, reduction);
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    static const auto backward_op =
+        typed_op<Tensor(const Tensor&, const Tensor&, const Tensor&, double, int64_t)>(
+            "fastops::hinge_embedding_loss_backward");
+    tensor_list result(4);
+    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return result;
+    const auto saved = ctx->get_saved_variables();
+    BackwardCalls calls;
+    result[0] = backward_op.call(grads[0], saved[0], saved[1],
+                                 ctx->saved_data["margin"].toDouble(),
+                                 ctx->saved_data["reduction"].toInt());
+    return result;
+  }
+};
+
+struct MultiMarginLossFn : torch::autograd::Function<MultiMarginLossFn> {
+  // the op this node differentiates, called below autograd
+  static const auto& op() {
+    static const auto handle = typed_op<Tensor(const Tensor&, const Tensor&, int64_t, double,
+                                               const c10::optional<Tensor>&, int64_t)>(
+        "fastops::multi_margin_loss");
+    return handle;
+  }
+  static Tensor forward(AutogradContext* ctx, const Tensor& self, const Tensor& target, int64_t p,
+                        double margin, const c10::optional<Tensor>& weight, int64_t reduction) {
+    ctx->set_materialize_grads(false);
+    ctx->save_for_backward({self, target, value_or_undefined(weight)});
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["margin"] = margin;
+    ctx->saved_data["reduction"] = reduction;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op().call(self, target, p, margin, weight, reduction);
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    static const auto backward_op =
+        typed_op<Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, double,
+                        const c10::optional<Tensor>&, int64_t)>(
+            "fastops::multi_margin_loss_backward");
+    tensor_list result(6);
+    if (!grads[0].defined() || !ctx->needs_input_grad(0)) return result;
+    const auto saved = ctx->get_saved_variables();
+    BackwardCalls calls;
+    result[0] = backward_op.call(grads[0], saved[0], saved[1], ctx->saved_data["p"].toInt(),
+                                 ctx->saved_data["margin"].toDouble(), optional_of(saved[2]),
+                                 ctx->saved_data["reduction"].toInt());
+    return result;
+  }
+};
+
 std::tuple<Tensor, Tensor> tuple2(const tensor_list& t) { return {t[0], t[1]}; }
 std::tuple<Tensor, Tensor, Tensor> tuple3(const tensor_list& t) { return {t[0], t[1], t[2]}; }
 
@@ -752,6 +819,28 @@ TORCH_LIBRARY_IMPL(fastops, Autograd, m) {
     if (needs_graph(self, target)) return MseLossFn::apply(self, target, reduction);
     at::AutoDispatchBelowADInplaceOrView guard;
     return MseLossFn::op().call(self, target, reduction);
+  });
+  m.impl("hinge_embedding_loss", [](const Tensor& self, const Tensor& target, double margin,
+                                    int64_t reduction) {
+    if (needs_forward_ad(self))
+      return python_autograd(HingeEmbeddingLossFn::op(), self, target, margin, reduction);
+    if (needs_graph(self)) return HingeEmbeddingLossFn::apply(self, target, margin, reduction);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return HingeEmbeddingLossFn::op().call(self, target, margin, reduction);
+  });
+  m.impl("multi_margin_loss", [](const Tensor& self, const Tensor& target, int64_t p,
+                                 double margin, const c10::optional<Tensor>& weight,
+                                 int64_t reduction) {
+    TORCH_CHECK(!needs_graph(weight), "fastops.multi_margin_loss: the loss is not "
+                "differentiable with respect to weight (as torch's); pass a weight that does "
+                "not require grad (e.g. weight.detach())");
+    if (needs_forward_ad(self))
+      return python_autograd(MultiMarginLossFn::op(), self, target, p, margin, weight,
+                             reduction);
+    if (needs_graph(self))
+      return MultiMarginLossFn::apply(self, target, p, margin, weight, reduction);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return MultiMarginLossFn::op().call(self, target, p, margin, weight, reduction);
   });
 }
 

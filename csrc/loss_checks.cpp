@@ -177,5 +177,64 @@ void check_mse_backward(const Tensor& grad_output, const Tensor& self, const Ten
   check_grad_output(grad_output, self, reduction, self.sizes(), op);
 }
 
+void check_hinge_embedding(const Tensor& self, const Tensor& target, int64_t reduction,
+                           const char* op) {
+  check_floating(self, op, "self");
+  TORCH_CHECK(target.defined(), op, ": target is an undefined tensor");
+  TORCH_CHECK_TYPE(target.scalar_type() == self.scalar_type() || target.scalar_type() == at::kLong,
+                   op, ": expected target in the dtype of self (", self.scalar_type(),
+                   ") or int64, got ", target.scalar_type());
+  check_same_device(self, target, op, "self", "target");
+  check_same_shape(self, target, op, "self", "target");
+  check_reduction(reduction, op);
+}
+
+void check_hinge_embedding_backward(const Tensor& grad_output, const Tensor& self,
+                                    const Tensor& target, int64_t reduction, const char* op) {
+  check_hinge_embedding(self, target, reduction, op);
+  check_grad_output(grad_output, self, reduction, self.sizes(), op);
+}
+
+std::vector<int64_t> multi_margin_rows_shape(const Tensor& target, int64_t rows) {
+  return target.dim() > 0 ? std::vector<int64_t>{rows} : std::vector<int64_t>{};
+}
+
+Rows check_multi_margin(const Tensor& self, const Tensor& target, int64_t p,
+                        const c10::optional<Tensor>& weight, int64_t reduction, const char* op) {
+  check_floating(self, op, "self");
+  TORCH_CHECK(p == 1 || p == 2, op, ": only p == 1 and p == 2 supported, got p = ", p);
+  const int64_t nd = self.dim();
+  TORCH_CHECK((nd == 2 && self.size(1) != 0) || (nd == 1 && self.size(0) != 0) || nd == 0, op,
+              ": Expected non-empty vector or matrix with optional 0-dim batch size, but got: ",
+              self.sizes());
+  const Rows r{nd == 2 ? self.size(0) : 1, nd == 0 ? 1 : self.size(nd - 1), 1};
+  TORCH_CHECK(target.defined(), op, ": target is an undefined tensor");
+  TORCH_CHECK(target.dim() <= 1 && target.numel() == r.N, op,
+              ": target tensor should be 1-D with size equal to the number of input samples "
+              "(batch size). Expected target size [", r.N, "], but got ", target.sizes(),
+              ". Input has shape ", self.sizes(), ".");
+  if (weight.has_value() && weight->defined()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->numel() == r.C, op,
+                ": inconsistent weight size, expected ", r.C, " but got ", weight->sizes(),
+                " (a 1-D weight of one value per class)");
+    check_weight(self, weight, r.C, op);
+  }
+  check_same_device(self, target, op, "self", "target");
+  TORCH_CHECK(target.scalar_type() == at::kLong, op,
+              ": expected target to hold class indices: expected scalar type Long but found ",
+              target.scalar_type());
+  check_reduction(reduction, op);
+  return r;
+}
+
+Rows check_multi_margin_backward(const Tensor& grad_output, const Tensor& self,
+                                 const Tensor& target, int64_t p,
+                                 const c10::optional<Tensor>& weight, int64_t reduction,
+                                 const char* op) {
+  const Rows r = check_multi_margin(self, target, p, weight, reduction, op);
+  check_grad_output(grad_output, self, reduction, multi_margin_rows_shape(target, r.N), op);
+  return r;
+}
+
 }  // namespace loss
 }  // namespace fastops

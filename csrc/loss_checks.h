@@ -81,5 +81,25 @@ void check_mse(const at::Tensor& self, const at::Tensor& target, int64_t reducti
 void check_mse_backward(const at::Tensor& grad_output, const at::Tensor& self,
                         const at::Tensor& target, int64_t reduction, const char* op);
 
+// hinge_embedding_loss: target of self's shape, in self's dtype or int64 (only target == 1 and
+// target == -1 matter; the functional form broadcasts and converts the others).
+void check_hinge_embedding(const at::Tensor& self, const at::Tensor& target, int64_t reduction,
+                           const char* op);
+void check_hinge_embedding_backward(const at::Tensor& grad_output, const at::Tensor& self,
+                                    const at::Tensor& target, int64_t reduction, const char* op);
+
+// multi_margin_loss: self (N, C) with C > 0, (C,) with C > 0 or 0-d (one row of one class);
+// int64 targets of N elements (0-d or 1-D); p 1 or 2. The checks run in torch's order, with
+// torch's messages. Returns the rows (S = 1).
+Rows check_multi_margin(const at::Tensor& self, const at::Tensor& target, int64_t p,
+                        const c10::optional<at::Tensor>& weight, int64_t reduction,
+                        const char* op);
+Rows check_multi_margin_backward(const at::Tensor& grad_output, const at::Tensor& self,
+                                 const at::Tensor& target, int64_t p,
+                                 const c10::optional<at::Tensor>& weight, int64_t reduction,
+                                 const char* op);
+// The unreduced loss's shape, torch's: (N,) for a 1-D target, () for a 0-d one.
+std::vector<int64_t> multi_margin_rows_shape(const at::Tensor& target, int64_t rows);
+
 }  // namespace loss
 }  // namespace fastops

@@ -138,6 +138,22 @@ TORCH_LIBRARY(fastops, m) {
       "mse_loss_backward(Tensor grad_output, Tensor self, Tensor target, int reduction, "
       "bool[2] output_mask) -> (Tensor, Tensor)");
 
+  // Margin losses. hinge_embedding_loss: self and target of one shape (the functional form
+  // broadcasts), target in self's dtype or int64, loss (target != 1) * max(0, margin - x) +
+  // (target != -1) * x. multi_margin_loss: self (N, C), (C,) or 0-d, int64 class targets, p 1
+  // or 2, loss_n = w[y] sum_{i != y} max(0, margin - x[y] + x[i])^p / C. The targets and the
+  // weight get no gradient.
+  m.def("hinge_embedding_loss(Tensor self, Tensor target, float margin, int reduction) -> Tensor");
+  m.def(
+      "hinge_embedding_loss_backward(Tensor grad_output, Tensor self, Tensor target, "
+      "float margin, int reduction) -> Tensor");
+  m.def(
+      "multi_margin_loss(Tensor self, Tensor target, int p, float margin, Tensor? weight, "
+      "int reduction) -> Tensor");
+  m.def(
+      "multi_margin_loss_backward(Tensor grad_output, Tensor self, Tensor target, int p, "
+      "float margin, Tensor? weight, int reduction) -> Tensor");
+
   // The CPU instruction set the kernels run with: "avx512", "avx2" or "baseline".
   m.def("cpu_isa() -> str", [] {
     return std::string(fastops::cpu::isa_name(fastops::cpu::cpu_isa()));

@@ -12,13 +12,14 @@ import torch
 
 from fastops.ops.linear import linear, linear_act
 from fastops.ops.losses import cross_entropy, log_softmax, mse_loss, nll_loss, softmax
+from fastops.ops.margin_losses import hinge_embedding_loss, multi_margin_loss
 
 _ops = torch.ops.fastops
 
 __all__ = [
     "linear", "linear_act", "relu", "elu", "gelu", "prelu", "hardtanh", "leaky_relu", "rrelu",
     "sigmoid", "tanh", "hardshrink", "maxout", "log_softmax", "softmax", "nll_loss",
-    "cross_entropy", "mse_loss",
+    "cross_entropy", "mse_loss", "hinge_embedding_loss", "multi_margin_loss",
 ]
 
 

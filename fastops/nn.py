@@ -15,7 +15,7 @@ from fastops import functional as F
 __all__ = [
     "Linear", "LinearAct", "ReLU", "ELU", "GELU", "PReLU", "Hardtanh", "Maxout", "LeakyReLU",
     "RReLU", "Sigmoid", "Tanh", "Hardshrink", "LogSoftmax", "Softmax", "NLLLoss",
-    "CrossEntropyLoss", "MSELoss", "convert",
+    "CrossEntropyLoss", "MSELoss", "HingeEmbeddingLoss", "MultiMarginLoss", "convert",
 ]
 
 
@@ -118,6 +118,18 @@ class MSELoss(_nn.MSELoss):
         return F.mse_loss(input, target, reduction=self.reduction)
 
 
+class HingeEmbeddingLoss(_nn.HingeEmbeddingLoss):
+    def forward(self, input, target):
+        return F.hinge_embedding_loss(input, target, margin=self.margin,
+                                      reduction=self.reduction)
+
+
+class MultiMarginLoss(_nn.MultiMarginLoss):
+    def forward(self, input, target):
+        return F.multi_margin_loss(input, target, p=self.p, margin=self.margin,
+                                   weight=self.weight, reduction=self.reduction)
+
+
 class LinearAct(_nn.Linear):
     """Linear followed by an activation, in one fused op: the bias and the activation are applied
     as the GEMM writes its output, and the backward fuses the activation's derivative with the
@@ -156,6 +168,7 @@ _TWINS = {
     _nn.Hardtanh: Hardtanh, _nn.LeakyReLU: LeakyReLU, _nn.RReLU: RReLU, _nn.Sigmoid: Sigmoid,
     _nn.Tanh: Tanh, _nn.Hardshrink: Hardshrink, _nn.LogSoftmax: LogSoftmax, _nn.Softmax: Softmax,
     _nn.NLLLoss: NLLLoss, _nn.CrossEntropyLoss: CrossEntropyLoss, _nn.MSELoss: MSELoss,
+    _nn.HingeEmbeddingLoss: HingeEmbeddingLoss, _nn.MultiMarginLoss: MultiMarginLoss,
 }
 
 

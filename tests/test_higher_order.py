@@ -28,6 +28,7 @@ import fastops
 import fastops.functional as FF
 from fastops import nn as fnn
 from fastops.ops import linear_act
+from test_margin_losses import torch_multi_margin
 
 
 def torch_maxout(x, k):
@@ -82,6 +83,10 @@ def _target(shape, classes, ignore=None):
         return t.to(dev)
 
     return make
+
+
+def _signs(*shape):
+    return lambda g, dev: (torch.randint(0, 2, shape, generator=g) * 2 - 1).to(dev, torch.float64)
 
 
 def _probs(*shape):
@@ -276,6 +281,38 @@ CASES = {
         functools.partial(F.mse_loss, reduction="none"),
         [_randn(4, 5), _randn(4, 5)],
         [0, 1],
+    ),
+    "hinge_embedding_loss": (
+        functools.partial(FF.hinge_embedding_loss, margin=0.5),
+        functools.partial(F.hinge_embedding_loss, margin=0.5),
+        [_randn(4, 5), _signs(4, 5)],
+        [0],
+    ),
+    "hinge_embedding_loss_none_broadcast": (
+        functools.partial(FF.hinge_embedding_loss, reduction="none"),
+        functools.partial(F.hinge_embedding_loss, reduction="none"),
+        [_randn(4, 5), _signs(5)],
+        [0],
+    ),
+    # torch's multi_margin_loss has no double backward nor forward-mode formula: its twin here
+    # is the same loss composed of torch ops
+    "multi_margin_loss": (
+        FF.multi_margin_loss,
+        torch_multi_margin,
+        [_randn(4, 5), _target((4,), 5)],
+        [0],
+    ),
+    "multi_margin_loss_p2_weight_sum": (
+        lambda x, t, w: FF.multi_margin_loss(x, t, p=2, margin=0.7, weight=w, reduction="sum"),
+        lambda x, t, w: torch_multi_margin(x, t, p=2, margin=0.7, weight=w, reduction="sum"),
+        [_randn(4, 5), _target((4,), 5), _w5],
+        [0],
+    ),
+    "multi_margin_loss_none_1d": (
+        functools.partial(FF.multi_margin_loss, p=2, reduction="none"),
+        functools.partial(torch_multi_margin, p=2, reduction="none"),
+        [_randn(5), _target((1,), 5)],
+        [0],
     ),
 }
 

@@ -64,6 +64,7 @@ def test_spiral_backends_agree_and_loss_falls(tmp_path):
 
     doc = _metrics(out)
     assert doc["training"] == "spiral" and len(doc["runs"]) == len(runs)
+    assert doc["config"]["loss"] == "cross_entropy"  # the default
     first = doc["runs"][0]
     assert {"name", "backend", "final_loss", "metric", "value", "seconds_per_epoch"} <= set(first)
     assert first["metric"] == "train_accuracy" and 0 <= first["value"] <= 1
@@ -71,6 +72,21 @@ def test_spiral_backends_agree_and_loss_falls(tmp_path):
     assert set(doc["loss_curve_max_diff"]) == set(gaps)
     for png in ("spiral.png", "loss.png"):
         assert os.path.getsize(os.path.join(out, png)) > 1000
+
+
+def test_spiral_multi_margin_loss(tmp_path):
+    """--loss multi_margin: every variant trains on the multi-class hinge, the loss falls and
+    fastops and torch agree from the same seed."""
+    out = str(tmp_path / "spiral-mm")
+    runs, gaps = spiral.main(["--epochs", "3", "--loss", "multi_margin", "--activations",
+                              "linear,relu", "--no-plots", "--out", out, *QUICK])
+    assert len(runs) == 2 * 2 * 2
+    for r in runs:
+        assert r.losses[-1] < r.losses[0], r.name
+    assert max(gaps.values()) < 1e-4, gaps
+    named = _by_name(runs)
+    assert named["relu-adam/fastops"].metrics["train_accuracy"] > 0.6
+    assert _metrics(out)["config"]["loss"] == "multi_margin"
 
 
 def test_one_backend_starts_where_both_do(tmp_path):

@@ -1,9 +1,11 @@
 """spiral: the classic first exercise. 3 classes x 1000 points in 2-D winding around each other,
 generated here (no download). The purely linear two-layer model 2-100-3 against two-layer nets
 with ReLU, ELU, GELU, PReLU, Hardtanh and Maxout, each trained with SGD and with Adam; a table
-of training accuracy per variant and a plot of the decision boundaries.
+of training accuracy per variant and a plot of the decision boundaries. The loss is cross
+entropy, or with --loss multi_margin the multi-class hinge (multi_margin_loss) on the logits.
 
     fastops-train spiral [--epochs 50] [--activations relu,gelu] [--optimizers adam]
+                         [--loss cross_entropy|multi_margin]
 """
 
 import torch
@@ -22,6 +24,8 @@ from fastops.train.common import (
 
 ACTIVATIONS = ["linear", "relu", "elu", "gelu", "prelu", "hardtanh", "maxout"]
 OPTIMIZERS = ["sgd", "adam"]
+# --loss: the name of its function in fastops.functional and torch.nn.functional
+LOSSES = {"cross_entropy": "cross_entropy", "multi_margin": "multi_margin_loss"}
 
 
 def spiral_data(points_per_class=1000, classes=3, noise=0.2, seed=0):
@@ -59,13 +63,13 @@ def train_one(trainer, run, optimizer_name, x, y):
     args = trainer.args
     model = run.model
     opt = make_optimizer(optimizer_name, model.parameters(), args)
-    cross_entropy = functional(run.backend).cross_entropy
+    loss_fn = getattr(functional(run.backend), LOSSES[args.loss])
     n = len(x)
 
     def epoch(_):
         # the permutation is drawn on the CPU so every device sees the same batches
         order = torch.randperm(n).to(x.device)
-        return minibatch_epoch(model, opt, cross_entropy, x, y, order, args.batch_size)
+        return minibatch_epoch(model, opt, loss_fn, x, y, order, args.batch_size)
 
     trainer.fit(run, opt, epoch)
     run.metrics["train_accuracy"] = accuracy(model, x, y)
@@ -130,6 +134,8 @@ def main(argv=None):
     p.add_argument("--lr-adam", type=float, default=1e-2)
     p.add_argument("--points", type=int, default=1000, help="points per class")
     p.add_argument("--noise", type=float, default=0.2)
+    p.add_argument("--loss", choices=list(LOSSES), default="cross_entropy",
+                   help="cross_entropy, or multi_margin: the multi-class hinge")
     args = p.parse_args(argv)
     for a in args.activations:
         if a not in ACTIVATIONS:
@@ -145,7 +151,7 @@ def main(argv=None):
                       "adam": f"Adam (lr {args.lr_adam})"}
         trainer.header(
             f"spiral: {len(x)} points, 3 classes; two-layer nets 2-{args.hidden}-3, "
-            f"{args.epochs} epochs of batches of {args.batch_size}; "
+            f"{args.epochs} epochs of batches of {args.batch_size}, {args.loss} loss; "
             f"{' and '.join(optimizers[o] for o in args.optimizers)}; "
             f"{' and '.join(trainer.backends)}")
         runs = []
