@@ -57,7 +57,10 @@ ACTIVATIONS = {
     "leaky_relu": (tnn.LeakyReLU, fnn.LeakyReLU, True),
     "sigmoid": (tnn.Sigmoid, fnn.Sigmoid, True),
     "tanh": (tnn.Tanh, fnn.Tanh, True),
+    "hardshrink": (tnn.Hardshrink, fnn.Hardshrink, True),
     "prelu": (tnn.PReLU, fnn.PReLU, False),
+    # random slopes in training: fastops and torch draw different ones (the same distribution)
+    "rrelu": (tnn.RReLU, fnn.RReLU, False),
     "maxout": (TorchMaxout, fnn.Maxout, True),
 }
 

@@ -74,13 +74,14 @@ def test_backends_use_their_own_modules(name):
     for m in fast.modules():
         if isinstance(m, (tnn.Linear, TorchMaxout)) or type(m) in (
                 tnn.ReLU, tnn.ELU, tnn.GELU, tnn.PReLU, tnn.Hardtanh, tnn.LeakyReLU, tnn.Sigmoid,
-                tnn.Tanh):
+                tnn.Tanh, tnn.Hardshrink, tnn.RReLU):
             assert isinstance(m, fastops_classes), f"{type(m).__name__} in the fastops model"
     assert not any(isinstance(m, fastops_classes) for m in ref.modules())
-    if name.startswith("mlp-") and name not in ("mlp-no-hidden", "mlp-unfused") \
-            and "none" not in name and "prelu" not in name:
+    act = name[len("mlp-"):]
+    fusable = act in ACTIVATIONS and ACTIVATIONS[act][2]  # prelu, rrelu stay modules
+    if fusable and act != "none":
         assert any(isinstance(m, fnn.LinearAct) for m in fast.modules())
-    if name == "mlp-unfused" or "prelu" in name:
+    if name == "mlp-unfused" or (act in ACTIVATIONS and not fusable):
         assert not any(isinstance(m, fnn.LinearAct) for m in fast.modules())
 
 

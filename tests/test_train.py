@@ -74,6 +74,18 @@ def test_spiral_backends_agree_and_loss_falls(tmp_path):
         assert os.path.getsize(os.path.join(out, png)) > 1000
 
 
+def test_spiral_new_activations(tmp_path):
+    """Hardshrink, LeakyReLU, Sigmoid and Tanh nets train and agree across backends from the
+    same seed; RReLU trains too (its random slopes differ between the backends' draws)."""
+    runs, gaps = spiral.main(["--epochs", "3", "--activations",
+                              "hardshrink,leaky_relu,sigmoid,tanh,rrelu", "--optimizers", "adam",
+                              "--no-plots", "--out", str(tmp_path / "spiral-new"), *QUICK])
+    assert len(runs) == 5 * 2
+    for r in runs:
+        assert r.losses[-1] < r.losses[0], r.name
+    assert max(v for k, v in gaps.items() if not k.startswith("rrelu")) < 1e-4, gaps
+
+
 def test_spiral_multi_margin_loss(tmp_path):
     """--loss multi_margin: every variant trains on the multi-class hinge, the loss falls and
     fastops and torch agree from the same seed."""

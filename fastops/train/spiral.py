@@ -1,6 +1,7 @@
 """spiral: the classic first exercise. 3 classes x 1000 points in 2-D winding around each other,
 generated here (no download). The purely linear two-layer model 2-100-3 against two-layer nets
-with ReLU, ELU, GELU, PReLU, Hardtanh and Maxout, each trained with SGD and with Adam; a table
+with ReLU, ELU, GELU, PReLU, Hardtanh, Maxout, Hardshrink, LeakyReLU, RReLU, Sigmoid and Tanh,
+each trained with SGD and with Adam; a table
 of training accuracy per variant and a plot of the decision boundaries. The loss is cross
 entropy, or with --loss multi_margin the multi-class hinge (multi_margin_loss) on the logits.
 
@@ -22,7 +23,8 @@ from fastops.train.common import (
     results_table,
 )
 
-ACTIVATIONS = ["linear", "relu", "elu", "gelu", "prelu", "hardtanh", "maxout"]
+ACTIVATIONS = ["linear", "relu", "elu", "gelu", "prelu", "hardtanh", "maxout", "hardshrink",
+               "leaky_relu", "rrelu", "sigmoid", "tanh"]
 OPTIMIZERS = ["sgd", "adam"]
 # --loss: the name of its function in fastops.functional and torch.nn.functional
 LOSSES = {"cross_entropy": "cross_entropy", "multi_margin": "multi_margin_loss"}
