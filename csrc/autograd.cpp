@@ -526,10 +526,13 @@ struct CrossEntropyFn : torch::autograd::Function<CrossEntropyFn> {
   }
 };
 
-struct MseLossFn : torch::autograd::Function<MseLossFn> {
+// mse_loss and l1_loss, whose signatures are the same: one node over the op named by Names.
+template <class Names>
+struct RegressionLossFn : torch::autograd::Function<RegressionLossFn<Names>> {
   // the op this node differentiates, called below autograd
   static const auto& op() {
-    static const auto handle = typed_op<Tensor(const Tensor&, const Tensor&, int64_t)>("fastops::mse_loss");
+    static const auto handle =
+        typed_op<Tensor(const Tensor&, const Tensor&, int64_t)>(Names::kForward);
     return handle;
   }
   static Tensor forward(AutogradContext* ctx, const Tensor& self, const Tensor& target,
@@ -540,10 +543,9 @@ struct MseLossFn : torch::autograd::Function<MseLossFn> {
     return op().call(self, target, reduction);
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
-    static const auto backward_op = typed_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
-                                                         const Tensor&, int64_t,
-                                                         std::array<bool, 2>)>(
-        "fastops::mse_loss_backward");
+    static const auto backward_op = typed_op<std::tuple<Tensor, Tensor>(
+        const Tensor&, const Tensor&, const Tensor&, int64_t, std::array<bool, 2>)>(
+        Names::kBackward);
     const std::array<bool, 2> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
     if (!grads[0].defined() || !(mask[0] || mask[1])) return {Tensor(), Tensor(), Tensor()};
     const auto saved = ctx->get_saved_variables();
@@ -553,6 +555,24 @@ struct MseLossFn : torch::autograd::Function<MseLossFn> {
     return {if_needed(mask[0], grad_self), if_needed(mask[1], grad_target), Tensor()};
   }
 };
+struct MseNames {
+  static constexpr const char* kForward = "fastops::mse_loss";
+  static constexpr const char* kBackward = "fastops::mse_loss_backward";
+};
+struct L1Names {
+  static constexpr const char* kForward = "fastops::l1_loss";
+  static constexpr const char* kBackward = "fastops::l1_loss_backward";
+};
+using MseLossFn = RegressionLossFn<MseNames>;
+using L1LossFn = RegressionLossFn<L1Names>;
+
+template <class Fn>
+Tensor regression_loss_autograd(const Tensor& self, const Tensor& target, int64_t reduction) {
+  if (needs_forward_ad(self, target)) return python_autograd(Fn::op(), self, target, reduction);
+  if (needs_graph(self, target)) return Fn::apply(self, target, reduction);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return Fn::op().call(self, target, reduction);
+}
 
 std::tuple<Tensor, Tensor> tuple2(const tensor_list& t) { return {t[0], t[1]}; }
 std::tuple<Tensor, Tensor, Tensor> tuple3(const tensor_list& t) { return {t[0], t[1], t[2]}; }
@@ -656,13 +676,8 @@ TORCH_LIBRARY_IMPL(fastops, Autograd, m) {
     return CrossEntropyFn::op().call(self, target, weight, reduction, ignore_index,
                                      label_smoothing);
   });
-  m.impl("mse_loss", [](const Tensor& self, const Tensor& target, int64_t reduction) {
-    if (needs_forward_ad(self, target))
-      return python_autograd(MseLossFn::op(), self, target, reduction);
-    if (needs_graph(self, target)) return MseLossFn::apply(self, target, reduction);
-    at::AutoDispatchBelowADInplaceOrView guard;
-    return MseLossFn::op().call(self, target, reduction);
-  });
+  m.impl("mse_loss", &regression_loss_autograd<MseLossFn>);
+  m.impl("l1_loss", &regression_loss_autograd<L1LossFn>);
 }
 
 }  // namespace fastops

@@ -161,7 +161,8 @@ DimLayout check_log_softmax_backward(const Tensor& grad_output, const Tensor& ou
   return dim_layout(output, dim, op);
 }
 
-void check_mse(const Tensor& self, const Tensor& target, int64_t reduction, const char* op) {
+void check_regression(const Tensor& self, const Tensor& target, int64_t reduction,
+                      const char* op) {
   check_floating(self, op, "self");
   TORCH_CHECK(target.defined(), op, ": target is an undefined tensor");
   check_floating(target, op, "target");
@@ -171,9 +172,9 @@ void check_mse(const Tensor& self, const Tensor& target, int64_t reduction, cons
   check_reduction(reduction, op);
 }
 
-void check_mse_backward(const Tensor& grad_output, const Tensor& self, const Tensor& target,
-                        int64_t reduction, const char* op) {
-  check_mse(self, target, reduction, op);
+void check_regression_backward(const Tensor& grad_output, const Tensor& self,
+                               const Tensor& target, int64_t reduction, const char* op) {
+  check_regression(self, target, reduction, op);
   check_grad_output(grad_output, self, reduction, self.sizes(), op);
 }
 

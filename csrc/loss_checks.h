@@ -76,10 +76,11 @@ DimLayout check_log_softmax(const at::Tensor& self, int64_t& dim, const char* op
 DimLayout check_log_softmax_backward(const at::Tensor& grad_output, const at::Tensor& output,
                                      int64_t& dim, const char* op);
 
-void check_mse(const at::Tensor& self, const at::Tensor& target, int64_t reduction,
-               const char* op);
-void check_mse_backward(const at::Tensor& grad_output, const at::Tensor& self,
-                        const at::Tensor& target, int64_t reduction, const char* op);
+// mse_loss, l1_loss: a target of self's shape, dtype and device.
+void check_regression(const at::Tensor& self, const at::Tensor& target, int64_t reduction,
+                      const char* op);
+void check_regression_backward(const at::Tensor& grad_output, const at::Tensor& self,
+                               const at::Tensor& target, int64_t reduction, const char* op);
 
 }  // namespace loss
 }  // namespace fastops

@@ -113,6 +113,11 @@ TORCH_LIBRARY(fastops, m) {
   m.def(
       "mse_loss_backward(Tensor grad_output, Tensor self, Tensor target, int reduction, "
       "bool[2] output_mask) -> (Tensor, Tensor)");
+  // Mean absolute error, as mse_loss.
+  m.def("l1_loss(Tensor self, Tensor target, int reduction) -> Tensor");
+  m.def(
+      "l1_loss_backward(Tensor grad_output, Tensor self, Tensor target, int reduction, "
+      "bool[2] output_mask) -> (Tensor, Tensor)");
 
   // The CPU instruction set the kernels run with: "avx512", "avx2" or "baseline".
   m.def("cpu_isa() -> str", [] {

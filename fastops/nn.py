@@ -15,7 +15,7 @@ from fastops import functional as F
 __all__ = [
     "Linear", "LinearAct", "ReLU", "ELU", "GELU", "PReLU", "Hardtanh", "Maxout", "LeakyReLU",
     "Sigmoid", "Tanh", "Hardshrink", "LogSoftmax", "NLLLoss", "CrossEntropyLoss", "MSELoss",
-    "convert",
+    "L1Loss", "convert",
 ]
 
 
@@ -108,6 +108,11 @@ class MSELoss(_nn.MSELoss):
         return F.mse_loss(input, target, reduction=self.reduction)
 
 
+class L1Loss(_nn.L1Loss):
+    def forward(self, input, target):
+        return F.l1_loss(input, target, reduction=self.reduction)
+
+
 class LinearAct(_nn.Linear):
     """Linear followed by an activation, in one fused op: the bias and the activation are applied
     as the GEMM writes its output, and the backward fuses the activation's derivative with the
@@ -145,7 +150,7 @@ _TWINS = {
     _nn.Linear: Linear, _nn.ReLU: ReLU, _nn.ELU: ELU, _nn.GELU: GELU, _nn.PReLU: PReLU,
     _nn.Hardtanh: Hardtanh, _nn.LeakyReLU: LeakyReLU, _nn.Sigmoid: Sigmoid, _nn.Tanh: Tanh,
     _nn.Hardshrink: Hardshrink, _nn.LogSoftmax: LogSoftmax, _nn.NLLLoss: NLLLoss,
-    _nn.CrossEntropyLoss: CrossEntropyLoss, _nn.MSELoss: MSELoss,
+    _nn.CrossEntropyLoss: CrossEntropyLoss, _nn.MSELoss: MSELoss, _nn.L1Loss: L1Loss,
 }
 
 

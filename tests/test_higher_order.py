@@ -226,6 +226,19 @@ CASES = {
         [_randn(4, 5), _randn(4, 5)],
         [0, 1],
     ),
+    "l1_loss": (FF.l1_loss, F.l1_loss, [_randn(4, 5), _randn(4, 5)], [0, 1]),
+    "l1_loss_sum_weight": (
+        lambda x, y, w: FF.l1_loss(x, y, reduction="sum", weight=w),
+        lambda x, y, w: F.l1_loss(x, y, reduction="sum", weight=w),
+        [_randn(4, 5), _randn(4, 5), _pos((4, 5))],
+        [0, 1, 2],
+    ),
+    "l1_loss_none": (
+        functools.partial(FF.l1_loss, reduction="none"),
+        functools.partial(F.l1_loss, reduction="none"),
+        [_randn(3, 4, 2), _randn(3, 4, 2)],
+        [0, 1],
+    ),
 }
 
 

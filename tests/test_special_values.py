@@ -244,6 +244,8 @@ LOSSES = {  # name -> (fastops, torch) taking (input, class target, float target
                  lambda x, t, y: TF.nll_loss(x, t, reduction="none")),
     "mse_loss": (lambda x, t, y: F.mse_loss(x, y, reduction="none"),
                  lambda x, t, y: TF.mse_loss(x, y, reduction="none")),
+    "l1_loss": (lambda x, t, y: F.l1_loss(x, y, reduction="none"),
+                lambda x, t, y: TF.l1_loss(x, y, reduction="none")),
     "linear": (lambda x, t, y: F.linear(x, y[:5]), lambda x, t, y: TF.linear(x, y[:5])),
 }
 

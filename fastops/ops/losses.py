@@ -1,5 +1,5 @@
 """Autograd formulas, fake kernels and functional forms of the losses: log_softmax, nll_loss,
-cross_entropy (fused log_softmax + nll_loss) and mse_loss.
+cross_entropy (fused log_softmax + nll_loss), mse_loss and l1_loss.
 
 The functional forms take exactly the arguments of their torch.nn.functional twins. The reduction
 is passed to the ops as an int: 0 none, 1 mean, 2 sum.
@@ -17,6 +17,7 @@ _ops = torch.ops.fastops
 __all__ = [
     "LogSoftmaxFunction", "NLLLossFunction", "CrossEntropyFunction", "MSELossFunction",
     "log_softmax", "nll_loss", "cross_entropy", "mse_loss",
+    "L1LossFunction", "l1_loss",
 ]
 
 
@@ -80,6 +81,20 @@ def _mse_loss_fake(self, target, reduction):
 @torch.library.register_fake("fastops::mse_loss_backward")
 def _mse_loss_backward_fake(grad_output, self, target, reduction, output_mask):
     return tuple(self.new_empty(self.shape if want else (0,)) for want in output_mask)
+
+
+# the elementwise losses: l1_loss as mse_loss
+def _elementwise_loss_fake(self, target, *rest):
+    return self.new_empty(self.shape if rest[-1] == 0 else ())
+
+
+def _elementwise_loss_backward_fake(grad_output, self, target, *rest):
+    return tuple(self.new_empty(self.shape if want else (0,)) for want in rest[-1])
+
+
+for _name in ("l1_loss",):
+    torch.library.register_fake(f"fastops::{_name}", _elementwise_loss_fake)
+    torch.library.register_fake(f"fastops::{_name}_backward", _elementwise_loss_backward_fake)
 
 
 # ---- autograd.Function classes ---------------------------------------------------------------
@@ -383,12 +398,8 @@ class MSELossFunction(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, input, target, reduction):
-        x, t = (_dispatch.batch_first(a, d, info.batch_size)
-                for a, d in zip((input, target), in_dims))
-        loss = MSELossFunction.apply(x, t, 0)
-        if reduction != 0:
-            loss = loss.flatten(1).sum(1) if reduction == 2 else loss.flatten(1).mean(1)
-        return loss, 0
+        x, t = _batch_elementwise(info, in_dims, input, target)
+        return _reduce_per_sample(MSELossFunction.apply(x, t, 0), reduction), 0
 
 
 def _mse_loss_backward(grad_output, input, target, reduction, output_mask):
@@ -398,6 +409,95 @@ def _mse_loss_backward(grad_output, input, target, reduction, output_mask):
     empty = input.new_empty(0)
     return (grad_input if output_mask[0] else empty,
             -grad_input if output_mask[1] else empty)
+
+
+class L1LossFunction(torch.autograd.Function):
+    """fastops.l1_loss with its own backward. apply(input, target, reduction); input and target
+    have the same shape and dtype. Both get a gradient: sign(input - target), 0 where they are
+    equal, as torch's."""
+
+    @staticmethod
+    def forward(input, target, reduction):
+        return torch.ops.fastops.l1_loss(input, target, reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, reduction = inputs
+        ctx.reduction = reduction
+        ctx.save_for_backward(input, target)
+        ctx.save_for_forward(input, target)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if grad_output is None or not any(ctx.needs_input_grad[:2]):
+            return None, None, None
+        input, target = ctx.saved_tensors
+        grad_input, grad_target = torch.ops.fastops.l1_loss_backward(
+            grad_output, input, target, ctx.reduction, list(ctx.needs_input_grad[:2]))
+        return (grad_input if ctx.needs_input_grad[0] else None,
+                grad_target if ctx.needs_input_grad[1] else None, None)
+
+    @staticmethod
+    def jvp(ctx, t_input, t_target, _):
+        input, target = ctx.saved_tensors
+        return _elementwise_jvp(torch.ops.fastops.l1_loss_backward, (input, target), t_input,
+                                t_target, ctx.reduction)
+
+    @staticmethod
+    def vmap(info, in_dims, input, target, reduction):
+        x, t = _batch_elementwise(info, in_dims, input, target)
+        return _reduce_per_sample(L1LossFunction.apply(x, t, 0), reduction), 0
+
+
+def _l1_loss_backward(grad_output, input, target, reduction, output_mask):
+    """l1_loss_backward as torch ops, differentiable: sign(input - target) grad (/ numel)."""
+    scale = grad_output / input.numel() if reduction == 1 else grad_output
+    grad_input = (torch.sign(input - target) * scale).to(input.dtype)
+    empty = input.new_empty(0)
+    return (grad_input if output_mask[0] else empty,
+            -grad_input if output_mask[1] else empty)
+
+
+# ---- helpers of the elementwise losses' jvp and vmap rules -------------------------------------
+
+def _reduce_all(d, reduction):
+    return d if reduction == 0 else (d.sum() if reduction == 2 else d.mean())
+
+
+def _elementwise_jvp(backward_op, operands, t_input, t_target, reduction):
+    """The tangent of an elementwise loss: its elementwise derivatives (the backward op at an
+    incoming gradient of ones) times the tangents of input and target, reduced."""
+    input = operands[0]
+    if t_input is None and t_target is None:
+        return None
+    grad_input, grad_target = backward_op(torch.ones_like(input), *operands, 0,
+                                          [t_input is not None, t_target is not None])
+    d = grad_input * t_input if t_input is not None else None
+    if t_target is not None:
+        d = grad_target * t_target if d is None else d + grad_target * t_target
+    return _reduce_all(d, reduction)
+
+
+def _batch_elementwise(info, in_dims, input, target, *weights):
+    """input and target batch-first; a batched weight batch-first with ones inserted after the
+    batch dim, so that each sample's weight broadcasts against its input as it would alone."""
+    n = info.batch_size
+    x = _dispatch.batch_first(input, in_dims[0], n)
+    out = [x, _dispatch.batch_first(target, in_dims[1], n)]
+    for w, d in zip(weights, in_dims[2:]):
+        if w is not None and d is not None:
+            w = w.movedim(d, 0)
+            w = w.reshape(n, *[1] * (x.dim() - w.dim()), *w.shape[1:])
+        out.append(w)
+    return out
+
+
+def _reduce_per_sample(loss, reduction):
+    """The unreduced loss of a batch-first call, reduced per sample."""
+    if reduction == 0:
+        return loss
+    per_sample = loss.reshape(loss.shape[0], -1)
+    return per_sample.sum(1) if reduction == 2 else per_sample.mean(1)
 
 
 class _NLLLossBackward(torch.autograd.Function):
@@ -480,6 +580,8 @@ _dispatch.transforms_use("cross_entropy", CrossEntropyFunction.apply)
 _dispatch.differentiable("cross_entropy_backward", _cross_entropy_backward)
 _dispatch.transforms_use("mse_loss", MSELossFunction.apply)
 _dispatch.differentiable("mse_loss_backward", _mse_loss_backward)
+_dispatch.transforms_use("l1_loss", L1LossFunction.apply)
+_dispatch.differentiable("l1_loss_backward", _l1_loss_backward)
 
 
 # ---- functional forms (the signatures of torch.nn.functional) --------------------------------
@@ -524,12 +626,23 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", we
     """torch.nn.functional.mse_loss on fastops kernels. A target of another size is broadcast
     (with torch's warning); weight (the input's size) weights each element, and 'mean' then
     divides by the sum of the weights, as torch does."""
+    return _regression_loss(_ops.mse_loss.default, input, target, size_average, reduce,
+                            reduction, weight)
+
+
+def l1_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
+    """torch.nn.functional.l1_loss on fastops kernels; target and weight as in mse_loss."""
+    return _regression_loss(_ops.l1_loss.default, input, target, size_average, reduce,
+                            reduction, weight)
+
+
+def _regression_loss(op, input, target, size_average, reduce, reduction, weight):
     if target.size() != input.size():
         warnings.warn(
             f"Using a target size ({target.size()}) that is different to the input size "
             f"({input.size()}). This will likely lead to incorrect results due to broadcasting. "
             "Please ensure they have the same size.",
-            stacklevel=2,
+            stacklevel=3,
         )
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
@@ -542,10 +655,11 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", we
         if reduction not in ("none", "mean", "sum"):
             raise ValueError(f"Invalid reduction mode: {reduction}. "
                              "Expected one of 'none', 'mean', 'sum'.")
-        weighted = _ops.mse_loss.default(input, target, 0) * weight
+        weighted = op(input, target, 0) * weight
         if reduction == "none":
             return weighted
         if reduction == "sum":
             return weighted.sum()
         return weighted.sum() / weight.sum()
-    return _ops.mse_loss.default(input, target, _Reduction.get_enum(reduction))
+    return op(input, target, _Reduction.get_enum(reduction))
+
