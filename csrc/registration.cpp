@@ -118,6 +118,22 @@ TORCH_LIBRARY(fastops, m) {
   m.def(
       "l1_loss_backward(Tensor grad_output, Tensor self, Tensor target, int reduction, "
       "bool[2] output_mask) -> (Tensor, Tensor)");
+  // Binary cross entropy on probabilities (self in [0, 1]) and on logits. weight and pos_weight
+  // broadcast to self's shape and get no gradient from the backward ops, which return
+  // (grad_self, grad_target) as mse_loss_backward.
+  m.def(
+      "binary_cross_entropy(Tensor self, Tensor target, Tensor? weight, int reduction) "
+      "-> Tensor");
+  m.def(
+      "binary_cross_entropy_backward(Tensor grad_output, Tensor self, Tensor target, "
+      "Tensor? weight, int reduction, bool[2] output_mask) -> (Tensor, Tensor)");
+  m.def(
+      "binary_cross_entropy_with_logits(Tensor self, Tensor target, Tensor? weight, "
+      "Tensor? pos_weight, int reduction) -> Tensor");
+  m.def(
+      "binary_cross_entropy_with_logits_backward(Tensor grad_output, Tensor self, "
+      "Tensor target, Tensor? weight, Tensor? pos_weight, int reduction, bool[2] output_mask) "
+      "-> (Tensor, Tensor)");
 
   // The CPU instruction set the kernels run with: "avx512", "avx2" or "baseline".
   m.def("cpu_isa() -> str", [] {

@@ -11,14 +11,22 @@ Python per call.
 import torch
 
 from fastops.ops.linear import linear, linear_act
-from fastops.ops.losses import cross_entropy, l1_loss, log_softmax, mse_loss, nll_loss
+from fastops.ops.losses import (
+    binary_cross_entropy,
+    binary_cross_entropy_with_logits,
+    cross_entropy,
+    l1_loss,
+    log_softmax,
+    mse_loss,
+    nll_loss,
+)
 
 _ops = torch.ops.fastops
 
 __all__ = [
     "linear", "linear_act", "relu", "elu", "gelu", "prelu", "hardtanh", "leaky_relu", "sigmoid",
     "tanh", "hardshrink", "maxout", "log_softmax", "nll_loss", "cross_entropy", "mse_loss",
-    "l1_loss",
+    "l1_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits",
 ]
 
 

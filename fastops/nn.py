@@ -15,7 +15,7 @@ from fastops import functional as F
 __all__ = [
     "Linear", "LinearAct", "ReLU", "ELU", "GELU", "PReLU", "Hardtanh", "Maxout", "LeakyReLU",
     "Sigmoid", "Tanh", "Hardshrink", "LogSoftmax", "NLLLoss", "CrossEntropyLoss", "MSELoss",
-    "L1Loss", "convert",
+    "L1Loss", "BCELoss", "BCEWithLogitsLoss", "convert",
 ]
 
 
@@ -113,6 +113,18 @@ class L1Loss(_nn.L1Loss):
         return F.l1_loss(input, target, reduction=self.reduction)
 
 
+class BCELoss(_nn.BCELoss):  # weight: a buffer, as in torch
+    def forward(self, input, target):
+        return F.binary_cross_entropy(input, target, weight=self.weight, reduction=self.reduction)
+
+
+class BCEWithLogitsLoss(_nn.BCEWithLogitsLoss):  # weight and pos_weight: buffers, as in torch
+    def forward(self, input, target):
+        return F.binary_cross_entropy_with_logits(input, target, self.weight,
+                                                  pos_weight=self.pos_weight,
+                                                  reduction=self.reduction)
+
+
 class LinearAct(_nn.Linear):
     """Linear followed by an activation, in one fused op: the bias and the activation are applied
     as the GEMM writes its output, and the backward fuses the activation's derivative with the
@@ -151,6 +163,7 @@ _TWINS = {
     _nn.Hardtanh: Hardtanh, _nn.LeakyReLU: LeakyReLU, _nn.Sigmoid: Sigmoid, _nn.Tanh: Tanh,
     _nn.Hardshrink: Hardshrink, _nn.LogSoftmax: LogSoftmax, _nn.NLLLoss: NLLLoss,
     _nn.CrossEntropyLoss: CrossEntropyLoss, _nn.MSELoss: MSELoss, _nn.L1Loss: L1Loss,
+    _nn.BCELoss: BCELoss, _nn.BCEWithLogitsLoss: BCEWithLogitsLoss,
 }
 
 

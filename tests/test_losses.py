@@ -1,6 +1,7 @@
 """The losses (log_softmax, nll_loss, cross_entropy, mse_loss, l1_loss) held against torch:
 values and gradients in every dtype, gradcheck in float64, every option, odd and empty shapes,
-views, extreme values, determinism, bad inputs and torch.library.opcheck."""
+views, extreme values, determinism, bad inputs and torch.library.opcheck. (The binary cross
+entropies: test_binary_losses.py.)"""
 
 import warnings
 
@@ -381,7 +382,7 @@ def test_cross_entropy_none_grad_and_target_not_differentiable():
     from types import SimpleNamespace
     ctx = SimpleNamespace(needs_input_grad=(True, True, False, False, False, False))
     for fn in [L.CrossEntropyFunction, L.NLLLossFunction, L.LogSoftmaxFunction,
-               L.MSELossFunction, L.L1LossFunction]:
+               L.MSELossFunction, L.L1LossFunction, L.BinaryCrossEntropyWithLogitsFunction]:
         assert all(r is None for r in fn.backward(ctx, None))
 
 
@@ -778,7 +779,8 @@ def test_compile_fullgraph():
 
 def test_signatures_match_torch():
     import inspect
-    for name in ["log_softmax", "nll_loss", "cross_entropy", "mse_loss", "l1_loss"]:
+    for name in ["log_softmax", "nll_loss", "cross_entropy", "mse_loss", "l1_loss",
+                 "binary_cross_entropy", "binary_cross_entropy_with_logits"]:
         ours = inspect.signature(getattr(L, name))
         theirs = inspect.signature(getattr(F, name))
         assert list(ours.parameters) == list(theirs.parameters), name

@@ -1,5 +1,6 @@
 """Autograd formulas, fake kernels and functional forms of the losses: log_softmax, nll_loss,
-cross_entropy (fused log_softmax + nll_loss), mse_loss and l1_loss.
+cross_entropy (fused log_softmax + nll_loss), mse_loss, l1_loss, binary_cross_entropy and
+binary_cross_entropy_with_logits.
 
 The functional forms take exactly the arguments of their torch.nn.functional twins. The reduction
 is passed to the ops as an int: 0 none, 1 mean, 2 sum.
@@ -17,7 +18,8 @@ _ops = torch.ops.fastops
 __all__ = [
     "LogSoftmaxFunction", "NLLLossFunction", "CrossEntropyFunction", "MSELossFunction",
     "log_softmax", "nll_loss", "cross_entropy", "mse_loss",
-    "L1LossFunction", "l1_loss",
+    "L1LossFunction", "BinaryCrossEntropyFunction", "BinaryCrossEntropyWithLogitsFunction",
+    "l1_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits",
 ]
 
 
@@ -83,7 +85,8 @@ def _mse_loss_backward_fake(grad_output, self, target, reduction, output_mask):
     return tuple(self.new_empty(self.shape if want else (0,)) for want in output_mask)
 
 
-# the elementwise losses: l1_loss as mse_loss
+# the elementwise losses: l1_loss as mse_loss; the binary cross entropies also take weight and
+# pos_weight, broadcast to self's shape
 def _elementwise_loss_fake(self, target, *rest):
     return self.new_empty(self.shape if rest[-1] == 0 else ())
 
@@ -92,7 +95,7 @@ def _elementwise_loss_backward_fake(grad_output, self, target, *rest):
     return tuple(self.new_empty(self.shape if want else (0,)) for want in rest[-1])
 
 
-for _name in ("l1_loss",):
+for _name in ("l1_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits"):
     torch.library.register_fake(f"fastops::{_name}", _elementwise_loss_fake)
     torch.library.register_fake(f"fastops::{_name}_backward", _elementwise_loss_backward_fake)
 
@@ -458,6 +461,174 @@ def _l1_loss_backward(grad_output, input, target, reduction, output_mask):
             -grad_input if output_mask[1] else empty)
 
 
+def _not_differentiable(op, arg):
+    return RuntimeError(f"fastops.{op} is not differentiable with respect to argument '{arg}' "
+                        "(as torch's). This input cannot have requires_grad True.")
+
+
+class BinaryCrossEntropyFunction(torch.autograd.Function):
+    """fastops.binary_cross_entropy with its own backward. apply(input, target, weight,
+    reduction): input holds probabilities in [0, 1] (anything else raises), target has its
+    shape and dtype, weight (or None) broadcasts to its shape. input and target get a gradient;
+    weight gets none (as in torch: differentiating it raises)."""
+
+    @staticmethod
+    def forward(input, target, weight, reduction):
+        return torch.ops.fastops.binary_cross_entropy(input, target, weight, reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, weight, reduction = inputs
+        ctx.reduction = reduction
+        ctx.set_materialize_grads(False)  # an absent weight tangent stays None, not zeros
+        ctx.save_for_backward(input, target, weight)
+        ctx.save_for_forward(input, target, weight)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.needs_input_grad[2]:
+            raise _not_differentiable("binary_cross_entropy", "weight")
+        if grad_output is None or not any(ctx.needs_input_grad[:2]):
+            return None, None, None, None
+        input, target, weight = ctx.saved_tensors
+        grad_input, grad_target = torch.ops.fastops.binary_cross_entropy_backward(
+            grad_output, input, target, weight, ctx.reduction, list(ctx.needs_input_grad[:2]))
+        return (grad_input if ctx.needs_input_grad[0] else None,
+                grad_target if ctx.needs_input_grad[1] else None, None, None)
+
+    @staticmethod
+    def jvp(ctx, t_input, t_target, t_weight, _):
+        if t_weight is not None:
+            raise _not_differentiable("binary_cross_entropy", "weight")
+        input, target, weight = ctx.saved_tensors
+        return _elementwise_jvp(torch.ops.fastops.binary_cross_entropy_backward,
+                                (input, target, weight), t_input, t_target, ctx.reduction)
+
+    @staticmethod
+    def vmap(info, in_dims, input, target, weight, reduction):
+        x, t, w = _batch_elementwise(info, in_dims, input, target, weight)
+        return _reduce_per_sample(BinaryCrossEntropyFunction.apply(x, t, w, 0), reduction), 0
+
+
+class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
+    """fastops.binary_cross_entropy_with_logits with its own backward. apply(input, target,
+    weight, pos_weight, reduction): target has input's shape and dtype, weight and pos_weight
+    (or None) broadcast to its shape. input and target get a gradient. weight and pos_weight get
+    one here when asked (torch.func transforms differentiate them, as torch.func does torch's);
+    through the op itself, as through torch's, they may not require a gradient."""
+
+    @staticmethod
+    def forward(input, target, weight, pos_weight, reduction):
+        return torch.ops.fastops.binary_cross_entropy_with_logits(input, target, weight,
+                                                                  pos_weight, reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, weight, pos_weight, reduction = inputs
+        ctx.reduction = reduction
+        ctx.set_materialize_grads(False)  # absent weight tangents stay None, not zeros
+        ctx.save_for_backward(input, target, weight, pos_weight)
+        ctx.save_for_forward(input, target, weight, pos_weight)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        needs = ctx.needs_input_grad
+        grads = [None] * 5
+        if grad_output is None:
+            return tuple(grads)
+        input, target, weight, pos_weight = ctx.saved_tensors
+        if needs[0] or needs[1]:
+            gi, gt = torch.ops.fastops.binary_cross_entropy_with_logits_backward(
+                grad_output, input, target, weight, pos_weight, ctx.reduction, list(needs[:2]))
+            grads[0], grads[1] = (gi if needs[0] else None), (gt if needs[1] else None)
+        if needs[2] or needs[3]:
+            scale = grad_output / input.numel() if ctx.reduction == 1 else grad_output
+            if needs[2]:
+                grads[2] = _weight_grad(scale, input, target, pos_weight, weight)
+            if needs[3]:
+                grads[3] = _pos_weight_grad(scale, input, target, weight, pos_weight)
+        return tuple(grads)
+
+    @staticmethod
+    def jvp(ctx, t_input, t_target, t_weight, t_pos_weight, _):
+        input, target, weight, pos_weight = ctx.saved_tensors
+        d = _elementwise_jvp(torch.ops.fastops.binary_cross_entropy_with_logits_backward,
+                             (input, target, weight, pos_weight), t_input, t_target, 0)
+        if t_weight is not None:
+            e = _weight_grad(1.0, input, target, pos_weight, t_weight, reduce=False)
+            d = e if d is None else d + e
+        if t_pos_weight is not None:
+            e = _pos_weight_grad(1.0, input, target, weight, t_pos_weight, reduce=False)
+            d = e if d is None else d + e
+        return None if d is None else _reduce_all(d, ctx.reduction)
+
+    @staticmethod
+    def vmap(info, in_dims, input, target, weight, pos_weight, reduction):
+        x, t, w, p = _batch_elementwise(info, in_dims, input, target, weight, pos_weight)
+        loss = BinaryCrossEntropyWithLogitsFunction.apply(x, t, w, p, 0)
+        return _reduce_per_sample(loss, reduction), 0
+
+
+def _weight_grad(scale, input, target, pos_weight, weight, reduce=True):
+    """d loss / d weight (scale times the unweighted loss), summed to weight's shape; with
+    reduce=False, the elementwise product with weight (a tangent) instead."""
+    unweighted = torch.ops.fastops.binary_cross_entropy_with_logits(input, target, None,
+                                                                    pos_weight, 0)
+    g = scale * unweighted
+    return (g * weight) if not reduce else g.sum_to_size(weight.shape)
+
+
+def _pos_weight_grad(scale, input, target, weight, pos_weight, reduce=True):
+    """d loss / d pos_weight: -scale * weight * target * log_sigmoid(input), summed to
+    pos_weight's shape; with reduce=False, the elementwise product with pos_weight instead."""
+    g = -scale * target * torch.nn.functional.logsigmoid(input)
+    if weight is not None:
+        g = g * weight
+    return (g * pos_weight) if not reduce else g.sum_to_size(pos_weight.shape)
+
+
+def _binary_cross_entropy_backward(grad_output, input, target, weight, reduction, output_mask):
+    """binary_cross_entropy_backward as torch ops, differentiable: grad w (x - y) /
+    max((1 - x) x, 1e-12) for the input, -grad w logit(x) for the target (/ numel)."""
+    scale = grad_output / input.numel() if reduction == 1 else grad_output
+    if weight is not None:
+        scale = scale * weight
+    empty = input.new_empty(0)
+    grad_input = grad_target = empty
+    if output_mask[0]:
+        d = (input - target) / ((1 - input) * input).clamp_min(1e-12)
+        grad_input = (d * scale).to(input.dtype)
+    if output_mask[1]:
+        grad_target = (-torch.logit(input) * scale).to(input.dtype)
+    return grad_input, grad_target
+
+
+def _binary_cross_entropy_with_logits_backward(grad_output, input, target, weight, pos_weight,
+                                               reduction, output_mask):
+    """binary_cross_entropy_with_logits_backward as torch ops, differentiable (torch's
+    formulas)."""
+    logsigmoid = torch.nn.functional.logsigmoid
+    scale = grad_output / input.numel() if reduction == 1 else grad_output
+    if weight is not None:
+        scale = scale * weight
+    empty = input.new_empty(0)
+    grad_input = grad_target = empty
+    if output_mask[0]:
+        if pos_weight is None:
+            d = torch.sigmoid(input) - target
+        else:
+            py = pos_weight * target
+            d = (py + 1 - target) * torch.sigmoid(input) - py
+        grad_input = (d * scale).to(input.dtype)
+    if output_mask[1]:
+        if pos_weight is None:
+            d = -input
+        else:
+            d = logsigmoid(-input) - pos_weight * logsigmoid(input)
+        grad_target = (d * scale).to(input.dtype)
+    return grad_input, grad_target
+
+
 # ---- helpers of the elementwise losses' jvp and vmap rules -------------------------------------
 
 def _reduce_all(d, reduction):
@@ -582,6 +753,12 @@ _dispatch.transforms_use("mse_loss", MSELossFunction.apply)
 _dispatch.differentiable("mse_loss_backward", _mse_loss_backward)
 _dispatch.transforms_use("l1_loss", L1LossFunction.apply)
 _dispatch.differentiable("l1_loss_backward", _l1_loss_backward)
+_dispatch.transforms_use("binary_cross_entropy", BinaryCrossEntropyFunction.apply)
+_dispatch.differentiable("binary_cross_entropy_backward", _binary_cross_entropy_backward)
+_dispatch.transforms_use("binary_cross_entropy_with_logits",
+                         BinaryCrossEntropyWithLogitsFunction.apply)
+_dispatch.differentiable("binary_cross_entropy_with_logits_backward",
+                         _binary_cross_entropy_with_logits_backward)
 
 
 # ---- functional forms (the signatures of torch.nn.functional) --------------------------------
@@ -663,3 +840,33 @@ def _regression_loss(op, input, target, size_average, reduce, reduction, weight)
         return weighted.sum() / weight.sum()
     return op(input, target, _Reduction.get_enum(reduction))
 
+
+def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=None,
+                         reduction="mean"):
+    """torch.nn.functional.binary_cross_entropy on fastops kernels: input holds probabilities
+    in [0, 1] (anything else raises, as in torch); each log is clamped at -100; weight
+    broadcasts to the input's shape."""
+    r = _reduction_enum(size_average, reduce, reduction)
+    if target.size() != input.size():
+        raise ValueError(
+            f"Using a target size ({target.size()}) that is different to the input size "
+            f"({input.size()}) is deprecated. Please ensure they have the same size.")
+    if weight is not None and weight.dtype != input.dtype:
+        weight = weight.to(input.dtype)  # torch multiplies the loss by it in place
+    return _ops.binary_cross_entropy.default(input, target, weight, r)
+
+
+def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None, reduce=None,
+                                     reduction="mean", pos_weight=None):
+    """torch.nn.functional.binary_cross_entropy_with_logits on fastops kernels, in one pass
+    forward and one backward: weight and pos_weight broadcast to the input's shape (pos_weight
+    of C elements: one per class, along the last dim). Mixed dtypes compute in the target's, as
+    torch's does."""
+    r = _reduction_enum(size_average, reduce, reduction)
+    if target.size() != input.size():
+        raise ValueError(
+            f"Target size ({target.size()}) must be the same as input size ({input.size()})")
+    dtype = target.dtype
+    input, weight, pos_weight = (t.to(dtype) if t is not None and t.dtype != dtype else t
+                                 for t in (input, weight, pos_weight))
+    return _ops.binary_cross_entropy_with_logits.default(input, target, weight, pos_weight, r)
