@@ -151,6 +151,16 @@ def elementwise_cases(size, shapes, randn, g, device, dtype, es):
         target = randn(rows, cols, grad=False)
         cases.append(Case("mse_loss", size, shape, [randn(rows, cols), target],
                           F.mse_loss, TF.mse_loss, mse.get, "GB/s"))
+        # the other elementwise losses move the bytes of mse_loss; bce takes probabilities
+        cases.append(Case("l1_loss", size, shape, [randn(rows, cols), target],
+                          F.l1_loss, TF.l1_loss, mse.get, "GB/s"))
+        probs = (torch.rand(rows, cols, generator=g) * 0.98 + 0.01).to(device, dtype)
+        labels = torch.rand(rows, cols, generator=g).to(device, dtype)
+        cases.append(Case("bce", size, shape, [probs.requires_grad_(True), labels],
+                          F.binary_cross_entropy, TF.binary_cross_entropy, mse.get, "GB/s"))
+        cases.append(Case("bce_logits", size, shape, [randn(rows, cols, scale=3.0), labels],
+                          F.binary_cross_entropy_with_logits,
+                          TF.binary_cross_entropy_with_logits, mse.get, "GB/s"))
     return cases
 
 
