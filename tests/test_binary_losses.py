@@ -419,7 +419,8 @@ def test_vmap_with_batched_weights():
     w = _weights((5, 4), gen)
     p = _weights((5, 3, 1), gen)
     for reduction in REDUCTIONS:
-        for in_dims, args in [((0, 0, 0, 0), (x, y, w, p)), ((None, 0, 0, None), (x[0], y, w, p[0])),
+        for in_dims, args in [((0, 0, 0, 0), (x, y, w, p)),
+                              ((None, 0, 0, None), (x[0], y, w, p[0])),
                               ((0, None, None, 0), (x, y[0], w[0], p))]:
             def f(fn):
                 return vmap(lambda a, b, c, d: fn(a, b, c, reduction=reduction, pos_weight=d),
