@@ -265,6 +265,34 @@ def test_binary_cross_entropy_input_outside_unit_range_raises(bad):
     torch.testing.assert_close(L.binary_cross_entropy(y, y), F.binary_cross_entropy(y, y))
 
 
+@pytest.mark.parametrize("call", [
+    "F.binary_cross_entropy(x, y)",
+    "F.binary_cross_entropy(y, x, reduction='none')",
+    "F.binary_cross_entropy(x.double(), y.double(), reduction='sum')",
+])
+def test_cuda_outside_unit_range_is_an_error(call):
+    """On CUDA the range check is a device-side assertion: an error in Python (in a fresh
+    process, whose CUDA context it poisons), never a silent NaN."""
+    if not fastops.cuda_available():
+        pytest.skip("needs a GPU")
+    from test_cuda import run_python
+    result = run_python(f"""
+        import torch, fastops
+        import fastops.functional as F
+        x = torch.rand(1000, device="cuda")
+        x[637] = 1.5
+        y = torch.rand(1000, device="cuda")
+        try:
+            out = {call}
+            torch.cuda.synchronize()
+        except RuntimeError as e:
+            print("raised:", e)
+            raise SystemExit(3)
+        print("no error, got", out)
+        """)
+    assert result.returncode == 3, result.stdout + result.stderr
+
+
 def test_bad_inputs_raise_clear_errors():
     x, y = torch.rand(4, 5), torch.rand(4, 5)
     ops = torch.ops.fastops
