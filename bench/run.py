@@ -160,6 +160,16 @@ def elementwise_cases(size, shapes, randn, g, device, dtype, es):
         signs = (torch.randint(0, 2, (rows, cols), generator=g) * 2 - 1).to(device, dtype)
         cases.append(Case("hinge_embedding", size, shape, [randn(rows, cols), signs],
                           F.hinge_embedding_loss, TF.hinge_embedding_loss, mse.get, "GB/s"))
+        # the other elementwise losses move the bytes of mse_loss; bce takes probabilities
+        cases.append(Case("l1_loss", size, shape, [randn(rows, cols), target],
+                          F.l1_loss, TF.l1_loss, mse.get, "GB/s"))
+        probs = (torch.rand(rows, cols, generator=g) * 0.98 + 0.01).to(device, dtype)
+        labels = torch.rand(rows, cols, generator=g).to(device, dtype)
+        cases.append(Case("bce", size, shape, [probs.requires_grad_(True), labels],
+                          F.binary_cross_entropy, TF.binary_cross_entropy, mse.get, "GB/s"))
+        cases.append(Case("bce_logits", size, shape, [randn(rows, cols, scale=3.0), labels],
+                          F.binary_cross_entropy_with_logits,
+                          TF.binary_cross_entropy_with_logits, mse.get, "GB/s"))
     return cases
 
 

@@ -597,10 +597,13 @@ struct CrossEntropyFn : torch::autograd::Function<CrossEntropyFn> {
   }
 };
 
-struct MseLossFn : torch::autograd::Function<MseLossFn> {
+// mse_loss and l1_loss, whose signatures are the same: one node over the op named by Names.
+template <class Names>
+struct RegressionLossFn : torch::autograd::Function<RegressionLossFn<Names>> {
   // the op this node differentiates, called below autograd
   static const auto& op() {
-    static const auto handle = typed_op<Tensor(const Tensor&, const Tensor&, int64_t)>("fastops::mse_loss");
+    static const auto handle =
+        typed_op<Tensor(const Tensor&, const Tensor&, int64_t)>(Names::kForward);
     return handle;
   }
   static Tensor forward(AutogradContext* ctx, const Tensor& self, const Tensor& target,
@@ -611,10 +614,9 @@ struct MseLossFn : torch::autograd::Function<MseLossFn> {
     return op().call(self, target, reduction);
   }
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
-    static const auto backward_op = typed_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&,
-                                                         const Tensor&, int64_t,
-                                                         std::array<bool, 2>)>(
-        "fastops::mse_loss_backward");
+    static const auto backward_op = typed_op<std::tuple<Tensor, Tensor>(
+        const Tensor&, const Tensor&, const Tensor&, int64_t, std::array<bool, 2>)>(
+        Names::kBackward);
     const std::array<bool, 2> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
     if (!grads[0].defined() || !(mask[0] || mask[1])) return {Tensor(), Tensor(), Tensor()};
     const auto saved = ctx->get_saved_variables();
@@ -622,6 +624,101 @@ struct MseLossFn : torch::autograd::Function<MseLossFn> {
     auto [grad_self, grad_target] =
         backward_op.call(grads[0], saved[0], saved[1], ctx->saved_data["reduction"].toInt(), mask);
     return {if_needed(mask[0], grad_self), if_needed(mask[1], grad_target), Tensor()};
+  }
+};
+struct MseNames {
+  static constexpr const char* kForward = "fastops::mse_loss";
+  static constexpr const char* kBackward = "fastops::mse_loss_backward";
+};
+struct L1Names {
+  static constexpr const char* kForward = "fastops::l1_loss";
+  static constexpr const char* kBackward = "fastops::l1_loss_backward";
+};
+using MseLossFn = RegressionLossFn<MseNames>;
+using L1LossFn = RegressionLossFn<L1Names>;
+
+template <class Fn>
+Tensor regression_loss_autograd(const Tensor& self, const Tensor& target, int64_t reduction) {
+  if (needs_forward_ad(self, target)) return python_autograd(Fn::op(), self, target, reduction);
+  if (needs_graph(self, target)) return Fn::apply(self, target, reduction);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return Fn::op().call(self, target, reduction);
+}
+
+// The binary cross entropies differentiate self and target. weight and pos_weight get no
+// gradient and, as in torch, may not require one: an error, never a silent zero.
+void check_not_differentiable(const c10::optional<Tensor>& t, const char* arg, const char* op) {
+  TORCH_CHECK(!requires_grad(t), "fastops.", op,
+              " is not differentiable with respect to argument '", arg,
+              "' (as torch's). This input cannot have requires_grad True.");
+}
+
+struct BinaryCrossEntropyFn : torch::autograd::Function<BinaryCrossEntropyFn> {
+  // the op this node differentiates, called below autograd
+  static const auto& op() {
+    static const auto handle = typed_op<Tensor(const Tensor&, const Tensor&,
+                                               const c10::optional<Tensor>&, int64_t)>(
+        "fastops::binary_cross_entropy");
+    return handle;
+  }
+  static Tensor forward(AutogradContext* ctx, const Tensor& self, const Tensor& target,
+                        const c10::optional<Tensor>& weight, int64_t reduction) {
+    ctx->save_for_backward({self, target, value_or_undefined(weight)});
+    ctx->saved_data["reduction"] = reduction;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op().call(self, target, weight, reduction);
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    static const auto backward_op = typed_op<std::tuple<Tensor, Tensor>(
+        const Tensor&, const Tensor&, const Tensor&, const c10::optional<Tensor>&, int64_t,
+        std::array<bool, 2>)>("fastops::binary_cross_entropy_backward");
+    const std::array<bool, 2> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
+    tensor_list result(4);
+    if (!grads[0].defined() || !(mask[0] || mask[1])) return result;
+    const auto saved = ctx->get_saved_variables();
+    BackwardCalls calls;
+    auto [grad_self, grad_target] =
+        backward_op.call(grads[0], saved[0], saved[1], optional_of(saved[2]),
+                         ctx->saved_data["reduction"].toInt(), mask);
+    result[0] = if_needed(mask[0], grad_self);
+    result[1] = if_needed(mask[1], grad_target);
+    return result;
+  }
+};
+
+struct BceWithLogitsFn : torch::autograd::Function<BceWithLogitsFn> {
+  // the op this node differentiates, called below autograd
+  static const auto& op() {
+    static const auto handle = typed_op<Tensor(
+        const Tensor&, const Tensor&, const c10::optional<Tensor>&, const c10::optional<Tensor>&,
+        int64_t)>("fastops::binary_cross_entropy_with_logits");
+    return handle;
+  }
+  static Tensor forward(AutogradContext* ctx, const Tensor& self, const Tensor& target,
+                        const c10::optional<Tensor>& weight,
+                        const c10::optional<Tensor>& pos_weight, int64_t reduction) {
+    ctx->save_for_backward(
+        {self, target, value_or_undefined(weight), value_or_undefined(pos_weight)});
+    ctx->saved_data["reduction"] = reduction;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return op().call(self, target, weight, pos_weight, reduction);
+  }
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    static const auto backward_op = typed_op<std::tuple<Tensor, Tensor>(
+        const Tensor&, const Tensor&, const Tensor&, const c10::optional<Tensor>&,
+        const c10::optional<Tensor>&, int64_t, std::array<bool, 2>)>(
+        "fastops::binary_cross_entropy_with_logits_backward");
+    const std::array<bool, 2> mask{ctx->needs_input_grad(0), ctx->needs_input_grad(1)};
+    tensor_list result(5);
+    if (!grads[0].defined() || !(mask[0] || mask[1])) return result;
+    const auto saved = ctx->get_saved_variables();
+    BackwardCalls calls;
+    auto [grad_self, grad_target] =
+        backward_op.call(grads[0], saved[0], saved[1], optional_of(saved[2]),
+                         optional_of(saved[3]), ctx->saved_data["reduction"].toInt(), mask);
+    result[0] = if_needed(mask[0], grad_self);
+    result[1] = if_needed(mask[1], grad_target);
+    return result;
   }
 };
 
@@ -813,12 +910,19 @@ TORCH_LIBRARY_IMPL(fastops, Autograd, m) {
     return CrossEntropyFn::op().call(self, target, weight, reduction, ignore_index,
                                      label_smoothing);
   });
-  m.impl("mse_loss", [](const Tensor& self, const Tensor& target, int64_t reduction) {
-    if (needs_forward_ad(self, target))
-      return python_autograd(MseLossFn::op(), self, target, reduction);
-    if (needs_graph(self, target)) return MseLossFn::apply(self, target, reduction);
+  m.impl("mse_loss", &regression_loss_autograd<MseLossFn>);
+  m.impl("l1_loss", &regression_loss_autograd<L1LossFn>);
+  m.impl("binary_cross_entropy", [](const Tensor& self, const Tensor& target,
+                                    const c10::optional<Tensor>& weight, int64_t reduction) {
+    using Fn = BinaryCrossEntropyFn;
+    if (needs_forward_ad(self, target, weight))
+      return python_autograd(Fn::op(), self, target, weight, reduction);
+    if (needs_graph(self, target, weight)) {
+      check_not_differentiable(weight, "weight", "binary_cross_entropy");
+      return Fn::apply(self, target, weight, reduction);
+    }
     at::AutoDispatchBelowADInplaceOrView guard;
-    return MseLossFn::op().call(self, target, reduction);
+    return Fn::op().call(self, target, weight, reduction);
   });
   m.impl("hinge_embedding_loss", [](const Tensor& self, const Tensor& target, double margin,
                                     int64_t reduction) {
@@ -842,6 +946,21 @@ TORCH_LIBRARY_IMPL(fastops, Autograd, m) {
     at::AutoDispatchBelowADInplaceOrView guard;
     return MultiMarginLossFn::op().call(self, target, p, margin, weight, reduction);
   });
+  m.impl("binary_cross_entropy_with_logits",
+         [](const Tensor& self, const Tensor& target, const c10::optional<Tensor>& weight,
+            const c10::optional<Tensor>& pos_weight, int64_t reduction) {
+           using Fn = BceWithLogitsFn;
+           if (needs_forward_ad(self, target, weight, pos_weight))
+             return python_autograd(Fn::op(), self, target, weight, pos_weight, reduction);
+           if (needs_graph(self, target, weight, pos_weight)) {
+             const char* op = "binary_cross_entropy_with_logits";
+             check_not_differentiable(weight, "weight", op);
+             check_not_differentiable(pos_weight, "pos_weight", op);
+             return Fn::apply(self, target, weight, pos_weight, reduction);
+           }
+           at::AutoDispatchBelowADInplaceOrView guard;
+           return Fn::op().call(self, target, weight, pos_weight, reduction);
+         });
 }
 
 TORCH_LIBRARY_IMPL(fastops, CompositeImplicitAutograd, m) {

@@ -1,5 +1,7 @@
 #include "loss_checks.h"
 
+#include <ATen/ExpandUtils.h>
+
 namespace fastops {
 namespace loss {
 
@@ -161,7 +163,8 @@ DimLayout check_log_softmax_backward(const Tensor& grad_output, const Tensor& ou
   return dim_layout(output, dim, op);
 }
 
-void check_mse(const Tensor& self, const Tensor& target, int64_t reduction, const char* op) {
+void check_regression(const Tensor& self, const Tensor& target, int64_t reduction,
+                      const char* op) {
   check_floating(self, op, "self");
   TORCH_CHECK(target.defined(), op, ": target is an undefined tensor");
   check_floating(target, op, "target");
@@ -171,9 +174,9 @@ void check_mse(const Tensor& self, const Tensor& target, int64_t reduction, cons
   check_reduction(reduction, op);
 }
 
-void check_mse_backward(const Tensor& grad_output, const Tensor& self, const Tensor& target,
-                        int64_t reduction, const char* op) {
-  check_mse(self, target, reduction, op);
+void check_regression_backward(const Tensor& grad_output, const Tensor& self,
+                               const Tensor& target, int64_t reduction, const char* op) {
+  check_regression(self, target, reduction, op);
   check_grad_output(grad_output, self, reduction, self.sizes(), op);
 }
 
@@ -234,6 +237,41 @@ Rows check_multi_margin_backward(const Tensor& grad_output, const Tensor& self,
   const Rows r = check_multi_margin(self, target, p, weight, reduction, op);
   check_grad_output(grad_output, self, reduction, multi_margin_rows_shape(target, r.N), op);
   return r;
+}
+
+static void check_broadcast_weight(const Tensor& self, const c10::optional<Tensor>& weight,
+                                   const char* op, const char* arg) {
+  if (!weight.has_value() || !weight->defined()) return;
+  const Tensor& w = *weight;
+  check_same_device(self, w, op, "self", arg);
+  check_floating(w, op, arg);
+  check_same_dtype(self, w, op, "self", arg);
+  TORCH_CHECK(at::is_expandable_to(w.sizes(), self.sizes()), op, ": expected ", arg,
+              " to be broadcastable to the shape of self ", self.sizes(), ", got shape ",
+              w.sizes());
+}
+
+void check_binary_cross_entropy(const Tensor& self, const Tensor& target,
+                                const c10::optional<Tensor>& weight,
+                                const c10::optional<Tensor>& pos_weight, int64_t reduction,
+                                const char* op) {
+  check_regression(self, target, reduction, op);
+  check_broadcast_weight(self, weight, op, "weight");
+  check_broadcast_weight(self, pos_weight, op, "pos_weight");
+}
+
+void check_binary_cross_entropy_backward(const Tensor& grad_output, const Tensor& self,
+                                         const Tensor& target,
+                                         const c10::optional<Tensor>& weight,
+                                         const c10::optional<Tensor>& pos_weight,
+                                         int64_t reduction, const char* op) {
+  check_binary_cross_entropy(self, target, weight, pos_weight, reduction, op);
+  check_grad_output(grad_output, self, reduction, self.sizes(), op);
+}
+
+Tensor expanded_or_undefined(const c10::optional<Tensor>& weight, const Tensor& self) {
+  if (!weight.has_value() || !weight->defined()) return Tensor();
+  return weight->expand(self.sizes()).contiguous();
 }
 
 }  // namespace loss

@@ -76,10 +76,27 @@ DimLayout check_log_softmax(const at::Tensor& self, int64_t& dim, const char* op
 DimLayout check_log_softmax_backward(const at::Tensor& grad_output, const at::Tensor& output,
                                      int64_t& dim, const char* op);
 
-void check_mse(const at::Tensor& self, const at::Tensor& target, int64_t reduction,
-               const char* op);
-void check_mse_backward(const at::Tensor& grad_output, const at::Tensor& self,
-                        const at::Tensor& target, int64_t reduction, const char* op);
+// mse_loss, l1_loss: a target of self's shape, dtype and device.
+void check_regression(const at::Tensor& self, const at::Tensor& target, int64_t reduction,
+                      const char* op);
+void check_regression_backward(const at::Tensor& grad_output, const at::Tensor& self,
+                               const at::Tensor& target, int64_t reduction, const char* op);
+
+// binary_cross_entropy (pos_weight absent) and binary_cross_entropy_with_logits: a target of
+// self's shape, dtype and device; weight and pos_weight in self's dtype, on its device, and
+// broadcastable to its shape.
+void check_binary_cross_entropy(const at::Tensor& self, const at::Tensor& target,
+                                const c10::optional<at::Tensor>& weight,
+                                const c10::optional<at::Tensor>& pos_weight, int64_t reduction,
+                                const char* op);
+void check_binary_cross_entropy_backward(const at::Tensor& grad_output, const at::Tensor& self,
+                                         const at::Tensor& target,
+                                         const c10::optional<at::Tensor>& weight,
+                                         const c10::optional<at::Tensor>& pos_weight,
+                                         int64_t reduction, const char* op);
+// A weight expanded to self's shape and contiguous (a copy only when it is smaller), or an
+// undefined tensor when absent.
+at::Tensor expanded_or_undefined(const c10::optional<at::Tensor>& weight, const at::Tensor& self);
 
 // hinge_embedding_loss: target of self's shape, in self's dtype or int64 (only target == 1 and
 // target == -1 matter; the functional form broadcasts and converts the others).

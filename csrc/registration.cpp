@@ -137,6 +137,27 @@ TORCH_LIBRARY(fastops, m) {
   m.def(
       "mse_loss_backward(Tensor grad_output, Tensor self, Tensor target, int reduction, "
       "bool[2] output_mask) -> (Tensor, Tensor)");
+  // Mean absolute error, as mse_loss.
+  m.def("l1_loss(Tensor self, Tensor target, int reduction) -> Tensor");
+  m.def(
+      "l1_loss_backward(Tensor grad_output, Tensor self, Tensor target, int reduction, "
+      "bool[2] output_mask) -> (Tensor, Tensor)");
+  // Binary cross entropy on probabilities (self in [0, 1]) and on logits. weight and pos_weight
+  // broadcast to self's shape and get no gradient from the backward ops, which return
+  // (grad_self, grad_target) as mse_loss_backward.
+  m.def(
+      "binary_cross_entropy(Tensor self, Tensor target, Tensor? weight, int reduction) "
+      "-> Tensor");
+  m.def(
+      "binary_cross_entropy_backward(Tensor grad_output, Tensor self, Tensor target, "
+      "Tensor? weight, int reduction, bool[2] output_mask) -> (Tensor, Tensor)");
+  m.def(
+      "binary_cross_entropy_with_logits(Tensor self, Tensor target, Tensor? weight, "
+      "Tensor? pos_weight, int reduction) -> Tensor");
+  m.def(
+      "binary_cross_entropy_with_logits_backward(Tensor grad_output, Tensor self, "
+      "Tensor target, Tensor? weight, Tensor? pos_weight, int reduction, bool[2] output_mask) "
+      "-> (Tensor, Tensor)");
 
   // Margin losses. hinge_embedding_loss: self and target of one shape (the functional form
   // broadcasts), target in self's dtype or int64, loss (target != 1) * max(0, margin - x) +

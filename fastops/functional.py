@@ -11,7 +11,16 @@ Python per call.
 import torch
 
 from fastops.ops.linear import linear, linear_act
-from fastops.ops.losses import cross_entropy, log_softmax, mse_loss, nll_loss, softmax
+from fastops.ops.losses import (
+    binary_cross_entropy,
+    binary_cross_entropy_with_logits,
+    cross_entropy,
+    l1_loss,
+    log_softmax,
+    mse_loss,
+    nll_loss,
+    softmax,
+)
 from fastops.ops.margin_losses import hinge_embedding_loss, multi_margin_loss
 
 _ops = torch.ops.fastops
@@ -19,7 +28,8 @@ _ops = torch.ops.fastops
 __all__ = [
     "linear", "linear_act", "relu", "elu", "gelu", "prelu", "hardtanh", "leaky_relu", "rrelu",
     "sigmoid", "tanh", "hardshrink", "maxout", "log_softmax", "softmax", "nll_loss",
-    "cross_entropy", "mse_loss", "hinge_embedding_loss", "multi_margin_loss",
+    "cross_entropy", "mse_loss", "l1_loss", "binary_cross_entropy",
+    "binary_cross_entropy_with_logits", "hinge_embedding_loss", "multi_margin_loss",
 ]
 
 

@@ -15,7 +15,8 @@ from fastops import functional as F
 __all__ = [
     "Linear", "LinearAct", "ReLU", "ELU", "GELU", "PReLU", "Hardtanh", "Maxout", "LeakyReLU",
     "RReLU", "Sigmoid", "Tanh", "Hardshrink", "LogSoftmax", "Softmax", "NLLLoss",
-    "CrossEntropyLoss", "MSELoss", "HingeEmbeddingLoss", "MultiMarginLoss", "convert",
+    "CrossEntropyLoss", "MSELoss", "L1Loss", "BCELoss", "BCEWithLogitsLoss",
+    "HingeEmbeddingLoss", "MultiMarginLoss", "convert",
 ]
 
 
@@ -118,6 +119,23 @@ class MSELoss(_nn.MSELoss):
         return F.mse_loss(input, target, reduction=self.reduction)
 
 
+class L1Loss(_nn.L1Loss):
+    def forward(self, input, target):
+        return F.l1_loss(input, target, reduction=self.reduction)
+
+
+class BCELoss(_nn.BCELoss):  # weight: a buffer, as in torch
+    def forward(self, input, target):
+        return F.binary_cross_entropy(input, target, weight=self.weight, reduction=self.reduction)
+
+
+class BCEWithLogitsLoss(_nn.BCEWithLogitsLoss):  # weight and pos_weight: buffers, as in torch
+    def forward(self, input, target):
+        return F.binary_cross_entropy_with_logits(input, target, self.weight,
+                                                  pos_weight=self.pos_weight,
+                                                  reduction=self.reduction)
+
+
 class HingeEmbeddingLoss(_nn.HingeEmbeddingLoss):
     def forward(self, input, target):
         return F.hinge_embedding_loss(input, target, margin=self.margin,
@@ -168,6 +186,7 @@ _TWINS = {
     _nn.Hardtanh: Hardtanh, _nn.LeakyReLU: LeakyReLU, _nn.RReLU: RReLU, _nn.Sigmoid: Sigmoid,
     _nn.Tanh: Tanh, _nn.Hardshrink: Hardshrink, _nn.LogSoftmax: LogSoftmax, _nn.Softmax: Softmax,
     _nn.NLLLoss: NLLLoss, _nn.CrossEntropyLoss: CrossEntropyLoss, _nn.MSELoss: MSELoss,
+    _nn.L1Loss: L1Loss, _nn.BCELoss: BCELoss, _nn.BCEWithLogitsLoss: BCEWithLogitsLoss,
     _nn.HingeEmbeddingLoss: HingeEmbeddingLoss, _nn.MultiMarginLoss: MultiMarginLoss,
 }
 

@@ -87,6 +87,9 @@ def _target(shape, classes, ignore=None):
 
 def _signs(*shape):
     return lambda g, dev: (torch.randint(0, 2, shape, generator=g) * 2 - 1).to(dev, torch.float64)
+def _unit(*shape):
+    # probabilities kept off 0 and 1, where binary_cross_entropy's log clamps
+    return lambda g, dev: (0.1 + 0.8 * torch.rand(shape, generator=g, dtype=torch.float64)).to(dev)
 
 
 def _probs(*shape):
@@ -313,8 +316,56 @@ CASES = {
         functools.partial(torch_multi_margin, p=2, reduction="none"),
         [_randn(5), _target((1,), 5)],
         [0],
+    "l1_loss": (FF.l1_loss, F.l1_loss, [_randn(4, 5), _randn(4, 5)], [0, 1]),
+    "l1_loss_sum_weight": (
+        lambda x, y, w: FF.l1_loss(x, y, reduction="sum", weight=w),
+        lambda x, y, w: F.l1_loss(x, y, reduction="sum", weight=w),
+        [_randn(4, 5), _randn(4, 5), _pos((4, 5))],
+        [0, 1, 2],
+    ),
+    "l1_loss_none": (
+        functools.partial(FF.l1_loss, reduction="none"),
+        functools.partial(F.l1_loss, reduction="none"),
+        [_randn(3, 4, 2), _randn(3, 4, 2)],
+        [0, 1],
+    ),
+    "binary_cross_entropy": (
+        FF.binary_cross_entropy, F.binary_cross_entropy, [_unit(4, 5), _unit(4, 5)], [0, 1]
+    ),
+    "binary_cross_entropy_weight_sum": (
+        lambda x, y, w: FF.binary_cross_entropy(x, y, w, reduction="sum"),
+        lambda x, y, w: F.binary_cross_entropy(x, y, w, reduction="sum"),
+        [_unit(4, 5), _unit(4, 5), _w5],
+        [0, 1],
+    ),
+    "binary_cross_entropy_none": (
+        lambda x, y: FF.binary_cross_entropy(x, y, reduction="none"),
+        lambda x, y: F.binary_cross_entropy(x, y, reduction="none"),
+        [_unit(3, 4, 2), _unit(3, 4, 2)],
+        [0, 1],
+    ),
+    "bce_with_logits": (
+        FF.binary_cross_entropy_with_logits,
+        F.binary_cross_entropy_with_logits,
+        [_randn(4, 5), _unit(4, 5)],
+        [0, 1],
+    ),
+    "bce_with_logits_weight_pos_weight": (
+        lambda x, y, w, p: FF.binary_cross_entropy_with_logits(x, y, w, pos_weight=p),
+        lambda x, y, w, p: F.binary_cross_entropy_with_logits(x, y, w, pos_weight=p),
+        [_randn(4, 5), _unit(4, 5), _pos((4, 1)), _w5],
+        [0, 1],
+    ),
+    "bce_with_logits_none_pos_weight": (
+        lambda x, y, p: FF.binary_cross_entropy_with_logits(x, y, reduction="none", pos_weight=p),
+        lambda x, y, p: F.binary_cross_entropy_with_logits(x, y, reduction="none", pos_weight=p),
+        [_randn(3, 5), _unit(3, 5), _w5],
+        [0, 1],
     ),
 }
+# A batch of the first differentiated input for the vmap tests; probabilities stay in [0, 1].
+_BATCH = {name: lambda x: torch.stack([x, 1 - x, x * 0.5 + 0.1])
+          for name in CASES if name.startswith("binary_cross_entropy")}
 
 
 # vmap's randomness flag per case (default "error"): the random ones draw one seed for the batch
@@ -395,7 +446,7 @@ def test_vmap_and_per_sample_grad(name, device):
     """vmap over a batch of inputs (the first differentiated one batched), and vmap(grad)."""
     fo, tf, args, diff = make_inputs(name, device)
     first = args[diff[0]]
-    batch = torch.stack([first, first * 0.5 + 0.1, -first])
+    batch = _BATCH.get(name, lambda x: torch.stack([x, x * 0.5 + 0.1, -x]))(first)
 
     def per_sample(fn):
         def f(x):

@@ -1,6 +1,7 @@
-"""The losses (log_softmax, softmax, nll_loss, cross_entropy, mse_loss) held against torch: values and
-gradients in every dtype, gradcheck in float64, every option, odd and empty shapes, views,
-extreme values, determinism, bad inputs and torch.library.opcheck."""
+"""The losses (log_softmax, softmax, nll_loss, cross_entropy, mse_loss, l1_loss) held against
+torch: values and gradients in every dtype, gradcheck in float64, every option, odd and empty
+shapes, views, extreme values, determinism, bad inputs and torch.library.opcheck. (The binary
+cross entropies: test_binary_losses.py.)"""
 
 import warnings
 
@@ -84,6 +85,53 @@ def _check_vs_torch(fo_fn, torch_fn, x, dtype, *args, device="cpu", **kwargs):
                                rtol=rtol)
     torch.testing.assert_close(xf.grad.double(), xr.grad, equal_nan=True, atol=grad_atol,
                                rtol=rtol)
+
+
+def check_values_and_grads(fo_fn, torch_fn, args, kwargs, dtype, diff=(0,)):
+    """fo_fn(*args, **kwargs) against torch_fn in float64 from the same (rounded) inputs: the
+    value and the gradients of args[i] for i in diff, on the args' device. 16-bit dtypes pass
+    within tol(dtype) or within twice torch's own error in that dtype, value and each gradient
+    apart."""
+    def run(fn, cast):
+        a = [cast(t) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in args]
+        kw = {k: cast(v) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+              for k, v in kwargs.items()}
+        for i in diff:
+            a[i] = a[i].detach().clone().requires_grad_(True)
+        out = fn(*a, **kw)
+        return out, [a[i] for i in diff]
+
+    out, leaves = run(fo_fn, lambda t: t)
+    ref, ref_leaves = run(torch_fn, lambda t: t.double())
+    assert out.dtype == dtype and out.shape == ref.shape
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64).to(ref.device)
+    grads = torch.autograd.grad(out, leaves, g.to(dtype))
+    ref_grads = torch.autograd.grad(ref, ref_leaves, g)
+    atol, rtol = tol(dtype)["atol"], tol(dtype)["rtol"]
+    atols = [atol] * (1 + len(diff))
+    if dtype in (torch.float16, torch.bfloat16):
+        theirs, their_leaves = run(torch_fn, lambda t: t)
+        their_grads = torch.autograd.grad(theirs, their_leaves, g.to(dtype))
+        for k, (a, b) in enumerate(zip([theirs, *their_grads], [ref, *ref_grads])):
+            a, b = a.detach().double(), b.detach()
+            finite = torch.isfinite(a) & torch.isfinite(b)
+            if finite.any():
+                atols[k] = max(atol, 2 * (a - b)[finite].abs().max().item())
+    for k, (a, b) in enumerate(zip([out, *grads], [ref, *ref_grads])):
+        assert a.dtype == dtype
+        # rounded to the dtype: where the exact value overflows float16, inf is the answer
+        torch.testing.assert_close(a.detach().double(), b.detach().to(dtype).double(),
+                                   equal_nan=True, atol=atols[k], rtol=rtol)
+
+
+def opinfo_samples(name, device, dtype):
+    """torch's OpInfo sample inputs of nn.functional.NAME: (input, args, kwargs) each."""
+    from torch.testing._internal.common_methods_invocations import op_db
+    (op,) = [o for o in op_db if o.name == f"nn.functional.{name}" and not o.variant_test_name]
+    return op, [(s.input.detach(), [a.detach() if isinstance(a, torch.Tensor) else a
+                                    for a in s.args], s.kwargs)
+                for s in op.sample_inputs(device, dtype, requires_grad=False)]
 
 
 # ---- cross_entropy ---------------------------------------------------------------------------
@@ -334,7 +382,7 @@ def test_cross_entropy_none_grad_and_target_not_differentiable():
     from types import SimpleNamespace
     ctx = SimpleNamespace(needs_input_grad=(True, True, False, False, False, False))
     for fn in [L.CrossEntropyFunction, L.NLLLossFunction, L.LogSoftmaxFunction,
-               L.MSELossFunction]:
+               L.MSELossFunction, L.L1LossFunction, L.BinaryCrossEntropyWithLogitsFunction]:
         assert all(r is None for r in fn.backward(ctx, None))
 
 
@@ -539,6 +587,145 @@ def test_mse_loss_deterministic():
                                rtol=1e-6, atol=0)
 
 
+def test_mse_and_l1_vmap_over_0d_samples():
+    """A batch of 0-d inputs (one number per sample) reduces per sample as torch does."""
+    from torch.func import vmap
+    x, y = torch.randn(5), torch.randn(5)
+    for fo, tf in [(L.mse_loss, F.mse_loss), (L.l1_loss, F.l1_loss)]:
+        for reduction in REDUCTIONS:
+            torch.testing.assert_close(vmap(lambda a, b: fo(a, b, reduction=reduction))(x, y),
+                                       vmap(lambda a, b: tf(a, b, reduction=reduction))(x, y))
+
+
+# ---- l1_loss ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(9, 341), (9, 41, 7), (100003,), ()], ids=["9x341", "9x41x7",
+                                                                            "odd", "0d"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_l1_loss_matches_torch(shape, reduction, dtype, device):
+    x, gen = _inputs(shape, dtype, scale=0.3)
+    y = (0.3 * torch.randn(shape, generator=gen, dtype=torch.float64)).to(dtype)
+    if x.dim():
+        x[..., ::5] = y[..., ::5]  # equal elements: gradient 0
+    check_values_and_grads(L.l1_loss, F.l1_loss, [x.to(device), y.to(device)],
+                           dict(reduction=reduction), dtype, diff=(0, 1))
+
+
+def test_l1_loss_opinfo_samples(dtype, device):
+    op, samples = opinfo_samples("l1_loss", device, dtype)
+    for x, args, kwargs in samples:
+        check_values_and_grads(L.l1_loss, F.l1_loss, [x, *args], kwargs, dtype, diff=(0, 1))
+    for e in op.error_inputs(device):
+        s = e.sample_input
+        with pytest.raises(e.error_type, match=e.error_regex), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the target-size warning before the error
+            L.l1_loss(s.input, *s.args, **s.kwargs)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_l1_loss_gradcheck_and_gradgradcheck(reduction, device):
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(5, 7, dtype=torch.float64, generator=gen).to(device).requires_grad_(True)
+    y = torch.randn(5, 7, dtype=torch.float64, generator=gen).to(device).requires_grad_(True)
+    w = torch.rand(5, 7, dtype=torch.float64, generator=gen).to(device).requires_grad_(True)
+    for fn, inputs in [(lambda a, b: L.l1_loss(a, b, reduction=reduction), (x, y)),
+                       (lambda a, b, c: L.l1_loss(a, b, reduction=reduction, weight=c),
+                        (x, y, w)),
+                       (lambda a, b: L.L1LossFunction.apply(a, b, L._Reduction.get_enum(
+                           reduction)), (x, y))]:
+        assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
+        assert torch.autograd.gradgradcheck(fn, inputs, fast_mode=True)
+
+
+def test_l1_loss_options_like_torch(device):
+    x = torch.randn(5, 7, dtype=torch.float64, device=device, requires_grad=True)
+    y = torch.randn(5, 7, dtype=torch.float64, device=device)
+    # a target of another size broadcasts, with torch's warning; gradients sum back
+    yb = torch.randn(7, dtype=torch.float64, device=device, requires_grad=True)
+    with pytest.warns(UserWarning, match="target size"):
+        ours = L.l1_loss(x, yb)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = F.l1_loss(x, yb)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(torch.autograd.grad(ours, [x, yb]),
+                               torch.autograd.grad(ref, [x, yb]))
+    # element weights ('mean' divides by their sum), legacy arguments
+    w = torch.rand(5, 7, dtype=torch.float64, device=device)
+    for reduction in REDUCTIONS:
+        torch.testing.assert_close(L.l1_loss(x, y, reduction=reduction, weight=w),
+                                   F.l1_loss(x, y, reduction=reduction, weight=w))
+    with pytest.raises(ValueError, match="same size"):
+        L.l1_loss(x, y, weight=w[:, :3])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for sa, red in [(False, None), (None, False), (True, True)]:
+            torch.testing.assert_close(L.l1_loss(x, y, size_average=sa, reduce=red),
+                                       F.l1_loss(x, y, size_average=sa, reduce=red))
+
+
+def test_l1_loss_empty_views_and_special_values(dtype, device):
+    for reduction in REDUCTIONS:  # empty: 'mean' is NaN as in torch
+        e = torch.randn(0, 3, dtype=dtype, device=device, requires_grad=True)
+        ours = L.l1_loss(e, e.detach(), reduction=reduction)
+        torch.testing.assert_close(ours, F.l1_loss(e, e.detach(), reduction=reduction),
+                                   equal_nan=True)
+        (g,) = torch.autograd.grad(ours.sum(), e)
+        assert g.shape == e.shape
+    base = torch.randn(64 * 31 + 1, dtype=torch.float64)
+    tbase = torch.randn(64 * 31 + 1, dtype=torch.float64)
+    views = [(base[1:].view(64, 31), tbase[:-1].view(64, 31)),  # storage offset by one element
+             (base[1:].view(64, 31).t(), tbase[1:].view(31, 64)),  # transposed
+             (base[::3][:600].view(20, 30), tbase[1::2][:600].view(30, 20).t())]  # strided
+    for x, y in views:
+        check_values_and_grads(L.l1_loss, F.l1_loss, [x.to(dtype).to(device),
+                                                      y.to(dtype).to(device)],
+                               dict(reduction="sum"), dtype, diff=(0, 1))
+    nan, inf = float("nan"), float("inf")
+    x = torch.tensor([1.0, nan, inf, -inf, inf, 1e4, -1e4, 0.0, -0.0, 3.0], dtype=dtype,
+                     device=device)
+    y = torch.tensor([1.0, 0.0, inf, inf, 0.0, -1e4, 1e4, -0.0, 0.0, nan], dtype=dtype,
+                     device=device)
+    check_values_and_grads(L.l1_loss, F.l1_loss, [x, y], dict(reduction="none"), dtype,
+                           diff=(0, 1))
+
+
+def test_l1_loss_deterministic():
+    x = torch.randn(1_000_003, requires_grad=True)
+    y = torch.randn(1_000_003)
+    vals, grads = [], []
+    for threads in [1, 2, 1]:
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            out = L.l1_loss(x, y)
+            vals.append(out)
+            grads.append(torch.autograd.grad(out, x)[0])
+        finally:
+            torch.set_num_threads(prev)
+    assert all(torch.equal(vals[0], v) for v in vals)
+    assert all(torch.equal(grads[0], g) for g in grads)
+    torch.testing.assert_close(vals[0].double(), F.l1_loss(x.double(), y.double()),
+                               rtol=1e-6, atol=0)
+
+
+def test_l1_loss_bad_inputs():
+    x = torch.randn(4, 5)
+    with pytest.raises(RuntimeError, match="shape"):
+        torch.ops.fastops.l1_loss(x, torch.randn(5, 4), 1)
+    with pytest.raises(TypeError, match="dtype"):
+        torch.ops.fastops.l1_loss(x, x.double(), 1)
+    with pytest.raises(TypeError, match="floating-point"):
+        torch.ops.fastops.l1_loss(x.long(), x.long(), 1)
+    with pytest.raises(RuntimeError, match="reduction"):
+        torch.ops.fastops.l1_loss(x, x, 3)
+    with pytest.raises(RuntimeError, match="grad_output"):
+        torch.ops.fastops.l1_loss_backward(torch.ones(3), x, x, 0, [True, True])
+    with pytest.raises(ValueError, match="not a valid value for reduction"):
+        L.l1_loss(x, x, reduction="avg")
+    assert torch.isfinite(L.l1_loss(x, x * 2))  # the process is fine afterwards
+
+
 # ---- opcheck and torch.compile ---------------------------------------------------------------
 
 def _opcheck_cases():
@@ -570,10 +757,16 @@ def _opcheck_cases():
                                  [True, True])),
         (ops.mse_loss_backward, (torch.tensor(1.0, dtype=torch.float64), x, x * 2, 1,
                                  [True, False])),
+        (ops.l1_loss, (x, x * 2, 1)),
+        (ops.l1_loss, (x, x * 2, 0)),
+        (ops.l1_loss_backward, (torch.tensor(1.0, dtype=torch.float64), x, x * 2, 1,
+                                [True, True])),
+        (ops.l1_loss_backward, (torch.randn(4, 6, dtype=torch.float64), x, x * 2, 0,
+                                [False, True])),
     ]
 
 
-@pytest.mark.parametrize("case", range(15))
+@pytest.mark.parametrize("case", range(len(_opcheck_cases())))
 def test_opcheck(case):
     op, args = _opcheck_cases()[case]
     if not op._qualified_op_name.endswith("_backward"):  # the backward ops have no autograd
@@ -603,7 +796,8 @@ def test_compile_fullgraph():
 
 def test_signatures_match_torch():
     import inspect
-    for name in ["log_softmax", "softmax", "nll_loss", "cross_entropy", "mse_loss"]:
+    for name in ["log_softmax", "softmax", "nll_loss", "cross_entropy", "mse_loss", "l1_loss",
+                 "binary_cross_entropy", "binary_cross_entropy_with_logits"]:
         ours = inspect.signature(getattr(L, name))
         theirs = inspect.signature(getattr(F, name))
         assert list(ours.parameters) == list(theirs.parameters), name

@@ -132,6 +132,30 @@ def test_boston_loss_falls_and_update_rules_agree(tmp_path):
     assert os.path.exists(os.path.join(out, "boston.png"))
 
 
+def test_boston_l1_fits_by_mean_absolute_error(tmp_path):
+    out = str(tmp_path / "boston-l1")
+    runs, gaps = boston.main(["--loss", "l1", "--epochs", "150", "--out", out, *QUICK])
+    named = _by_name(runs)
+    assert set(named) == {"manual-l1/fastops", "manual-l1/torch", "optim-l1/fastops",
+                          "optim-l1/torch"}
+    doc = _metrics(out)
+    floor = doc["lad_test_mae"]
+    assert 2 < floor < 4 and doc["loss"] == "l1"
+    for r in runs:
+        assert r.losses[-1] < 0.2 * r.losses[0], r.name  # an MAE that starts near 22
+        assert r.metrics["test_mae"] < 1.2 * floor, (r.name, r.metrics)
+    # the sign gradient amplifies rounding near the optimum, but the curves stay together
+    assert max(gaps.values()) < 1e-2
+    assert doc["runs"][0]["metric"] == "test_mae"
+    assert os.path.exists(os.path.join(out, "boston.png"))
+    # an MSE checkpoint holds no L1 run
+    ck = str(tmp_path / "ck.pt")
+    boston.main(["--epochs", "2", "--backend", "fastops", "--checkpoint", ck, "--no-plots",
+                 "--out", str(tmp_path / "mse"), *QUICK])
+    with pytest.raises(SystemExit, match="no run of --loss l1"):
+        boston.main(["--loss", "l1", "--resume", ck, "--out", str(tmp_path), *QUICK])
+
+
 def test_boston_takes_a_users_csv(tmp_path):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 3, generator=g)

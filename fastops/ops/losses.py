@@ -1,5 +1,6 @@
 """Autograd formulas, fake kernels and functional forms of the losses and their softmaxes:
-log_softmax, softmax, nll_loss, cross_entropy (fused log_softmax + nll_loss) and mse_loss.
+log_softmax, softmax, nll_loss, cross_entropy (fused log_softmax + nll_loss), mse_loss, l1_loss,
+binary_cross_entropy and binary_cross_entropy_with_logits.
 
 The functional forms take exactly the arguments of their torch.nn.functional twins. The reduction
 is passed to the ops as an int: 0 none, 1 mean, 2 sum.
@@ -17,6 +18,8 @@ _ops = torch.ops.fastops
 __all__ = [
     "LogSoftmaxFunction", "SoftmaxFunction", "NLLLossFunction", "CrossEntropyFunction",
     "MSELossFunction", "log_softmax", "softmax", "nll_loss", "cross_entropy", "mse_loss",
+    "L1LossFunction", "BinaryCrossEntropyFunction", "BinaryCrossEntropyWithLogitsFunction",
+    "l1_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits",
 ]
 
 
@@ -82,6 +85,21 @@ def _mse_loss_fake(self, target, reduction):
 @torch.library.register_fake("fastops::mse_loss_backward")
 def _mse_loss_backward_fake(grad_output, self, target, reduction, output_mask):
     return tuple(self.new_empty(self.shape if want else (0,)) for want in output_mask)
+
+
+# the elementwise losses: l1_loss as mse_loss; the binary cross entropies also take weight and
+# pos_weight, broadcast to self's shape
+def _elementwise_loss_fake(self, target, *rest):
+    return self.new_empty(self.shape if rest[-1] == 0 else ())
+
+
+def _elementwise_loss_backward_fake(grad_output, self, target, *rest):
+    return tuple(self.new_empty(self.shape if want else (0,)) for want in rest[-1])
+
+
+for _name in ("l1_loss", "binary_cross_entropy", "binary_cross_entropy_with_logits"):
+    torch.library.register_fake(f"fastops::{_name}", _elementwise_loss_fake)
+    torch.library.register_fake(f"fastops::{_name}_backward", _elementwise_loss_backward_fake)
 
 
 # ---- autograd.Function classes ---------------------------------------------------------------
@@ -464,12 +482,8 @@ class MSELossFunction(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, input, target, reduction):
-        x, t = (_dispatch.batch_first(a, d, info.batch_size)
-                for a, d in zip((input, target), in_dims))
-        loss = MSELossFunction.apply(x, t, 0)
-        if reduction != 0:
-            loss = loss.flatten(1).sum(1) if reduction == 2 else loss.flatten(1).mean(1)
-        return loss, 0
+        x, t = _batch_elementwise(info, in_dims, input, target)
+        return _reduce_per_sample(MSELossFunction.apply(x, t, 0), reduction), 0
 
 
 def _mse_loss_backward(grad_output, input, target, reduction, output_mask):
@@ -479,6 +493,263 @@ def _mse_loss_backward(grad_output, input, target, reduction, output_mask):
     empty = input.new_empty(0)
     return (grad_input if output_mask[0] else empty,
             -grad_input if output_mask[1] else empty)
+
+
+class L1LossFunction(torch.autograd.Function):
+    """fastops.l1_loss with its own backward. apply(input, target, reduction); input and target
+    have the same shape and dtype. Both get a gradient: sign(input - target), 0 where they are
+    equal, as torch's."""
+
+    @staticmethod
+    def forward(input, target, reduction):
+        return torch.ops.fastops.l1_loss(input, target, reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, reduction = inputs
+        ctx.reduction = reduction
+        ctx.save_for_backward(input, target)
+        ctx.save_for_forward(input, target)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if grad_output is None or not any(ctx.needs_input_grad[:2]):
+            return None, None, None
+        input, target = ctx.saved_tensors
+        grad_input, grad_target = torch.ops.fastops.l1_loss_backward(
+            grad_output, input, target, ctx.reduction, list(ctx.needs_input_grad[:2]))
+        return (grad_input if ctx.needs_input_grad[0] else None,
+                grad_target if ctx.needs_input_grad[1] else None, None)
+
+    @staticmethod
+    def jvp(ctx, t_input, t_target, _):
+        input, target = ctx.saved_tensors
+        return _elementwise_jvp(torch.ops.fastops.l1_loss_backward, (input, target), t_input,
+                                t_target, ctx.reduction)
+
+    @staticmethod
+    def vmap(info, in_dims, input, target, reduction):
+        x, t = _batch_elementwise(info, in_dims, input, target)
+        return _reduce_per_sample(L1LossFunction.apply(x, t, 0), reduction), 0
+
+
+def _l1_loss_backward(grad_output, input, target, reduction, output_mask):
+    """l1_loss_backward as torch ops, differentiable: sign(input - target) grad (/ numel)."""
+    scale = grad_output / input.numel() if reduction == 1 else grad_output
+    grad_input = (torch.sign(input - target) * scale).to(input.dtype)
+    empty = input.new_empty(0)
+    return (grad_input if output_mask[0] else empty,
+            -grad_input if output_mask[1] else empty)
+
+
+def _not_differentiable(op, arg):
+    return RuntimeError(f"fastops.{op} is not differentiable with respect to argument '{arg}' "
+                        "(as torch's). This input cannot have requires_grad True.")
+
+
+class BinaryCrossEntropyFunction(torch.autograd.Function):
+    """fastops.binary_cross_entropy with its own backward. apply(input, target, weight,
+    reduction): input holds probabilities in [0, 1] (anything else raises), target has its
+    shape and dtype, weight (or None) broadcasts to its shape. input and target get a gradient;
+    weight gets none (as in torch: differentiating it raises)."""
+
+    @staticmethod
+    def forward(input, target, weight, reduction):
+        return torch.ops.fastops.binary_cross_entropy(input, target, weight, reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, weight, reduction = inputs
+        ctx.reduction = reduction
+        ctx.set_materialize_grads(False)  # an absent weight tangent stays None, not zeros
+        ctx.save_for_backward(input, target, weight)
+        ctx.save_for_forward(input, target, weight)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.needs_input_grad[2]:
+            raise _not_differentiable("binary_cross_entropy", "weight")
+        if grad_output is None or not any(ctx.needs_input_grad[:2]):
+            return None, None, None, None
+        input, target, weight = ctx.saved_tensors
+        grad_input, grad_target = torch.ops.fastops.binary_cross_entropy_backward(
+            grad_output, input, target, weight, ctx.reduction, list(ctx.needs_input_grad[:2]))
+        return (grad_input if ctx.needs_input_grad[0] else None,
+                grad_target if ctx.needs_input_grad[1] else None, None, None)
+
+    @staticmethod
+    def jvp(ctx, t_input, t_target, t_weight, _):
+        if t_weight is not None:
+            raise _not_differentiable("binary_cross_entropy", "weight")
+        input, target, weight = ctx.saved_tensors
+        return _elementwise_jvp(torch.ops.fastops.binary_cross_entropy_backward,
+                                (input, target, weight), t_input, t_target, ctx.reduction)
+
+    @staticmethod
+    def vmap(info, in_dims, input, target, weight, reduction):
+        x, t, w = _batch_elementwise(info, in_dims, input, target, weight)
+        return _reduce_per_sample(BinaryCrossEntropyFunction.apply(x, t, w, 0), reduction), 0
+
+
+class BinaryCrossEntropyWithLogitsFunction(torch.autograd.Function):
+    """fastops.binary_cross_entropy_with_logits with its own backward. apply(input, target,
+    weight, pos_weight, reduction): target has input's shape and dtype, weight and pos_weight
+    (or None) broadcast to its shape. input and target get a gradient. weight and pos_weight get
+    one here when asked (torch.func transforms differentiate them, as torch.func does torch's);
+    through the op itself, as through torch's, they may not require a gradient."""
+
+    @staticmethod
+    def forward(input, target, weight, pos_weight, reduction):
+        return torch.ops.fastops.binary_cross_entropy_with_logits(input, target, weight,
+                                                                  pos_weight, reduction)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, target, weight, pos_weight, reduction = inputs
+        ctx.reduction = reduction
+        ctx.set_materialize_grads(False)  # absent weight tangents stay None, not zeros
+        ctx.save_for_backward(input, target, weight, pos_weight)
+        ctx.save_for_forward(input, target, weight, pos_weight)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        needs = ctx.needs_input_grad
+        grads = [None] * 5
+        if grad_output is None:
+            return tuple(grads)
+        input, target, weight, pos_weight = ctx.saved_tensors
+        if needs[0] or needs[1]:
+            gi, gt = torch.ops.fastops.binary_cross_entropy_with_logits_backward(
+                grad_output, input, target, weight, pos_weight, ctx.reduction, list(needs[:2]))
+            grads[0], grads[1] = (gi if needs[0] else None), (gt if needs[1] else None)
+        if needs[2] or needs[3]:
+            scale = grad_output / input.numel() if ctx.reduction == 1 else grad_output
+            if needs[2]:
+                grads[2] = _weight_grad(scale, input, target, pos_weight, weight)
+            if needs[3]:
+                grads[3] = _pos_weight_grad(scale, input, target, weight, pos_weight)
+        return tuple(grads)
+
+    @staticmethod
+    def jvp(ctx, t_input, t_target, t_weight, t_pos_weight, _):
+        input, target, weight, pos_weight = ctx.saved_tensors
+        d = _elementwise_jvp(torch.ops.fastops.binary_cross_entropy_with_logits_backward,
+                             (input, target, weight, pos_weight), t_input, t_target, 0)
+        if t_weight is not None:
+            e = _weight_grad(1.0, input, target, pos_weight, t_weight, reduce=False)
+            d = e if d is None else d + e
+        if t_pos_weight is not None:
+            e = _pos_weight_grad(1.0, input, target, weight, t_pos_weight, reduce=False)
+            d = e if d is None else d + e
+        return None if d is None else _reduce_all(d, ctx.reduction)
+
+    @staticmethod
+    def vmap(info, in_dims, input, target, weight, pos_weight, reduction):
+        x, t, w, p = _batch_elementwise(info, in_dims, input, target, weight, pos_weight)
+        loss = BinaryCrossEntropyWithLogitsFunction.apply(x, t, w, p, 0)
+        return _reduce_per_sample(loss, reduction), 0
+
+
+def _weight_grad(scale, input, target, pos_weight, weight, reduce=True):
+    """d loss / d weight (scale times the unweighted loss), summed to weight's shape; with
+    reduce=False, the elementwise product with weight (a tangent) instead."""
+    unweighted = torch.ops.fastops.binary_cross_entropy_with_logits(input, target, None,
+                                                                    pos_weight, 0)
+    g = scale * unweighted
+    return (g * weight) if not reduce else g.sum_to_size(weight.shape)
+
+
+def _pos_weight_grad(scale, input, target, weight, pos_weight, reduce=True):
+    """d loss / d pos_weight: -scale * weight * target * log_sigmoid(input), summed to
+    pos_weight's shape; with reduce=False, the elementwise product with pos_weight instead."""
+    g = -scale * target * torch.nn.functional.logsigmoid(input)
+    if weight is not None:
+        g = g * weight
+    return (g * pos_weight) if not reduce else g.sum_to_size(pos_weight.shape)
+
+
+def _binary_cross_entropy_backward(grad_output, input, target, weight, reduction, output_mask):
+    """binary_cross_entropy_backward as torch ops, differentiable: grad w (x - y) /
+    max((1 - x) x, 1e-12) for the input, -grad w logit(x) for the target (/ numel)."""
+    scale = grad_output / input.numel() if reduction == 1 else grad_output
+    if weight is not None:
+        scale = scale * weight
+    empty = input.new_empty(0)
+    grad_input = grad_target = empty
+    if output_mask[0]:
+        d = (input - target) / ((1 - input) * input).clamp_min(1e-12)
+        grad_input = (d * scale).to(input.dtype)
+    if output_mask[1]:
+        grad_target = (-torch.logit(input) * scale).to(input.dtype)
+    return grad_input, grad_target
+
+
+def _binary_cross_entropy_with_logits_backward(grad_output, input, target, weight, pos_weight,
+                                               reduction, output_mask):
+    """binary_cross_entropy_with_logits_backward as torch ops, differentiable (torch's
+    formulas)."""
+    logsigmoid = torch.nn.functional.logsigmoid
+    scale = grad_output / input.numel() if reduction == 1 else grad_output
+    if weight is not None:
+        scale = scale * weight
+    empty = input.new_empty(0)
+    grad_input = grad_target = empty
+    if output_mask[0]:
+        if pos_weight is None:
+            d = torch.sigmoid(input) - target
+        else:
+            py = pos_weight * target
+            d = (py + 1 - target) * torch.sigmoid(input) - py
+        grad_input = (d * scale).to(input.dtype)
+    if output_mask[1]:
+        if pos_weight is None:
+            d = -input
+        else:
+            d = logsigmoid(-input) - pos_weight * logsigmoid(input)
+        grad_target = (d * scale).to(input.dtype)
+    return grad_input, grad_target
+
+
+# ---- helpers of the elementwise losses' jvp and vmap rules -------------------------------------
+
+def _reduce_all(d, reduction):
+    return d if reduction == 0 else (d.sum() if reduction == 2 else d.mean())
+
+
+def _elementwise_jvp(backward_op, operands, t_input, t_target, reduction):
+    """The tangent of an elementwise loss: its elementwise derivatives (the backward op at an
+    incoming gradient of ones) times the tangents of input and target, reduced."""
+    input = operands[0]
+    if t_input is None and t_target is None:
+        return None
+    grad_input, grad_target = backward_op(torch.ones_like(input), *operands, 0,
+                                          [t_input is not None, t_target is not None])
+    d = grad_input * t_input if t_input is not None else None
+    if t_target is not None:
+        d = grad_target * t_target if d is None else d + grad_target * t_target
+    return _reduce_all(d, reduction)
+
+
+def _batch_elementwise(info, in_dims, input, target, *weights):
+    """input and target batch-first; a batched weight batch-first with ones inserted after the
+    batch dim, so that each sample's weight broadcasts against its input as it would alone."""
+    n = info.batch_size
+    x = _dispatch.batch_first(input, in_dims[0], n)
+    out = [x, _dispatch.batch_first(target, in_dims[1], n)]
+    for w, d in zip(weights, in_dims[2:]):
+        if w is not None and d is not None:
+            w = w.movedim(d, 0)
+            w = w.reshape(n, *[1] * (x.dim() - w.dim()), *w.shape[1:])
+        out.append(w)
+    return out
+
+
+def _reduce_per_sample(loss, reduction):
+    """The unreduced loss of a batch-first call, reduced per sample."""
+    if reduction == 0:
+        return loss
+    per_sample = loss.reshape(loss.shape[0], -1)
+    return per_sample.sum(1) if reduction == 2 else per_sample.mean(1)
 
 
 class _NLLLossBackward(torch.autograd.Function):
@@ -561,6 +832,14 @@ _dispatch.transforms_use("cross_entropy", CrossEntropyFunction.apply)
 _dispatch.differentiable("cross_entropy_backward", _cross_entropy_backward)
 _dispatch.transforms_use("mse_loss", MSELossFunction.apply)
 _dispatch.differentiable("mse_loss_backward", _mse_loss_backward)
+_dispatch.transforms_use("l1_loss", L1LossFunction.apply)
+_dispatch.differentiable("l1_loss_backward", _l1_loss_backward)
+_dispatch.transforms_use("binary_cross_entropy", BinaryCrossEntropyFunction.apply)
+_dispatch.differentiable("binary_cross_entropy_backward", _binary_cross_entropy_backward)
+_dispatch.transforms_use("binary_cross_entropy_with_logits",
+                         BinaryCrossEntropyWithLogitsFunction.apply)
+_dispatch.differentiable("binary_cross_entropy_with_logits_backward",
+                         _binary_cross_entropy_with_logits_backward)
 
 
 # ---- functional forms (the signatures of torch.nn.functional) --------------------------------
@@ -619,12 +898,23 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", we
     """torch.nn.functional.mse_loss on fastops kernels. A target of another size is broadcast
     (with torch's warning); weight (the input's size) weights each element, and 'mean' then
     divides by the sum of the weights, as torch does."""
+    return _regression_loss(_ops.mse_loss.default, input, target, size_average, reduce,
+                            reduction, weight)
+
+
+def l1_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
+    """torch.nn.functional.l1_loss on fastops kernels; target and weight as in mse_loss."""
+    return _regression_loss(_ops.l1_loss.default, input, target, size_average, reduce,
+                            reduction, weight)
+
+
+def _regression_loss(op, input, target, size_average, reduce, reduction, weight):
     if target.size() != input.size():
         warnings.warn(
             f"Using a target size ({target.size()}) that is different to the input size "
             f"({input.size()}). This will likely lead to incorrect results due to broadcasting. "
             "Please ensure they have the same size.",
-            stacklevel=2,
+            stacklevel=3,
         )
     if size_average is not None or reduce is not None:
         reduction = _Reduction.legacy_get_string(size_average, reduce)
@@ -637,10 +927,41 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction="mean", we
         if reduction not in ("none", "mean", "sum"):
             raise ValueError(f"Invalid reduction mode: {reduction}. "
                              "Expected one of 'none', 'mean', 'sum'.")
-        weighted = _ops.mse_loss.default(input, target, 0) * weight
+        weighted = op(input, target, 0) * weight
         if reduction == "none":
             return weighted
         if reduction == "sum":
             return weighted.sum()
         return weighted.sum() / weight.sum()
-    return _ops.mse_loss.default(input, target, _Reduction.get_enum(reduction))
+    return op(input, target, _Reduction.get_enum(reduction))
+
+
+def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=None,
+                         reduction="mean"):
+    """torch.nn.functional.binary_cross_entropy on fastops kernels: input holds probabilities
+    in [0, 1] (anything else raises, as in torch); each log is clamped at -100; weight
+    broadcasts to the input's shape."""
+    r = _reduction_enum(size_average, reduce, reduction)
+    if target.size() != input.size():
+        raise ValueError(
+            f"Using a target size ({target.size()}) that is different to the input size "
+            f"({input.size()}) is deprecated. Please ensure they have the same size.")
+    if weight is not None and weight.dtype != input.dtype:
+        weight = weight.to(input.dtype)  # torch multiplies the loss by it in place
+    return _ops.binary_cross_entropy.default(input, target, weight, r)
+
+
+def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None, reduce=None,
+                                     reduction="mean", pos_weight=None):
+    """torch.nn.functional.binary_cross_entropy_with_logits on fastops kernels, in one pass
+    forward and one backward: weight and pos_weight broadcast to the input's shape (pos_weight
+    of C elements: one per class, along the last dim). Mixed dtypes compute in the target's, as
+    torch's does."""
+    r = _reduction_enum(size_average, reduce, reduction)
+    if target.size() != input.size():
+        raise ValueError(
+            f"Target size ({target.size()}) must be the same as input size ({input.size()})")
+    dtype = target.dtype
+    input, weight, pos_weight = (t.to(dtype) if t is not None and t.dtype != dtype else t
+                                 for t in (input, weight, pos_weight))
+    return _ops.binary_cross_entropy_with_logits.default(input, target, weight, pos_weight, r)

