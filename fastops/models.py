@@ -8,8 +8,9 @@ have the same parameter names and shapes, so a state_dict moves between them unc
 - MLP(in_features, hidden_sizes, out_features, activation="relu", dropout=0.0)
 - LinearRegression(in_features, out_features=1)
 - MaxoutNet(in_features, hidden_sizes, out_features, pool_size=2, dropout=0.0)
-- GAN(data_dim=2, latent_dim=2, hidden_sizes=(128, 128), loss="ce"): a generator and a
-  discriminator MLP; loss="wgan-gp" makes the discriminator a critic with a gradient penalty
+- GAN(data_dim=2, latent_dim=2, hidden_sizes=(128, 128), loss="bce"): a generator and a
+  discriminator MLP with one logit and binary cross entropy; loss="ce" gives the discriminator
+  two logits and cross entropy, loss="wgan-gp" makes it a critic with a gradient penalty
 """
 
 import torch
@@ -183,7 +184,13 @@ class LinearRegression(_Twin):
 
 class GAN(_Twin):
     """A generator MLP (latent_dim noise -> data_dim, ReLU) and a discriminator MLP
-    (data_dim -> logits, LeakyReLU(0.2)), trained with one of two losses:
+    (data_dim -> logits, LeakyReLU(0.2)), trained with one of three losses:
+
+    - loss="bce" (the default; Goodfellow et al., 2014, with the non-saturating generator
+      loss): the discriminator has one logit, the probability that its input is real, and
+      both players train with binary cross entropy on that logit (BCEWithLogits):
+
+          loss_D = BCE(D(real), 1) + BCE(D(G(z)), 0)    loss_G = BCE(D(G(z)), 1)
 
     - loss="ce": the discriminator is a two-class classifier (logits: fake, real) and both
       players train with the fused cross entropy:
@@ -201,9 +208,9 @@ class GAN(_Twin):
     """
 
     REAL, FAKE = 1, 0
-    LOSSES = ("ce", "wgan-gp")
+    LOSSES = ("bce", "ce", "wgan-gp")
 
-    def __init__(self, data_dim=2, latent_dim=2, hidden_sizes=(128, 128), loss="ce",
+    def __init__(self, data_dim=2, latent_dim=2, hidden_sizes=(128, 128), loss="bce",
                  gp_weight=10.0, backend="fastops"):
         if loss not in self.LOSSES:
             raise ValueError(f"GAN: loss must be one of {', '.join(self.LOSSES)}, got {loss!r}")
@@ -232,6 +239,16 @@ class GAN(_Twin):
     def _targets(self, n, label, device):
         return torch.full((n,), label, dtype=torch.long, device=device)
 
+    def _classify(self, x, label):
+        """The discriminator's loss for calling the points x `label` (REAL or FAKE)."""
+        logits = self.discriminator(x)
+        if self.loss == "bce":
+            bce = functional(self.backend).binary_cross_entropy_with_logits
+            return bce(logits.squeeze(1), torch.full((len(x),), float(label), dtype=logits.dtype,
+                                                     device=logits.device))
+        ce = functional(self.backend).cross_entropy
+        return ce(logits, self._targets(len(x), label, x.device))
+
     def discriminator_loss(self, real, fake, eps=None):
         """The discriminator's (critic's) loss on a batch of real and one of generated points
         (detached from the generator). eps: the wgan-gp interpolation weights, one per sample
@@ -239,9 +256,7 @@ class GAN(_Twin):
         if self.loss == "wgan-gp":
             wasserstein, penalty = self.critic_terms(real, fake, eps)
             return penalty - wasserstein
-        ce = functional(self.backend).cross_entropy
-        return (ce(self.discriminator(real), self._targets(len(real), self.REAL, real.device))
-                + ce(self.discriminator(fake), self._targets(len(fake), self.FAKE, fake.device)))
+        return self._classify(real, self.REAL) + self._classify(fake, self.FAKE)
 
     def critic_terms(self, real, fake, eps=None):
         """wgan-gp: (the critic's estimate of the Wasserstein distance, mean D(real) -
@@ -266,5 +281,4 @@ class GAN(_Twin):
         if self.loss == "wgan-gp":
             return -self.discriminator(fake).mean()
         # the non-saturating loss: G maximises log D(G(z)) rather than minimising log(1 - D)
-        ce = functional(self.backend).cross_entropy
-        return ce(self.discriminator(fake), self._targets(len(fake), self.REAL, fake.device))
+        return self._classify(fake, self.REAL)

@@ -87,6 +87,8 @@ def _target(shape, classes, ignore=None):
 
 def _signs(*shape):
     return lambda g, dev: (torch.randint(0, 2, shape, generator=g) * 2 - 1).to(dev, torch.float64)
+
+
 def _unit(*shape):
     # probabilities kept off 0 and 1, where binary_cross_entropy's log clamps
     return lambda g, dev: (0.1 + 0.8 * torch.rand(shape, generator=g, dtype=torch.float64)).to(dev)
@@ -316,6 +318,7 @@ CASES = {
         functools.partial(torch_multi_margin, p=2, reduction="none"),
         [_randn(5), _target((1,), 5)],
         [0],
+    ),
     "l1_loss": (FF.l1_loss, F.l1_loss, [_randn(4, 5), _randn(4, 5)], [0, 1]),
     "l1_loss_sum_weight": (
         lambda x, y, w: FF.l1_loss(x, y, reduction="sum", weight=w),

@@ -23,6 +23,9 @@ TWINS = {
     ("nn.functional.cross_entropy", ""): F.cross_entropy,
     ("nn.functional.nll_loss", ""): F.nll_loss,
     ("nn.functional.mse_loss", ""): F.mse_loss,
+    ("nn.functional.l1_loss", ""): F.l1_loss,
+    ("nn.functional.binary_cross_entropy", ""): F.binary_cross_entropy,
+    ("nn.functional.binary_cross_entropy_with_logits", ""): F.binary_cross_entropy_with_logits,
     ("nn.functional.hinge_embedding_loss", ""): F.hinge_embedding_loss,
     ("nn.functional.multi_margin_loss", ""): F.multi_margin_loss,
 }

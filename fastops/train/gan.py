@@ -1,12 +1,13 @@
 """gan: a small GAN in 2-D. The target is a ring of Gaussians (8 modes on a circle of radius 2);
-the generator maps 2-D noise to points, the discriminator is a two-class MLP, and both train with
-Adam on the fused cross entropy (--loss ce), or the discriminator is a critic with one output
-trained as a Wasserstein GAN with gradient penalty (--loss wgan-gp: n critic steps per generator
-step, each differentiating the critic's input gradient). Reports how many modes the generator
+the generator maps 2-D noise to points, the discriminator is an MLP with one logit, and both train
+with Adam on binary cross entropy of that logit (the classic GAN, --loss bce); or the
+discriminator is a two-class MLP on the fused cross entropy (--loss ce); or it is a critic with
+one output trained as a Wasserstein GAN with gradient penalty (--loss wgan-gp: n critic steps per
+generator step, each differentiating the critic's input gradient). Reports how many modes the generator
 covers, the fraction of its samples that land near a mode, and plots the samples against the
 target.
 
-    fastops-train gan [--loss ce|wgan-gp] [--epochs 30] [--steps 100] [--modes 8]
+    fastops-train gan [--loss bce|ce|wgan-gp] [--epochs 30] [--steps 100] [--modes 8]
 """
 
 import argparse
@@ -143,7 +144,7 @@ def plot_samples(path, runs, ring, count=2000, seed=0):
     plots.save(fig, path)
 
 
-def plot_curves(path, runs, loss="ce"):
+def plot_curves(path, runs, loss="bce"):
     titles = [("loss", "generator loss"), ("loss_d", "discriminator loss")]
     if loss == "wgan-gp":
         titles = [("loss", "generator loss, -mean D(G(z))"), ("loss_d", "critic loss"),
@@ -171,8 +172,10 @@ def plot_curves(path, runs, loss="ce"):
 # across the ring for thousands of steps before it spreads. With these defaults all 12 seeds
 # tried covered the 8 modes within 2000 generator steps.
 LOSS_DEFAULTS = {
+    "bce": dict(epochs=30, steps=100, lr=1e-3, critic_lr=None, betas="0.5,0.999", critic_steps=1,
+                hidden="128,128", out=os.path.join("runs", "gan")),
     "ce": dict(epochs=30, steps=100, lr=1e-3, critic_lr=None, betas="0.5,0.999", critic_steps=1,
-               hidden="128,128", out=os.path.join("runs", "gan")),
+               hidden="128,128", out=os.path.join("runs", "gan-ce")),
     "wgan-gp": dict(epochs=25, steps=100, lr=1e-4, critic_lr=6e-4, betas="0,0.9", critic_steps=5,
                     hidden="128,128,128", out=os.path.join("runs", "gan-wgan-gp")),
 }
@@ -181,15 +184,16 @@ LOSS_DEFAULTS = {
 def main(argv=None):
     # --loss first: the defaults of the other flags follow it (and --help shows those)
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--loss", choices=tuple(LOSS_DEFAULTS), default="ce")
+    pre.add_argument("--loss", choices=tuple(LOSS_DEFAULTS), default="bce")
     loss = pre.parse_known_args(argv)[0].loss
     defaults = LOSS_DEFAULTS[loss]
     # one thread: these tensors are too small for a second one to help, and on a busy
     # machine a second thread stalls every parallel region
     p = parser("gan", __doc__.split("\n\n")[0], epochs=defaults["epochs"], threads=1)
     p.set_defaults(out=defaults["out"])
-    p.add_argument("--loss", choices=tuple(LOSS_DEFAULTS), default="ce",
-                   help="ce: two-class discriminator, cross entropy; wgan-gp: Wasserstein GAN "
+    p.add_argument("--loss", choices=tuple(LOSS_DEFAULTS), default="bce",
+                   help="bce: one discriminator logit, binary cross entropy (the classic GAN); "
+                        "ce: two-class discriminator, cross entropy; wgan-gp: Wasserstein GAN "
                         "with gradient penalty. The defaults of --epochs, --steps, "
                         "--critic-steps, --lr, --critic-lr, --betas, --hidden and --out follow "
                         "it (`--loss wgan-gp --help` shows wgan-gp's)")
@@ -219,7 +223,7 @@ def main(argv=None):
         p.error(f"--betas takes two numbers, got {args.betas}")
     if args.critic_steps < 1:
         p.error(f"--critic-steps must be at least 1, got {args.critic_steps}")
-    variant = "gan" if loss == "ce" else "wgan-gp"
+    variant = {"bce": "gan", "ce": "gan-ce"}.get(loss, loss)
 
     with Trainer("gan", args) as trainer:
         if trainer.checkpoint is not None and trainer.checkpoint.runs and not any(
