@@ -1,5 +1,7 @@
 """Shared test settings: the devices and dtypes every op is held against PyTorch on."""
 
+import os
+
 import pytest
 import torch
 
@@ -14,6 +16,11 @@ def _devices():
 
 
 DEVICES = _devices()
+
+# Where fresh interpreters of the tests start: not the repository root, whose fastops/ source
+# tree (without the compiled library when fastops is installed) would shadow the installed
+# package.
+SUBPROCESS_CWD = os.path.dirname(os.path.abspath(__file__))
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 # (atol, rtol) when comparing a fastops result with torch's in the same dtype.

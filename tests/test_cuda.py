@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as TF
+from conftest import SUBPROCESS_CWD
 
 import fastops
 import fastops.functional as F
@@ -22,7 +23,7 @@ def run_python(code):
     """Runs code in a fresh interpreter (a device-side assert poisons the CUDA context of the
     process that hits it) and returns the completed process."""
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, cwd=SUBPROCESS_CWD)
 
 
 @pytest.mark.parametrize("call", [

@@ -17,7 +17,7 @@ from torch.testing._internal.common_methods_invocations import op_db
 import fastops.functional as FF
 from fastops import nn as fnn
 from fastops.ops import HingeEmbeddingLossFunction, MultiMarginLossFunction
-from conftest import DTYPES, tol
+from conftest import DTYPES, SUBPROCESS_CWD, tol
 
 REDUCTIONS = ["none", "mean", "sum"]
 HALF = (torch.float16, torch.bfloat16)
@@ -382,7 +382,7 @@ def test_wrong_device(device):
 def _run_python(code):
     """A fresh interpreter (a device-side assert poisons the CUDA context of its process)."""
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, cwd=SUBPROCESS_CWD)
 
 
 @pytest.mark.parametrize("call", [

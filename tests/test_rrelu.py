@@ -8,7 +8,7 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as TF
-from conftest import DEVICES, tol
+from conftest import DEVICES, SUBPROCESS_CWD, tol
 from torch.func import grad, vmap
 from torch.testing._internal.common_methods_invocations import op_db
 
@@ -246,7 +246,8 @@ def test_every_cpu_isa_draws_the_same_slopes(tmp_path):
     for isa in ("avx2", "baseline"):
         path = tmp_path / f"{isa}.pt"
         subprocess.run([sys.executable, "-c", script, str(path), os.path.dirname(__file__)],
-                       env={**os.environ, "FASTOPS_CPU_ISA": isa}, check=True)
+                       env={**os.environ, "FASTOPS_CPU_ISA": isa}, check=True,
+                       cwd=SUBPROCESS_CWD)
         ran, there = torch.load(path)
         assert ran in (isa, "baseline")
         assert all(torch.equal(a, b) for a, b in zip(here, there, strict=True))
