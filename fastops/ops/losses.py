@@ -448,42 +448,58 @@ def _soft_target_grad(grad_loss, input, weight, reduction, label_smoothing, lse)
     return g.to(input.dtype)
 
 
-class MSELossFunction(torch.autograd.Function):
-    """fastops.mse_loss with its own backward. apply(input, target, reduction); input and
-    target have the same shape and dtype. Both get a gradient."""
+def _regression_loss_function(op_name, doc):
+    """The autograd.Function of an elementwise regression loss fastops::op_name(input, target,
+    reduction), whose backward op gives the gradients of both input and target."""
+    forward_op = getattr(torch.ops.fastops, op_name)
+    backward_op = getattr(torch.ops.fastops, op_name + "_backward")
 
-    @staticmethod
-    def forward(input, target, reduction):
-        return torch.ops.fastops.mse_loss(input, target, reduction)
+    class RegressionLossFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(input, target, reduction):
+            return forward_op(input, target, reduction)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, target, reduction = inputs
-        ctx.reduction = reduction
-        ctx.save_for_backward(input, target)
-        ctx.save_for_forward(input, target)
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            input, target, reduction = inputs
+            ctx.reduction = reduction
+            ctx.save_for_backward(input, target)
+            ctx.save_for_forward(input, target)
 
-    @staticmethod
-    def backward(ctx, grad_output):
-        if grad_output is None or not any(ctx.needs_input_grad[:2]):
-            return None, None, None
-        input, target = ctx.saved_tensors
-        grad_input, grad_target = torch.ops.fastops.mse_loss_backward(
-            grad_output, input, target, ctx.reduction, list(ctx.needs_input_grad[:2]))
-        return (grad_input if ctx.needs_input_grad[0] else None,
-                grad_target if ctx.needs_input_grad[1] else None, None)
+        @staticmethod
+        def backward(ctx, grad_output):
+            if grad_output is None or not any(ctx.needs_input_grad[:2]):
+                return None, None, None
+            input, target = ctx.saved_tensors
+            grad_input, grad_target = backward_op(grad_output, input, target, ctx.reduction,
+                                                  list(ctx.needs_input_grad[:2]))
+            return (grad_input if ctx.needs_input_grad[0] else None,
+                    grad_target if ctx.needs_input_grad[1] else None, None)
 
-    @staticmethod
-    def jvp(ctx, t_input, t_target, _):
-        input, target = ctx.saved_tensors
-        t = t_input if t_target is None else (-t_target if t_input is None else t_input - t_target)
-        d = 2 * (input - target) * t
-        return d if ctx.reduction == 0 else (d.sum() if ctx.reduction == 2 else d.mean())
+        @staticmethod
+        def jvp(ctx, t_input, t_target, _):
+            input, target = ctx.saved_tensors
+            return _elementwise_jvp(backward_op, (input, target), t_input, t_target,
+                                    ctx.reduction)
 
-    @staticmethod
-    def vmap(info, in_dims, input, target, reduction):
-        x, t = _batch_elementwise(info, in_dims, input, target)
-        return _reduce_per_sample(MSELossFunction.apply(x, t, 0), reduction), 0
+        @staticmethod
+        def vmap(info, in_dims, input, target, reduction):
+            x, t = _batch_elementwise(info, in_dims, input, target)
+            return _reduce_per_sample(RegressionLossFunction.apply(x, t, 0), reduction), 0
+
+    name = "".join(w.capitalize() for w in op_name.split("_")).replace("Mse", "MSE")
+    RegressionLossFunction.__name__ = RegressionLossFunction.__qualname__ = name + "Function"
+    RegressionLossFunction.__doc__ = doc
+    return RegressionLossFunction
+
+
+MSELossFunction = _regression_loss_function("mse_loss", """fastops.mse_loss with its own
+    backward. apply(input, target, reduction); input and target have the same shape and dtype.
+    Both get a gradient.""")
+
+L1LossFunction = _regression_loss_function("l1_loss", """fastops.l1_loss with its own backward.
+    apply(input, target, reduction); input and target have the same shape and dtype. Both get a
+    gradient: sign(input - target), 0 where they are equal, as torch's.""")
 
 
 def _mse_loss_backward(grad_output, input, target, reduction, output_mask):
@@ -493,44 +509,6 @@ def _mse_loss_backward(grad_output, input, target, reduction, output_mask):
     empty = input.new_empty(0)
     return (grad_input if output_mask[0] else empty,
             -grad_input if output_mask[1] else empty)
-
-
-class L1LossFunction(torch.autograd.Function):
-    """fastops.l1_loss with its own backward. apply(input, target, reduction); input and target
-    have the same shape and dtype. Both get a gradient: sign(input - target), 0 where they are
-    equal, as torch's."""
-
-    @staticmethod
-    def forward(input, target, reduction):
-        return torch.ops.fastops.l1_loss(input, target, reduction)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        input, target, reduction = inputs
-        ctx.reduction = reduction
-        ctx.save_for_backward(input, target)
-        ctx.save_for_forward(input, target)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        if grad_output is None or not any(ctx.needs_input_grad[:2]):
-            return None, None, None
-        input, target = ctx.saved_tensors
-        grad_input, grad_target = torch.ops.fastops.l1_loss_backward(
-            grad_output, input, target, ctx.reduction, list(ctx.needs_input_grad[:2]))
-        return (grad_input if ctx.needs_input_grad[0] else None,
-                grad_target if ctx.needs_input_grad[1] else None, None)
-
-    @staticmethod
-    def jvp(ctx, t_input, t_target, _):
-        input, target = ctx.saved_tensors
-        return _elementwise_jvp(torch.ops.fastops.l1_loss_backward, (input, target), t_input,
-                                t_target, ctx.reduction)
-
-    @staticmethod
-    def vmap(info, in_dims, input, target, reduction):
-        x, t = _batch_elementwise(info, in_dims, input, target)
-        return _reduce_per_sample(L1LossFunction.apply(x, t, 0), reduction), 0
 
 
 def _l1_loss_backward(grad_output, input, target, reduction, output_mask):
