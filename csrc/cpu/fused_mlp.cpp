@@ -2,12 +2,13 @@
 //
 // The rows are cut into blocks of at most kBlockPanels * MR rows. Each thread task walks one
 // block through every layer with the block's activations in thread-local buffers (L1/L2) and
-// the weights packed once per call into the micro-panels of the tile kernel below (the
-// register-blocked MR x NR tile of gemm.h, reading A and B with a leading dimension):
+// the weights packed once per call into the NR-wide panels of the tile kernel below (the
+// register-blocked MR x NR tile of gemm.h; its A operand, the activations, is broadcast from
+// row-major buffers, so only the weights are packed):
 //
 //   forward, layer l:  tile = a_{l-1} W_l^T, then the epilogue: z = tile + b (rounded to the
 //                      dtype), saved to `hidden` / `out_preact` when asked, a = act(z) written
-//                      straight into the packed A operand of the next layer (or the output).
+//                      to the block's buffer, the next layer's A operand (or to the output).
 //   backward, per block, from the last layer down:
 //                      delta_{L-1} = grad_output * out_act'(z_{L-1})
 //                      grad_b_l += sum_rows delta_l, grad_W_l += delta_l^T a_{l-1}
@@ -62,9 +63,11 @@ FO_ALWAYS_INLINE Acc round_to(Acc v) {
 }
 
 // c (MR x NR, leading dimension ldc) = (accumulate ? c : 0) + sum_k A(i, k) B(k, j) with
-// A(i, k) = a[k * lda + i] and B(k, j) = b[k * ldb + j]: MR x NV vector accumulators in
-// registers, kc rank-1 updates.
-template <class Acc, int W, int MR, int NV>
+// B(k, j) = b[k * ldb + j] and A(i, k) = a[i * lda + k] (kRowA: A row-major, as the
+// activations and deltas are kept) or a[k * lda + i] (A transposed: delta^T in the weight
+// gradient): MR x NV vector accumulators in registers, kc rank-1 updates, A broadcast from
+// memory (so it needs no packing).
+template <class Acc, int W, int MR, int NV, bool kRowA>
 FO_ALWAYS_INLINE void tile_kernel(int64_t kc, const Acc* __restrict a, int64_t lda,
                                   const Acc* __restrict b, int64_t ldb, Acc* c, int64_t ldc,
                                   bool accumulate) {
@@ -89,7 +92,7 @@ FO_ALWAYS_INLINE void tile_kernel(int64_t kc, const Acc* __restrict a, int64_t l
     for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const VU*>(b + k * ldb + v * W);
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const V av = a[k * lda + i] - V{};  // broadcast
+      const V av = (kRowA ? a[i * lda + k] : a[k * lda + i]) - V{};  // broadcast
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[i][v] += av * bv[v];
     }
@@ -114,14 +117,14 @@ struct FwdTile {
   const Acc* bias;  // at the tile's first column
   T* z;             // the pre-activation to save (row stride ldz), or null
   int64_t ldz;
-  Acc* ap;          // the next layer's packed A at the tile: (i, j) at ap[j * ap_ld + i], or null
-  int64_t ap_ld;
+  Acc* a;           // the activation a = act(z), for the next layer (row stride lda), or null
+  int64_t lda;
   T* y;             // the output (row stride ldy), or null
   int64_t ldy;
 };
 
 // A finished backward tile of delta_l W_l (the gradient by a_{l-1}): delta_{l-1} =
-// (tile rounded) * act'(z) into d (row-major) and dp (packed like FwdTile::ap).
+// (tile rounded) * act'(z) into d (row stride ldd).
 template <class T>
 struct BwdTile {
   using Acc = acc_t<T>;
@@ -131,13 +134,10 @@ struct BwdTile {
   int64_t ldz;
   Acc* d;
   int64_t ldd;
-  Acc* dp;
-  int64_t dp_ld;
 };
 
 // delta of the output layer from grad_output (any strides) and z (row stride ldz, unused for
-// 'none'), for rows r < rows and columns j < n, into d (row-major) and dp (packed, MR rows a
-// panel, K = n).
+// 'none'), for rows r < rows and columns j < n, into d (row stride ldd).
 template <class T>
 struct OutDelta {
   using Acc = acc_t<T>;
@@ -148,8 +148,6 @@ struct OutDelta {
   int64_t rows, n;
   Acc* d;
   int64_t ldd;
-  Acc* dp;
-  int mr;
 };
 
 // a = act(z) for rows r < rows, columns j < n: z (row stride ldz) into a (row stride lda).
@@ -174,8 +172,8 @@ FO_ALWAYS_INLINE void fwd_tile(const FwdTile<T>& e, const F& f) {
     }
     if (e.z != nullptr)
       for (int j = 0; j < e.nc; ++j) e.z[i * e.ldz + j] = static_cast<T>(zr[j]);
-    if (e.ap != nullptr)
-      for (int j = 0; j < e.nc; ++j) e.ap[j * e.ap_ld + i] = ar[j];
+    if (e.a != nullptr)
+      for (int j = 0; j < e.nc; ++j) e.a[i * e.lda + j] = ar[j];
     if (e.y != nullptr)
       for (int j = 0; j < e.nc; ++j) e.y[i * e.ldy + j] = static_cast<T>(ar[j]);
   }
@@ -187,12 +185,10 @@ FO_ALWAYS_INLINE void bwd_tile(const BwdTile<T>& e, const F& f) {
   for (int i = 0; i < e.mr; ++i) {
     const Acc* t = e.tile + i * e.ldt;
     const T* z = e.z + i * e.ldz;
-    Acc dr[kMaxNR];
+    Acc* d = e.d + i * e.ldd;
     for (int j = 0; j < e.nc; ++j)
-      dr[j] = round_to<T>(
+      d[j] = round_to<T>(
           static_cast<Acc>(f.backward(static_cast<Acc>(z[j]), round_to<T>(t[j]))));
-    for (int j = 0; j < e.nc; ++j) e.d[i * e.ldd + j] = dr[j];
-    for (int j = 0; j < e.nc; ++j) e.dp[j * e.dp_ld + i] = dr[j];
   }
 }
 
@@ -220,8 +216,6 @@ FO_ALWAYS_INLINE void out_delta(const OutDelta<T>& e, const F& f) {
                      : gv;
       }
     }
-    Acc* dp = e.dp + (r / e.mr) * e.mr * e.n + r % e.mr;
-    for (int64_t j = 0; j < e.n; ++j) dp[j * e.mr] = d[j];
   }
 }
 
@@ -343,7 +337,7 @@ Net<T> make_net(const FusedMlpDims& d, const Tensor& input) {
 
 // Packs weight l for the forward tile (B = W^T: panel p holds [k][j] = W[p NR + j][k], zero
 // columns past out_l) or, transposed = false, for the backward (B = W: [k][j] = W[k][p NR + j],
-// zero columns past in_l). Returns the packed size.
+// zero columns past in_l).
 template <int NR, class T, class Acc>
 void pack_weight(const Tensor& w, bool for_forward, Acc* out) {
   const T* p = w.const_data_ptr<T>();
@@ -362,20 +356,65 @@ void pack_weight(const Tensor& w, bool for_forward, Acc* out) {
   }
 }
 
+// Small widths waste little of a tile: a layer whose output (or, backward, input) is at most
+// one vector wide runs tiles of one vector (NR = W), and the weight gradient of a layer with at
+// most kNarrowRows outputs (or inputs) runs tiles of kNarrowRows rows.
+constexpr int kNarrowRows = 4;
+
+// The panel width for n columns: one vector when n fits in one, else the tile's NR.
+template <int W, int NR>
+FO_ALWAYS_INLINE int panel_width(int64_t n) {
+  return n <= W ? W : NR;
+}
+
+// tile_kernel with row-major A, B in panels of width nr (W or W * NV).
+template <class Acc, int W, int MR, int NV>
+FO_ALWAYS_INLINE void row_tile(int nr, int64_t kc, const Acc* a, int64_t lda, const Acc* b,
+                               Acc* c) {
+  if (nr == W * NV) tile_kernel<Acc, W, MR, NV, true>(kc, a, lda, b, W * NV, c, W * NV, false);
+  else tile_kernel<Acc, W, MR, 1, true>(kc, a, lda, b, W, c, W, false);
+}
+
+template <int NR, class T, class Acc>
+void pack_weight_panels(int nr, const Tensor& w, bool for_forward, Acc* out);
+
+// The input rows r0 .. r0 + n in the compute type, dense (row stride in): one pass over a
+// contiguous input (per-row copies of a few elements would each cost a memcpy call).
+template <class T, class Acc>
+FO_ALWAYS_INLINE void load_input(const Net<T>& net, int64_t r0, int64_t n, Acc* out) {
+  const T* x = net.x + r0 * net.xs0;
+  const int64_t in = net.in;
+  if (net.xs1 == 1 && net.xs0 == in) {
+    for (int64_t e = 0; e < n * in; ++e) out[e] = static_cast<Acc>(x[e]);
+    return;
+  }
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t k = 0; k < in; ++k) out[r * in + k] = static_cast<Acc>(x[r * net.xs0 + k * net.xs1]);
+}
+
+template <int NR, class T, class Acc>
+void pack_weight_panels(int nr, const Tensor& w, bool for_forward, Acc* out) {
+  if (nr == NR) pack_weight<NR, T>(w, for_forward, out);
+  else pack_weight<NR / 2, T>(w, for_forward, out);  // one vector: every config has NV = 2
+}
+
 template <class T, Isa I>
 void forward_isa(const Net<T>& net, at::TensorList weights, const std::vector<Tensor>& biases,
                  const ActFns<T>& hid, const ActFns<T>& outf, T* y, T* hidden, T* out_preact) {
   using Acc = acc_t<T>;
   using Cfg = gemm::Config<Acc, I>;
   constexpr int W = Cfg::W, MR = Cfg::MR, NV = Cfg::NV, NR = W * NV;
+  static_assert(NV == 2, "the narrow panels (pack_weight_panels) are half a tile wide");
   const int64_t L = net.L, N = net.N;
 
   // the packed weights and biases, once per call
   std::vector<int64_t> woff(L), boff(L);
+  std::vector<int> lnr(L);  // panel width per layer
   int64_t total = 0, weights_total = 0;
   for (int64_t l = 0; l < L; ++l) {
+    lnr[l] = panel_width<W, NR>(net.lout[l]);
     woff[l] = total;
-    total += net.lin[l] * round_up(net.lout[l], NR);
+    total += net.lin[l] * round_up(net.lout[l], lnr[l]);
     boff[l] = total;
     total += round_up(net.lout[l], NR);
     weights_total += net.lin[l] * net.lout[l];
@@ -383,7 +422,7 @@ void forward_isa(const Net<T>& net, at::TensorList weights, const std::vector<Te
   thread_local Scratch pack_scratch;
   Acc* pack = static_cast<Acc*>(pack_scratch.get(sizeof(Acc) * std::max<int64_t>(total, 1)));
   for (int64_t l = 0; l < L; ++l) {
-    pack_weight<NR, T>(weights[l], true, pack + woff[l]);
+    pack_weight_panels<NR, T>(lnr[l], weights[l], true, pack + woff[l]);
     Acc* b = pack + boff[l];
     std::fill(b, b + round_up(net.lout[l], NR), Acc(0));
     if (!biases.empty()) {
@@ -394,44 +433,41 @@ void forward_isa(const Net<T>& net, at::TensorList weights, const std::vector<Te
   }
 
   const Blocking blk = blocking(N, MR, weights_total);
-  const int64_t kmax = std::max(net.in, std::max(net.H, net.out));
-  const int64_t buf = blk.rows_per_block * kmax;
+  // row stride of the activation buffers (row-major, rows_per_block rows each)
+  const int64_t ld = round_up(std::max(net.in, std::max(net.H, net.out)), W);
+  const int64_t buf = blk.rows_per_block * ld;
+  // the dense input rows, and room for the tiles' reads past the last row
+  const int64_t xbuf = blk.rows_per_block * net.in + NR + MR;
 
   const auto run_blocks = [&](int64_t b0, int64_t b1) {
     thread_local Scratch block_scratch;
-    Acc* cur0 = block_buffer<Acc>(block_scratch, 2 * buf + MR * NR);
+    Acc* cur0 = block_buffer<Acc>(block_scratch, 2 * buf + xbuf + MR * NR);
     gemm::run_isa<I>([&]() FO_INLINE_LAMBDA {
-      Acc* tile = cur0 + 2 * buf;
+      Acc* X = cur0 + 2 * buf;  // the input rows, dense
+      Acc* tile = X + xbuf;
       for (int64_t bi = b0; bi < b1; ++bi) {
         const int64_t r0 = bi * blk.rows_per_block;
         const int64_t n = std::min(blk.rows_per_block, N - r0);
         const int64_t nrp = round_up(n, MR);
         Acc* cur = cur0;
         Acc* nxt = cur0 + buf;
-        // the input rows, packed: panel ip, (i, k) at ip * in + k * MR + i
-        const int64_t K0 = net.in;
-        for (int64_t ip = 0; ip < nrp; ip += MR) {
-          Acc* o = cur + ip * K0;
-          const int64_t mr = std::min<int64_t>(MR, n - ip);
-          for (int64_t i = 0; i < mr; ++i) {
-            const T* xr = net.x + (r0 + ip + i) * net.xs0;
-            for (int64_t k = 0; k < K0; ++k) o[k * MR + i] = static_cast<Acc>(xr[k * net.xs1]);
-          }
-          for (int64_t i = mr; i < MR; ++i)
-            for (int64_t k = 0; k < K0; ++k) o[k * MR + i] = Acc(0);
-        }
+        // (the rows of the last panel past n keep what an earlier block left: their results
+        // are never stored)
+        load_input(net, r0, n, X);
         for (int64_t l = 0; l < L; ++l) {
           const int64_t K = net.lin[l], Nl = net.lout[l];
           const bool last = l == L - 1;
           const ActFns<T>& fns = last ? outf : hid;
-          for (int64_t j0 = 0; j0 < Nl; j0 += NR) {
+          const int nrl = lnr[l];
+          for (int64_t j0 = 0; j0 < Nl; j0 += nrl) {
             const Acc* bp = pack + woff[l] + j0 * K;
-            const int nc = static_cast<int>(std::min<int64_t>(NR, Nl - j0));
+            const int nc = static_cast<int>(std::min<int64_t>(nrl, Nl - j0));
             for (int64_t ip = 0; ip < nrp; ip += MR) {
-              tile_kernel<Acc, W, MR, NV>(K, cur + ip * K, MR, bp, NR, tile, NR, false);
+              const Acc* A = l == 0 ? X + ip * net.in : cur + ip * ld;
+              row_tile<Acc, W, MR, NV>(nrl, K, A, l == 0 ? net.in : ld, bp, tile);
               FwdTile<T> e;
               e.tile = tile;
-              e.ldt = NR;
+              e.ldt = nrl;
               e.mr = static_cast<int>(std::min<int64_t>(MR, n - ip));
               e.nc = nc;
               e.bias = pack + boff[l] + j0;
@@ -439,8 +475,8 @@ void forward_isa(const Net<T>& net, at::TensorList weights, const std::vector<Te
               e.z = last ? (out_preact ? out_preact + row * Nl + j0 : nullptr)
                          : (hidden ? hidden + (l * N + row) * Nl + j0 : nullptr);
               e.ldz = Nl;
-              e.ap = last ? nullptr : nxt + ip * Nl + j0 * MR;
-              e.ap_ld = MR;
+              e.a = last ? nullptr : nxt + ip * ld + j0;
+              e.lda = ld;
               e.y = last ? y + row * Nl + j0 : nullptr;
               e.ldy = Nl;
               fns.fwd(fns.self, e);
@@ -469,30 +505,44 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const ActFns<T>& hi
   using Acc = acc_t<T>;
   using Cfg = gemm::Config<Acc, I>;
   constexpr int W = Cfg::W, MR = Cfg::MR, NV = Cfg::NV, NR = W * NV;
+  static_assert(NV == 2, "the narrow panels (pack_weight_panels) are half a tile wide");
   const int64_t L = net.L, N = net.N, H = net.H;
   const bool want_w = !grads.grad_weights.empty(), want_b = !grads.grad_biases.empty();
   const bool want_x = grads.grad_input != nullptr;
 
   // packed weights (B = W_l) for the backward products; layer 0 only for grad_input
   std::vector<int64_t> woff(L);
+  std::vector<int> lnr(L);  // panel width per layer (of in_l columns)
   int64_t total = 0, weights_total = 0;
   for (int64_t l = 0; l < L; ++l) {
+    lnr[l] = panel_width<W, NR>(net.lin[l]);
     woff[l] = total;
-    if (l > 0 || want_x) total += net.lout[l] * round_up(net.lin[l], NR);
+    if (l > 0 || want_x) total += net.lout[l] * round_up(net.lin[l], lnr[l]);
     weights_total += net.lin[l] * net.lout[l];
   }
   thread_local Scratch pack_scratch;
   Acc* pack = static_cast<Acc*>(pack_scratch.get(sizeof(Acc) * std::max<int64_t>(total, 1)));
   for (int64_t l = 0; l < L; ++l)
-    if (l > 0 || want_x) pack_weight<NR, T>(weights[l], false, pack + woff[l]);
+    if (l > 0 || want_x) pack_weight_panels<NR, T>(lnr[l], weights[l], false, pack + woff[l]);
 
-  // per chunk accumulators: grad_W_l (rows padded to MR, columns to NR), then grad_b_l
-  std::vector<int64_t> gwoff(L), gwld(L), gboff(L);
+  // per chunk accumulators: grad_W_l, then grad_b_l. grad_W_l = delta_l^T a_{l-1} (out_l x
+  // in_l), or transposed (in_l x out_l, wtrans) when that pads less: e.g. the 100 x 2 weight of
+  // a 2-D input is 4 x 128 tile cells per row, not 108 x 32. Rows padded to the tile height
+  // (kNarrowRows for at most that many), columns to NR.
+  std::vector<int64_t> gwoff(L), gwld(L), gboff(L), gwmr(L);
+  std::vector<char> wtrans(L);
+  const auto rows_tile = [](int64_t m) -> int64_t { return m <= kNarrowRows ? kNarrowRows : MR; };
   int64_t acc_size = 0;
   for (int64_t l = 0; l < L; ++l) {
+    const int64_t in = net.lin[l], out = net.lout[l];
+    const int64_t cells = round_up(out, rows_tile(out)) * round_up(in, NR);
+    const int64_t cells_t = round_up(in, rows_tile(in)) * round_up(out, NR);
+    wtrans[l] = cells_t < cells;
+    const int64_t rows = wtrans[l] ? in : out, cols = wtrans[l] ? out : in;
+    gwmr[l] = rows_tile(rows);
     gwoff[l] = acc_size;
-    gwld[l] = round_up(net.lin[l], NR);
-    acc_size += want_w ? round_up(net.lout[l], MR) * gwld[l] : 0;
+    gwld[l] = round_up(cols, NR);
+    acc_size += want_w ? round_up(rows, gwmr[l]) * gwld[l] : 0;
     gboff[l] = acc_size;
     acc_size += want_b ? round_up(net.lout[l], W) : 0;
   }
@@ -504,6 +554,7 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const ActFns<T>& hi
   // weight-gradient tile (MR rows of delta^T)
   const int64_t ld = round_up(std::max(round_up(fmax, NR), round_up(fmax, MR)), W);
   const int64_t buf = blk.rows_per_block * ld;
+  const int64_t xbuf = blk.rows_per_block * net.in + NR + MR;
 
   thread_local Scratch acc_scratch;
   Acc* accs = static_cast<Acc*>(acc_scratch.get(sizeof(Acc) * acc_size * blk.chunks));
@@ -511,14 +562,13 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const ActFns<T>& hi
 
   const auto run_chunks = [&](int64_t c0, int64_t c1) {
     thread_local Scratch block_scratch;
-    Acc* base = block_buffer<Acc>(block_scratch, 5 * buf + MR * NR);
+    Acc* base = block_buffer<Acc>(block_scratch, 3 * buf + xbuf + MR * NR);
     gemm::run_isa<I>([&]() FO_INLINE_LAMBDA {
-      Acc* P = base;  // a_{l-1}, row-major
-      Acc* D = base + buf;
-      Acc* Dp = base + 2 * buf;
-      Acc* D2 = base + 3 * buf;
-      Acc* D2p = base + 4 * buf;
-      Acc* tile = base + 5 * buf;
+      Acc* P = base;  // a_{l-1}
+      Acc* D = base + buf;  // delta_l, then delta_{l-1} in D2
+      Acc* D2 = base + 2 * buf;
+      Acc* X = base + 3 * buf;  // the input rows, dense
+      Acc* tile = X + xbuf;
       for (int64_t c = c0; c < c1; ++c) {
         Acc* acc = accs + c * acc_size;
         const int64_t bfirst = c * blk.blocks / blk.chunks;
@@ -528,9 +578,7 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const ActFns<T>& hi
           const int64_t n = std::min(blk.rows_per_block, N - r0);
           const int64_t nrp = round_up(n, MR);
           Acc* d = D;
-          Acc* dp = Dp;
           Acc* d2 = D2;
-          Acc* d2p = D2p;
           {
             OutDelta<T> e;
             e.g = g + r0 * gs0;
@@ -542,8 +590,6 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const ActFns<T>& hi
             e.n = net.out;
             e.d = d;
             e.ldd = ld;
-            e.dp = dp;
-            e.mr = MR;
             outf.out(outf.self, e);
           }
           for (int64_t l = L - 1; l >= 0; --l) {
@@ -555,50 +601,58 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const ActFns<T>& hi
             }
             if (want_w) {
               if (l == 0) {
-                for (int64_t r = 0; r < n; ++r) {
-                  const T* xr = net.x + (r0 + r) * net.xs0;
-                  for (int64_t k = 0; k < K; ++k) P[r * ld + k] = static_cast<Acc>(xr[k * net.xs1]);
-                }
+                load_input(net, r0, n, X);
               } else {
                 ActRows<T> e{hidden + ((l - 1) * N + r0) * H, H, n, H, P, ld};
                 hid.act(hid.self, e);
               }
+              // the rows of the accumulator come from A (transposed: A(i, k) = a[k ld + i]),
+              // its columns from B: (delta, a_{l-1}), or (a_{l-1}, delta) when transposed
               Acc* gw = acc + gwoff[l];
-              for (int64_t i0 = 0; i0 < Nl; i0 += MR)
-                for (int64_t j0 = 0; j0 < K; j0 += NR)
-                  tile_kernel<Acc, W, MR, NV>(n, d + i0, ld, P + j0, ld,
-                                              gw + i0 * gwld[l] + j0, gwld[l], true);
+              const Acc* a_prev = l == 0 ? X : P;
+              const int64_t ld_prev = l == 0 ? K : ld;
+              const Acc* A = wtrans[l] ? a_prev : d;
+              const Acc* B = wtrans[l] ? d : a_prev;
+              const int64_t lda = wtrans[l] ? ld_prev : ld, ldb = wtrans[l] ? ld : ld_prev;
+              const int64_t rows = wtrans[l] ? K : Nl, cols = wtrans[l] ? Nl : K;
+              const int64_t gl = gwld[l];
+              for (int64_t i0 = 0; i0 < rows; i0 += gwmr[l])
+                for (int64_t j0 = 0; j0 < cols; j0 += NR) {
+                  if (gwmr[l] == kNarrowRows)
+                    tile_kernel<Acc, W, kNarrowRows, NV, false>(n, A + i0, lda, B + j0, ldb,
+                                                                gw + i0 * gl + j0, gl, true);
+                  else
+                    tile_kernel<Acc, W, MR, NV, false>(n, A + i0, lda, B + j0, ldb,
+                                                       gw + i0 * gl + j0, gl, true);
+                }
             }
             if (l == 0 && !want_x) break;
             const Acc* wp = pack + woff[l];
-            for (int64_t j0 = 0; j0 < K; j0 += NR) {
-              const int nc = static_cast<int>(std::min<int64_t>(NR, K - j0));
+            const int nrl = lnr[l];
+            for (int64_t j0 = 0; j0 < K; j0 += nrl) {
+              const int nc = static_cast<int>(std::min<int64_t>(nrl, K - j0));
               for (int64_t ip = 0; ip < nrp; ip += MR) {
-                tile_kernel<Acc, W, MR, NV>(Nl, dp + ip * Nl, MR, wp + j0 * Nl, NR, tile, NR,
-                                            false);
+                row_tile<Acc, W, MR, NV>(nrl, Nl, d + ip * ld, ld, wp + j0 * Nl, tile);
                 const int mr = static_cast<int>(std::min<int64_t>(MR, n - ip));
                 if (l == 0) {
                   T* gi = grads.grad_input + (r0 + ip) * K + j0;
                   for (int i = 0; i < mr; ++i)
-                    for (int j = 0; j < nc; ++j) gi[i * K + j] = static_cast<T>(tile[i * NR + j]);
+                    for (int j = 0; j < nc; ++j) gi[i * K + j] = static_cast<T>(tile[i * nrl + j]);
                 } else {
                   BwdTile<T> e;
                   e.tile = tile;
-                  e.ldt = NR;
+                  e.ldt = nrl;
                   e.mr = mr;
                   e.nc = nc;
                   e.z = hidden + ((l - 1) * N + r0 + ip) * H + j0;
                   e.ldz = H;
                   e.d = d2 + ip * ld + j0;
                   e.ldd = ld;
-                  e.dp = d2p + ip * K + j0 * MR;
-                  e.dp_ld = MR;
                   hid.bwd(hid.self, e);
                 }
               }
             }
             std::swap(d, d2);
-            std::swap(dp, d2p);
           }
         }
       }
@@ -615,8 +669,8 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const ActFns<T>& hi
       for (int64_t i = 0; i < Nl; ++i)
         for (int64_t k = 0; k < K; ++k) {
           Acc s = 0;
-          for (int64_t c = 0; c < blk.chunks; ++c)
-            s += accs[c * acc_size + gwoff[l] + i * gwld[l] + k];
+          const int64_t at = wtrans[l] ? k * gwld[l] + i : i * gwld[l] + k;
+          for (int64_t c = 0; c < blk.chunks; ++c) s += accs[c * acc_size + gwoff[l] + at];
           o[i * K + k] = static_cast<T>(s);
         }
     }
