@@ -242,9 +242,11 @@ class FusedMLP(_nn.Module):
         return list(self._modules.values())
 
     def forward(self, input):
-        layers = self._modules.values()
-        weights = [m.weight for m in layers]
-        biases = [m.bias for m in layers] if self._has_bias else None
+        # the parameters straight from each Linear's _parameters (what functional_call swaps
+        # too): nn.Module.__getattr__ would cost a microsecond per tensor on every call
+        params = [m._parameters for m in self._modules.values()]
+        weights = [p["weight"] for p in params]
+        biases = [p["bias"] for p in params] if self._has_bias else None
         return F.fused_mlp(input, weights, biases, self.activation, self.output_activation)
 
     def extra_repr(self):
