@@ -389,7 +389,8 @@ FO_ALWAYS_INLINE void load_input(const Net<T>& net, int64_t r0, int64_t n, Acc* 
     return;
   }
   for (int64_t r = 0; r < n; ++r)
-    for (int64_t k = 0; k < in; ++k) out[r * in + k] = static_cast<Acc>(x[r * net.xs0 + k * net.xs1]);
+    for (int64_t k = 0; k < in; ++k)
+      out[r * in + k] = static_cast<Acc>(x[r * net.xs0 + k * net.xs1]);
 }
 
 template <int NR, class T, class Acc>
