@@ -503,6 +503,10 @@ def main(argv=None):
         # back to eager because a cache limit was hit.
         torch._dynamo.config.recompile_limit = 1024
         torch._dynamo.config.accumulated_recompile_limit = 1 << 20
+        # The bwd mode replays one backward with retain_graph=True, which a compiled backward
+        # that donates its saved buffers (a net that saves an intermediate activation, as the
+        # MLP cases do) refuses.
+        torch._functorch.config.donated_buffer = False
         providers["compile"] = lambda c: torch.compile(c.torch, dynamic=False)
 
     rows, ceiling_lines = [], []
