@@ -28,8 +28,8 @@ _ops = torch.ops.fastops
 
 __all__ = [
     "linear", "linear_act", "fused_mlp", "relu", "elu", "gelu", "prelu", "hardtanh",
-    "leaky_relu", "rrelu",
-    "sigmoid", "tanh", "hardshrink", "maxout", "log_softmax", "softmax", "nll_loss",
+    "leaky_relu", "rrelu", "sigmoid", "tanh", "hardshrink", "maxout", "log_softmax", "softmax",
+    "nll_loss",
     "cross_entropy", "mse_loss", "l1_loss", "binary_cross_entropy",
     "binary_cross_entropy_with_logits", "hinge_embedding_loss", "multi_margin_loss",
 ]
