@@ -84,23 +84,26 @@ ELEMENTWISE = {
 }
 # Sizes per device: (rows, cols) of the elementwise ops, (M, K, N) of linear, (batch, classes)
 # of the softmax losses and of multi_margin, (batch, hidden width) of the gradient-penalty
-# critic. The CPU's large is 4M elements; the GPU's 2^26, with the linear and cross-entropy
-# shapes of the GPU targets.
+# critic, the batch of the fused-MLP cases (spiral: the 2-100-3 net with cross entropy; mlp:
+# the 32-64x4-16 ReLU net). The CPU's large is 4M elements; the GPU's 2^26, with the linear
+# and cross-entropy shapes of the GPU targets.
 # "xl" is 64 MB elementwise tensors on the CPU, the 131072-class cross entropy on the GPU.
 SIZES = {
     "cpu": {
         "small": dict(elementwise=(256, 256), linear=(256, 256, 256), softmax=(256, 1000),
-                      gan_gp=(256, 128), margin=(256, 1000)),
+                      gan_gp=(256, 128), margin=(256, 1000), spiral=100, mlp=1024),
         "large": dict(elementwise=(2048, 2048), linear=(1024, 1024, 1024),
-                      softmax=(4096, 32000), gan_gp=(4096, 512), margin=(4096, 1000)),
+                      softmax=(4096, 32000), gan_gp=(4096, 512), margin=(4096, 1000),
+                      spiral=3000, mlp=65536),
         # 64 MB tensors: past the L3 and past malloc's mmap threshold (fresh pages every call)
         "xl": dict(elementwise=(4096, 4096)),
     },
     "cuda": {
         "small": dict(elementwise=(256, 256), linear=(256, 256, 256), softmax=(256, 1000),
-                      gan_gp=(256, 128), margin=(256, 1000)),
+                      gan_gp=(256, 128), margin=(256, 1000), spiral=100, mlp=1024),
         "large": dict(elementwise=(8192, 8192), linear=(4096, 4096, 4096),
-                      softmax=(8192, 32768), gan_gp=(4096, 512), margin=(32768, 1000)),
+                      softmax=(8192, 32768), gan_gp=(4096, 512), margin=(32768, 1000),
+                      spiral=3000, mlp=65536),
         "xl": dict(softmax=(4096, 131072)),
     },
 }
@@ -130,6 +133,7 @@ def make_cases(device, dtype, sizes):
         cases += softmax_cases(size, shapes, randn, g, device, es)
         cases += gan_gp_cases(size, shapes, randn)
         cases += margin_cases(size, shapes, randn, g, device, es)
+        cases += mlp_cases(size, shapes, randn, g, device)
     return cases
 
 
@@ -216,6 +220,55 @@ def margin_cases(size, shapes, randn, g, device, es):
         tgt = torch.randint(0, classes, (bsz,), generator=g).to(device)
         cases.append(Case("multi_margin", size, f"{bsz}x{classes}", [randn(bsz, classes), tgt],
                           F.multi_margin_loss, TF.multi_margin_loss, mm.get, "GB/s"))
+    return cases
+
+
+def mlp_cases(size, shapes, randn, g, device):
+    """The fused MLP against the same net layer by layer: *_fused runs fastops.functional.
+    fused_mlp, *_layers the fastops layers (LinearAct for each hidden layer, then linear); torch
+    and torch.compile run the nn.functional layers. spiral: the 2-100-3 ReLU net of
+    `fastops-train spiral` with cross entropy on top (forward + loss + backward: a scalar);
+    mlp: a 64-wide ReLU net with 4 hidden layers (in 32, out 16), its output's gradient given.
+    GFLOP/s counts the GEMMs: 2 per weight and row forward, 4 backward."""
+    cases = []
+    for kernel, dims, key in [("spiral", [2, 100, 3], "spiral"),
+                              ("mlp", [32, 64, 64, 64, 64, 16], "mlp")]:
+        if key not in shapes:
+            continue
+        bsz = shapes[key]
+        params = []
+        for fan_in, fan_out in zip(dims[:-1], dims[1:]):
+            params += [randn(fan_out, fan_in, scale=fan_in ** -0.5), randn(fan_out, scale=0.1)]
+        x = randn(bsz, dims[0], grad=False)
+        f = 2 * bsz * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
+        flops = {"fwd": f, "bwd": 2 * f, "fwd+bwd": 3 * f}
+        extra = [x]
+        if kernel == "spiral":
+            extra.append(torch.randint(0, dims[-1], (bsz,), generator=g).to(device))
+
+        def wrap(net, loss, kernel=kernel):
+            if kernel == "spiral":
+                return lambda *args: loss(net(args[-2], args[:-2]), args[-1])
+            return lambda *args: net(args[-1], args[:-1])
+
+        def fused(x, p):
+            return F.fused_mlp(x, p[0::2], p[1::2], "relu")
+
+        def layers(x, p):
+            for i in range(0, len(p) - 2, 2):
+                x = F.linear_act(x, p[i], p[i + 1], "relu")
+            return F.linear(x, p[-2], p[-1])
+
+        def torch_layers(x, p):
+            for i in range(0, len(p) - 2, 2):
+                x = TF.relu(TF.linear(x, p[i], p[i + 1]))
+            return TF.linear(x, p[-2], p[-1])
+
+        shape = f"{bsz}x{'-'.join(map(str, dims))}"
+        ref = wrap(torch_layers, TF.cross_entropy)
+        for suffix, net in (("fused", fused), ("layers", layers)):
+            cases.append(Case(f"{kernel}_{suffix}", size, shape, [*params, *extra],
+                              wrap(net, F.cross_entropy), ref, flops.get, "GFLOP/s"))
     return cases
 
 
@@ -450,6 +503,10 @@ def main(argv=None):
         # back to eager because a cache limit was hit.
         torch._dynamo.config.recompile_limit = 1024
         torch._dynamo.config.accumulated_recompile_limit = 1 << 20
+        # The bwd mode replays one backward with retain_graph=True, which a compiled backward
+        # that donates its saved buffers (a net that saves an intermediate activation, as the
+        # MLP cases do) refuses.
+        torch._functorch.config.donated_buffer = False
         providers["compile"] = lambda c: torch.compile(c.torch, dynamic=False)
 
     rows, ceiling_lines = [], []

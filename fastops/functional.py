@@ -10,6 +10,7 @@ Python per call.
 
 import torch
 
+from fastops.ops.fused_mlp import fused_mlp
 from fastops.ops.linear import linear, linear_act
 from fastops.ops.losses import (
     binary_cross_entropy,
@@ -26,8 +27,9 @@ from fastops.ops.margin_losses import hinge_embedding_loss, multi_margin_loss
 _ops = torch.ops.fastops
 
 __all__ = [
-    "linear", "linear_act", "relu", "elu", "gelu", "prelu", "hardtanh", "leaky_relu", "rrelu",
-    "sigmoid", "tanh", "hardshrink", "maxout", "log_softmax", "softmax", "nll_loss",
+    "linear", "linear_act", "fused_mlp", "relu", "elu", "gelu", "prelu", "hardtanh",
+    "leaky_relu", "rrelu", "sigmoid", "tanh", "hardshrink", "maxout", "log_softmax", "softmax",
+    "nll_loss",
     "cross_entropy", "mse_loss", "l1_loss", "binary_cross_entropy",
     "binary_cross_entropy_with_logits", "hinge_embedding_loss", "multi_margin_loss",
 ]

@@ -5,7 +5,7 @@ parameter-free activation is one fused LinearAct) or ``backend="torch"`` (torch.
 have the same parameter names and shapes, so a state_dict moves between them unchanged, and
 ``model.twin("torch")`` gives the other one with the same weights.
 
-- MLP(in_features, hidden_sizes, out_features, activation="relu", dropout=0.0)
+- MLP(in_features, hidden_sizes, out_features, activation="relu", dropout=0.0, fused=False)
 - LinearRegression(in_features, out_features=1)
 - MaxoutNet(in_features, hidden_sizes, out_features, pool_size=2, dropout=0.0)
 - GAN(data_dim=2, latent_dim=2, hidden_sizes=(128, 128), loss="bce"): a generator and a
@@ -136,22 +136,56 @@ def _mlp_layers(backend, in_features, hidden_sizes, out_features, activation, ac
     return tnn.Sequential(*layers)
 
 
+def _fused_mlp(in_features, hidden_sizes, out_features, activation, act_kwargs, dropout):
+    """The FusedMLP of an MLP, or a ValueError saying why it has none."""
+    kwargs = dict(act_kwargs or {})
+    name = activation
+    if activation == "gelu" and kwargs.get("approximate", "none") == "tanh":
+        name = "gelu_tanh"
+    kwargs.pop("approximate", None)
+    from fastops.ops.fused_mlp import FUSED_MLP_ACTIVATIONS
+
+    why = None
+    if len(set(hidden_sizes)) > 1:
+        why = f"hidden layers of one width, got {list(hidden_sizes)}"
+    elif name not in FUSED_MLP_ACTIVATIONS:
+        why = (f"one of the activations {', '.join(FUSED_MLP_ACTIVATIONS)}, got "
+               f"{activation!r}")
+    elif kwargs:
+        why = f"the activation at its default parameters, got {kwargs}"
+    elif dropout:
+        why = f"no dropout, got dropout={dropout}"
+    if why is not None:
+        raise ValueError(f"MLP(fused=True) needs {why}")
+    hidden = hidden_sizes[0] if hidden_sizes else 0
+    return fnn.FusedMLP(in_features, out_features, hidden, len(hidden_sizes), activation=name)
+
+
 class MLP(_Twin):
     """in_features -> hidden_sizes[0] -> ... -> out_features, `activation` after each hidden
     Linear (by name: none, relu, elu, gelu, hardtanh, leaky_relu, sigmoid, tanh, prelu,
     maxout), then Dropout(dropout) if dropout > 0. act_kwargs go to the activation module
     (alpha, approximate, min_val/max_val, negative_slope, num_parameters/init for prelu,
-    pool_size for maxout: default 2). The output is the raw last Linear (logits)."""
+    pool_size for maxout: default 2). The output is the raw last Linear (logits).
+
+    fused=True (fastops backend): the whole MLP is one fastops.nn.FusedMLP (one kernel per
+    pass), with the same state_dict; it needs hidden layers of one width, an activation that
+    FusedMLP runs at its default parameters and no dropout. The torch backend ignores it."""
 
     def __init__(self, in_features, hidden_sizes, out_features, activation="relu", dropout=0.0,
-                 act_kwargs=None, fuse=True, backend="fastops"):
+                 act_kwargs=None, fuse=True, backend="fastops", fused=False):
         hidden_sizes = tuple(int(h) for h in hidden_sizes)
         super().__init__(backend, dict(
             in_features=in_features, hidden_sizes=hidden_sizes, out_features=out_features,
-            activation=activation, dropout=dropout, act_kwargs=act_kwargs, fuse=fuse))
+            activation=activation, dropout=dropout, act_kwargs=act_kwargs, fuse=fuse,
+            fused=fused))
         self.activation = activation
-        self.layers = _mlp_layers(backend, in_features, hidden_sizes, out_features, activation,
-                                  act_kwargs, dropout, fuse)
+        if fused and backend == "fastops":
+            self.layers = _fused_mlp(in_features, hidden_sizes, out_features, activation,
+                                     act_kwargs, dropout)
+        else:
+            self.layers = _mlp_layers(backend, in_features, hidden_sizes, out_features,
+                                      activation, act_kwargs, dropout, fuse)
 
     def forward(self, x):
         return self.layers(x)

@@ -4,8 +4,11 @@ and prints the same; only forward runs fastops kernels.
 
 `convert(model)` swaps the torch.nn modules of an existing model for these, in place, keeping
 the very same parameter objects, and fuses each Linear followed by a parameter-free activation
-into one LinearAct.
+into one LinearAct; with fuse_mlp=True it first turns every nn.Sequential that is a whole small
+MLP into one FusedMLP.
 """
+
+import copy
 
 import torch
 from torch import nn as _nn
@@ -16,7 +19,7 @@ __all__ = [
     "Linear", "LinearAct", "ReLU", "ELU", "GELU", "PReLU", "Hardtanh", "Maxout", "LeakyReLU",
     "RReLU", "Sigmoid", "Tanh", "Hardshrink", "LogSoftmax", "Softmax", "NLLLoss",
     "CrossEntropyLoss", "MSELoss", "L1Loss", "BCELoss", "BCEWithLogitsLoss",
-    "HingeEmbeddingLoss", "MultiMarginLoss", "convert",
+    "HingeEmbeddingLoss", "MultiMarginLoss", "FusedMLP", "convert",
 ]
 
 
@@ -179,6 +182,160 @@ class LinearAct(_nn.Linear):
         return f"{super().extra_repr()}, activation={self.activation!r}{kwargs}"
 
 
+def _activation_module(name):
+    """The torch.nn module of a fused-MLP activation name, at torch's defaults."""
+    if name == "gelu_tanh":
+        return _nn.GELU(approximate="tanh")
+    return _MLP_ACTIVATION_MODULES[name]()
+
+
+_MLP_ACTIVATION_MODULES = {
+    "relu": _nn.ReLU, "leaky_relu": _nn.LeakyReLU, "elu": _nn.ELU, "gelu": _nn.GELU,
+    "hardtanh": _nn.Hardtanh, "hardshrink": _nn.Hardshrink, "sigmoid": _nn.Sigmoid,
+    "tanh": _nn.Tanh,
+}
+
+
+def _mlp_activation_name(module):
+    """The fused-MLP name of an activation module at torch's default parameters, else None."""
+    for name in (*_MLP_ACTIVATION_MODULES, "gelu_tanh"):
+        ref = _activation_module(name)
+        if type(module) in (type(ref), _TWINS.get(type(ref))) and (
+                module.extra_repr() == ref.extra_repr()):
+            return name
+    return None
+
+
+class FusedMLP(_nn.Module):
+    """A whole MLP in one fused op per pass (fastops.functional.fused_mlp):
+
+        Linear(in, hidden) act [Linear(hidden, hidden) act] x (hidden_layers - 1)
+        Linear(hidden, out) output_activation
+
+    (hidden_layers=0: one Linear(in, out)). activation: relu, leaky_relu, elu, gelu,
+    gelu_tanh, hardtanh, hardshrink, sigmoid or tanh (torch's default parameters);
+    output_activation: 'none' or one of those. The Linear layers are submodules named by their
+    index in that nn.Sequential, so the state_dict is the Sequential's, key for key, and the
+    initial weights drawn from one seed are the same. Not twice differentiable (use
+    to_sequential() for that).
+    """
+
+    def __init__(self, in_features, out_features, hidden_features=64, hidden_layers=2,
+                 activation="relu", output_activation="none", bias=True, device=None,
+                 dtype=None):
+        super().__init__()
+        from fastops.ops.fused_mlp import _check_names
+
+        _check_names(activation, output_activation)
+        if hidden_layers < 0:
+            raise ValueError(f"FusedMLP: hidden_layers must be >= 0, got {hidden_layers}")
+        self.in_features, self.out_features = in_features, out_features
+        self.hidden_features, self.hidden_layers = hidden_features, hidden_layers
+        self.activation, self.output_activation = activation, output_activation
+        self._has_bias = bool(bias)
+        widths = [in_features] + [hidden_features] * hidden_layers + [out_features]
+        for i in range(len(widths) - 1):
+            self.add_module(str(2 * i), _nn.Linear(widths[i], widths[i + 1], bias=bias,
+                                                   device=device, dtype=dtype))
+
+    def linears(self):
+        return list(self._modules.values())
+
+    def forward(self, input):
+        # the parameters straight from each Linear's _parameters (what functional_call swaps
+        # too): nn.Module.__getattr__ would cost a microsecond per tensor on every call
+        params = [m._parameters for m in self._modules.values()]
+        weights = [p["weight"] for p in params]
+        biases = [p["bias"] for p in params] if self._has_bias else None
+        return F.fused_mlp(input, weights, biases, self.activation, self.output_activation)
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"hidden_features={self.hidden_features}, hidden_layers={self.hidden_layers}, "
+                f"activation={self.activation!r}, output_activation="
+                f"{self.output_activation!r}, bias={self._has_bias}")
+
+    @classmethod
+    def from_sequential(cls, seq):
+        """The FusedMLP of an nn.Sequential Linear, act, Linear, act, ..., Linear[, out_act]
+        (hidden layers of one width, one activation module at its default parameters, all
+        Linear layers with a bias or none). It holds the Sequential's very Linear modules: the
+        same parameter objects, so an optimizer built before keeps working. Raises ValueError
+        when seq is not of that form."""
+        spec = _mlp_spec(seq)
+        if isinstance(spec, str):
+            raise ValueError(f"FusedMLP.from_sequential: {spec}")
+        linears, activation, output_activation = spec
+        fused = cls.__new__(cls)
+        _nn.Module.__init__(fused)
+        first, last = linears[0], linears[-1]
+        fused.in_features, fused.out_features = first.in_features, last.out_features
+        fused.hidden_features = first.out_features if len(linears) > 1 else 0
+        fused.hidden_layers = len(linears) - 1
+        fused.activation = activation or "relu"
+        fused.output_activation = output_activation
+        fused._has_bias = first.bias is not None
+        for i, lin in enumerate(linears):
+            fused.add_module(str(2 * i), lin)
+        return fused
+
+    def to_sequential(self):
+        """The equivalent torch.nn.Sequential (torch modules), with copies of the parameters."""
+        layers = []
+        linears = self.linears()
+        for i, lin in enumerate(linears):
+            plain = copy.deepcopy(lin)
+            plain.__class__ = _nn.Linear
+            layers.append(plain)
+            if i < len(linears) - 1:
+                layers.append(_activation_module(self.activation))
+        if self.output_activation != "none":
+            layers.append(_activation_module(self.output_activation))
+        return _nn.Sequential(*layers)
+
+
+def _mlp_spec(seq):
+    """(linears, activation, output_activation) of a Sequential that FusedMLP can run, or a
+    string saying why not."""
+    mods = list(seq)
+    if not mods or not isinstance(mods[0], _nn.Linear):
+        return "expected a Sequential that starts with a Linear"
+    linears, activation, output_activation = [], None, "none"
+    i = 0
+    while i < len(mods):
+        lin = mods[i]
+        if type(lin) not in (_nn.Linear, Linear):
+            return f"expected a Linear at index {i}, got {type(lin).__name__}"
+        linears.append(lin)
+        if i + 1 == len(mods):
+            break
+        name = _mlp_activation_name(mods[i + 1])
+        if name is None:
+            return (f"module {i + 1} ({mods[i + 1]}) is not a parameter-free activation at "
+                    "its default parameters (relu, leaky_relu, elu, gelu, gelu_tanh, "
+                    "hardtanh, hardshrink, sigmoid, tanh)")
+        if i + 2 == len(mods):  # the output activation
+            output_activation = name
+            break
+        if activation is not None and name != activation:
+            return f"the hidden activations differ ({activation} and {name})"
+        activation = name
+        i += 2
+    widths = {lin.out_features for lin in linears[:-1]}
+    if len(widths) > 1:
+        return f"the hidden layers have different widths {sorted(widths)}"
+    for a, b in zip(linears, linears[1:]):
+        if a.out_features != b.in_features:
+            return "consecutive Linear layers do not chain"
+    if len({lin.bias is None for lin in linears}) > 1:
+        return "some Linear layers have a bias and some do not"
+    ref = linears[0].weight
+    if any(p.dtype != ref.dtype or p.device != ref.device
+           for lin in linears for p in lin.parameters()):
+        return "the Linear layers differ in dtype or device"
+    return linears, activation, output_activation
+
+
 # torch.nn class -> fastops class, for convert(). Subclasses share their parent's __dict__
 # layout, so swapping __class__ converts a module in place with its parameters untouched.
 _TWINS = {
@@ -223,14 +380,30 @@ def _fuse(linear, activation, kwargs):
     return fused
 
 
-def convert(model, fuse=True):
+def _fuse_mlps(model):
+    """Every nn.Sequential in model that FusedMLP can run replaced by one; returns model, or its
+    replacement when model itself is such a Sequential."""
+    if isinstance(model, _nn.Sequential) and not isinstance(_mlp_spec(model), str):
+        return FusedMLP.from_sequential(model)
+    for module in list(model.modules()):
+        for name, child in list(module._modules.items()):
+            if isinstance(child, _nn.Sequential) and not isinstance(_mlp_spec(child), str):
+                module._modules[name] = FusedMLP.from_sequential(child)
+    return model
+
+
+def convert(model, fuse=True, fuse_mlp=False):
     """Swap the torch.nn modules of model for their fastops twins, in place, and return it.
 
     Parameters and buffers stay the very same objects (an optimizer built before keeps
     working; the state_dict keys do not change). With fuse=True, inside every nn.Sequential a
     Linear directly followed by a parameter-free activation becomes one LinearAct and the
-    activation's slot becomes nn.Identity.
+    activation's slot becomes nn.Identity. With fuse_mlp=True, first every nn.Sequential of
+    Linear and activation modules that FusedMLP can run (see FusedMLP.from_sequential)
+    becomes one FusedMLP; when model itself is one, the FusedMLP is returned.
     """
+    if fuse_mlp:
+        model = _fuse_mlps(model)
     for module in model.modules():
         twin = _TWINS.get(type(module))
         if twin is not None:

@@ -17,6 +17,7 @@ pytest.importorskip("mlxtend")
 
 import fastops  # noqa: E402
 from fastops.models import GAN  # noqa: E402
+from fastops.nn import FusedMLP  # noqa: E402
 from fastops.train import boston, common, gan, mnist, spiral  # noqa: E402
 from fastops.train import main as train_main  # noqa: E402
 
@@ -181,6 +182,36 @@ def test_mnist_loss_falls(tmp_path):
     assert gaps["mlp"] < 1e-4
     assert _metrics(out)["runs"][0]["metric"] == "test_accuracy"
     assert os.path.exists(os.path.join(out, "mnist.png"))
+
+
+def test_spiral_fused_beside_the_layers(tmp_path):
+    out = str(tmp_path / "spiral-fused")
+    runs, gaps = spiral.main(["--epochs", "3", "--activations", "relu,tanh,prelu", "--optimizers",
+                              "adam", "--fused", "--no-plots", "--out", out, *QUICK])
+    named = _by_name(runs)
+    # prelu has no fused form: two runs; relu and tanh three
+    assert len(runs) == 3 + 3 + 2 and "prelu-adam/fused" not in named
+    for act in ("relu", "tanh"):
+        fused = named[f"{act}-adam/fused"]
+        assert isinstance(fused.model.layers, FusedMLP)
+        assert fused.losses[-1] < fused.losses[0]
+        assert gaps[f"{act}-adam/fused"] < 1e-4, gaps
+    doc = _metrics(out)
+    assert {r["backend"] for r in doc["runs"]} == {"fastops", "torch", "fused"}
+
+
+def test_mnist_fused_beside_the_layers(tmp_path):
+    out = str(tmp_path / "mnist-fused")
+    runs, gaps = mnist.main(["--epochs", "2", "--subset", "800", "--hidden", "32,32",
+                             "--dropout", "0", "--fused", "--no-plots", "--out", out, *QUICK])
+    named = _by_name(runs)
+    assert set(named) == {"mlp/fastops", "mlp/torch", "mlp/fused"}
+    fused = named["mlp/fused"]
+    assert isinstance(fused.model.layers, FusedMLP)
+    assert fused.losses[-1] < fused.losses[0]
+    assert gaps["mlp/fused"] < 1e-3, gaps
+    with pytest.raises(SystemExit):  # unequal widths and dropout cannot be fused
+        mnist.main(["--fused", "--no-plots", "--out", out, *QUICK])
 
 
 def test_gan_learns_the_ring(tmp_path):

@@ -3,6 +3,7 @@ what torch.func transforms, forward-mode AD and second order run), and the fake 
 let torch.compile and torch.library.opcheck trace them, one module per family."""
 
 from fastops.ops.activations import *  # noqa: F401,F403
+from fastops.ops.fused_mlp import *  # noqa: F401,F403
 from fastops.ops.linear import *  # noqa: F401,F403
 from fastops.ops.losses import *  # noqa: F401,F403
 from fastops.ops.margin_losses import *  # noqa: F401,F403

@@ -67,8 +67,25 @@ def csv_list(kind=str):
     return parse
 
 
+# The pseudo-backend of --fused: the fastops model with its MLP fused into one
+# fastops.nn.FusedMLP (models.MLP(fused=True)), trained beside the others.
+FUSED = "fused"
+
+
 def backends_of(args):
-    return list(BACKENDS) if args.backend == "both" else [args.backend]
+    backends = list(BACKENDS) if args.backend == "both" else [args.backend]
+    return backends + [FUSED] if getattr(args, "fused", False) else backends
+
+
+def model_backend(backend):
+    """The models backend of a run's backend: the fused model is a fastops model."""
+    return "fastops" if backend == FUSED else backend
+
+
+def add_fused_flag(p):
+    p.add_argument("--fused", action="store_true",
+                   help="also train the fastops model with its MLP fused into one FusedMLP (one "
+                        "kernel per pass) and report it beside the others")
 
 
 def choose_device(name, backends, local_rank=0):
@@ -79,7 +96,7 @@ def choose_device(name, backends, local_rank=0):
     if name == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: torch sees no CUDA device")
-        if "fastops" in backends and not fastops.cuda_available():
+        if ("fastops" in backends or FUSED in backends) and not fastops.cuda_available():
             raise SystemExit("--device cuda: this fastops build has no CUDA kernels; use "
                              "--backend torch or --device cpu")
         return torch.device("cuda", local_rank)
@@ -281,15 +298,19 @@ def make_models(build, backends, seed, device):
 
 
 def curve_gaps(runs):
-    """variant -> max over epochs of |loss_fastops - loss_torch|, for variants run on both."""
+    """variant -> max over epochs of |loss_fastops - loss_torch|, for variants run on both
+    (and variant/fused -> the same for the fused model)."""
     by_variant = {}
     for r in runs:
         by_variant.setdefault(r.variant, {})[r.backend] = r.losses
     gaps = {}
     for variant, curves in by_variant.items():
-        if len(curves) == 2:
-            a, b = curves["fastops"], curves["torch"]
-            gaps[variant] = max((abs(x - y) for x, y in zip(a, b)), default=0.0)
+        if "torch" not in curves:
+            continue
+        for backend, key in (("fastops", variant), (FUSED, f"{variant}/{FUSED}")):
+            if backend in curves:
+                gaps[key] = max((abs(x - y) for x, y in zip(curves[backend], curves["torch"])),
+                                default=0.0)
     return gaps
 
 

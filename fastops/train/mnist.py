@@ -3,6 +3,7 @@ download), trained with Adam on the fused cross entropy (log-softmax + NLL in on
 stratified train/test split; reports test accuracy and seconds per epoch.
 
     fastops-train mnist [--epochs 10] [--hidden 256,128]
+    fastops-train mnist --fused --hidden 128,128 --dropout 0   (also the MLP fused in one op)
     torchrun --nproc_per_node=2 -m fastops.train mnist     (DistributedDataParallel)
 """
 
@@ -14,11 +15,14 @@ import torch
 from fastops.models import ACTIVATIONS, MLP, functional
 from fastops.train import distributed, plots
 from fastops.train.common import (
+    FUSED,
     Run,
     Trainer,
+    add_fused_flag,
     csv_list,
     make_models,
     minibatch_epoch,
+    model_backend,
     parser,
     require,
     results_table,
@@ -89,7 +93,7 @@ def train_one(trainer, run, data):
         net = DistributedDataParallel(
             model, device_ids=[trainer.device] if trainer.device.type == "cuda" else None)
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    cross_entropy = functional(run.backend).cross_entropy
+    cross_entropy = functional(model_backend(run.backend)).cross_entropy
     n = len(x_train)
     sampler = None
     if info.enabled:
@@ -148,7 +152,12 @@ def main(argv=None):
     p.add_argument("--test-size", type=float, default=0.2)
     p.add_argument("--split-seed", type=int, default=1)
     p.add_argument("--subset", type=int, help="use only this many digits (quick runs)")
+    add_fused_flag(p)
     args = p.parse_args(argv)
+    if args.fused and (len(set(args.hidden)) > 1 or args.dropout):
+        p.error("--fused needs hidden layers of one width and no dropout, e.g. --hidden 128,128 "
+                f"--dropout 0 (got --hidden {','.join(map(str, args.hidden))} --dropout "
+                f"{args.dropout})")
 
     with Trainer("mnist", args, distributed_ok=True) as trainer:
         data = load_digits(args.test_size, args.split_seed, args.subset)
@@ -162,7 +171,7 @@ def main(argv=None):
             + f", {args.epochs} epochs; {' and '.join(trainer.backends)}")
         models = make_models(
             lambda b: MLP(784, args.hidden, 10, activation=args.activation,
-                          dropout=args.dropout, backend=b),
+                          dropout=args.dropout, backend=model_backend(b), fused=b == FUSED),
             trainer.backends, args.seed, trainer.device)
         runs = [train_one(trainer, Run("mlp", backend, model), data)
                 for backend, model in models.items()]
@@ -171,7 +180,7 @@ def main(argv=None):
             ("train accuracy", lambda r: r.metrics["train_accuracy"], ".2%"),
             ("final loss", lambda r: r.final_loss, ".4f"),
             ("s/epoch", lambda r: r.seconds_per_epoch, ".3f"),
-        ], gaps=len(trainer.backends) == 2)
+        ], gaps=len(trainer.backends) >= 2)
         gaps = trainer.finish(runs, table)
         if trainer.plots:
             plots.loss_curves(trainer.out_path("loss.png"), runs, "mnist")

@@ -6,19 +6,26 @@ of training accuracy per variant and a plot of the decision boundaries. The loss
 entropy, or with --loss multi_margin the multi-class hinge (multi_margin_loss) on the logits.
 
     fastops-train spiral [--epochs 50] [--activations relu,gelu] [--optimizers adam]
-                         [--loss cross_entropy|multi_margin]
+                         [--loss cross_entropy|multi_margin] [--fused]
+
+--fused also trains each variant whose activation the fused MLP runs (relu, elu, gelu,
+hardtanh, leaky_relu, hardshrink, sigmoid, tanh) as one fastops.nn.FusedMLP, in a third column.
 """
 
 import torch
 
 from fastops.models import MLP, functional
+from fastops.ops.fused_mlp import FUSED_MLP_ACTIVATIONS
 from fastops.train import plots
 from fastops.train.common import (
+    FUSED,
     Run,
     Trainer,
+    add_fused_flag,
     csv_list,
     make_models,
     minibatch_epoch,
+    model_backend,
     parser,
     results_table,
 )
@@ -47,7 +54,11 @@ def spiral_data(points_per_class=1000, classes=3, noise=0.2, seed=0):
 def build_model(activation, hidden, backend):
     # "linear": two Linear layers and nothing between them, a linear model in disguise
     return MLP(2, [hidden], 3, activation="none" if activation == "linear" else activation,
-               backend=backend)
+               backend=model_backend(backend), fused=backend == FUSED)
+
+
+def fusable(activation):
+    return activation in FUSED_MLP_ACTIVATIONS
 
 
 def make_optimizer(name, params, args):
@@ -65,7 +76,7 @@ def train_one(trainer, run, optimizer_name, x, y):
     args = trainer.args
     model = run.model
     opt = make_optimizer(optimizer_name, model.parameters(), args)
-    loss_fn = getattr(functional(run.backend), LOSSES[args.loss])
+    loss_fn = getattr(functional(model_backend(run.backend)), LOSSES[args.loss])
     n = len(x)
 
     def epoch(_):
@@ -138,6 +149,7 @@ def main(argv=None):
     p.add_argument("--noise", type=float, default=0.2)
     p.add_argument("--loss", choices=list(LOSSES), default="cross_entropy",
                    help="cross_entropy, or multi_margin: the multi-class hinge")
+    add_fused_flag(p)
     args = p.parse_args(argv)
     for a in args.activations:
         if a not in ACTIVATIONS:
@@ -160,8 +172,9 @@ def main(argv=None):
         for opt in args.optimizers:
             for act in args.activations:
                 variant = f"{act}-{opt}"
+                backends = [b for b in trainer.backends if b != FUSED or fusable(act)]
                 models = make_models(lambda b, act=act: build_model(act, args.hidden, b),
-                                     trainer.backends, args.seed, trainer.device)
+                                     backends, args.seed, trainer.device)
                 for backend, model in models.items():
                     run = Run(variant, backend, model)
                     runs.append(train_one(trainer, run, opt, x, y))
@@ -169,7 +182,7 @@ def main(argv=None):
             ("train accuracy", lambda r: r.metrics["train_accuracy"], ".1%"),
             ("final loss", lambda r: r.final_loss, ".4f"),
             ("s/epoch", lambda r: r.seconds_per_epoch, ".3f"),
-        ], gaps=len(trainer.backends) == 2)
+        ], gaps=len(trainer.backends) >= 2)
         gaps = trainer.finish(runs, table)
         if trainer.plots:
             plot_boundaries(trainer.out_path("spiral.png"), runs, x, y, args.activations,

@@ -1,0 +1,788 @@
+// CPU kernels of the fully fused MLP (fused_mlp_checks.h describes the op).
+//
+// The rows are cut into blocks of at most kBlockPanels * MR rows. Each thread task walks one
+// block through every layer with the block's activations in thread-local buffers (L1/L2) and
+// the weights packed once per call into the NR-wide panels of the tile kernel below (the
+// register-blocked MR x NR tile of gemm.h; its A operand, the activations, is broadcast from
+// row-major buffers, so only the weights are packed):
+//
+//   forward, layer l:  tile = a_{l-1} W_l^T, then the epilogue: z = tile + b (rounded to the
+//                      dtype), saved to `hidden` / `out_preact` when asked, a = act(z) written
+//                      to the block's buffer, the next layer's A operand (or to the output).
+//   backward, per block, from the last layer down:
+//                      delta_{L-1} = grad_output * out_act'(z_{L-1})
+//                      grad_b_l += sum_rows delta_l, grad_W_l += delta_l^T a_{l-1}
+//                        (a_{l-1} = act(z_{l-1}) recomputed from `hidden`, or the input)
+//                      delta_{l-1} = (delta_l W_l) * act'(z_{l-1}) in the epilogue of that tile
+//                        (for l = 0: grad_input = delta_0 W_0).
+//
+// The weight and bias gradients accumulate per chunk of blocks, chunks fixed by the shapes
+// alone, and the chunks are summed in order: bitwise reproducible whatever the thread count.
+// 16-bit dtypes compute in float and round to the dtype wherever nn.Sequential of Linear and
+// activation modules would hold a 16-bit tensor (z, a, and each layer's gradients).
+//
+// The activation epilogues are small functions per (dtype, activation, ISA), called through a
+// pointer once per tile or block: the layer loops are compiled once per dtype and ISA, not once
+// per pair of activations.
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "../fused_mlp_checks.h"
+#include "cpu_common.h"
+#include "gemm.h"
+
+namespace fastops {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+using gemm::ceil_div;
+using gemm::round_up;
+using gemm::Scratch;
+
+// Row blocks hold up to this many MR-row panels: with MR = 12 (AVX-512 float) 120 rows, whose
+// activations at width 64 (30 KB) stay in L1/L2 next to the layer's packed weights (16 KB).
+constexpr int64_t kBlockPanels = 10;
+// Weight-gradient accumulators: at most this many chunks of row blocks (then summed in order).
+constexpr int64_t kMaxChunks = 16;
+// Below this many multiply-adds (rows x weights) a call runs on the calling thread: waking a
+// second thread costs microseconds, more than such a call takes.
+constexpr double kSerialWork = 262144.0;
+
+// A compute-type value rounded to the storage type and back (the identity for float, double).
+template <class T, class Acc>
+FO_ALWAYS_INLINE Acc round_to(Acc v) {
+  if constexpr (std::is_same_v<T, Acc>) return v;
+  else return static_cast<Acc>(static_cast<T>(v));
+}
+
+// c (MR x NR, leading dimension ldc) = (accumulate ? c : 0) + sum_k A(i, k) B(k, j) with
+// B(k, j) = b[k * ldb + j] and A(i, k) = a[i * lda + k] (kRowA: A row-major, as the
+// activations and deltas are kept) or a[k * lda + i] (A transposed: delta^T in the weight
+// gradient): MR x NV vector accumulators in registers, kc rank-1 updates, A broadcast from
+// memory (so it needs no packing).
+template <class Acc, int W, int MR, int NV, bool kRowA>
+FO_ALWAYS_INLINE void tile_kernel(int64_t kc, const Acc* __restrict a, int64_t lda,
+                                  const Acc* __restrict b, int64_t ldb, Acc* c, int64_t ldc,
+                                  bool accumulate) {
+  using V = typename gemm::VecT<Acc, W>::type;
+  using VU = typename gemm::VecT<Acc, W>::unaligned;
+  V acc[MR][NV];
+  if (accumulate) {
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] = *reinterpret_cast<const VU*>(c + i * ldc + v * W);
+  } else {
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] = V{};
+  }
+#pragma GCC unroll 4
+  for (int64_t k = 0; k < kc; ++k) {
+    V bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = *reinterpret_cast<const VU*>(b + k * ldb + v * W);
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i) {
+      const V av = (kRowA ? a[i * lda + k] : a[k * lda + i]) - V{};  // broadcast
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] += av * bv[v];
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<VU*>(c + i * ldc + v * W) = acc[i][v];
+}
+
+// ---- activation epilogues ---------------------------------------------------------------------
+
+// The largest NR of any configuration (float, AVX-512: 2 vectors of 16).
+constexpr int kMaxNR = 32;
+
+// A finished forward tile: rows i < mr, columns j < nc of tile (leading dimension ldt).
+template <class T>
+struct FwdTile {
+  using Acc = acc_t<T>;
+  const Acc* tile;
+  int ldt, mr, nc;
+  const Acc* bias;  // at the tile's first column
+  T* z;             // the pre-activation to save (row stride ldz), or null
+  int64_t ldz;
+  Acc* a;           // the activation a = act(z), for the next layer (row stride lda), or null
+  int64_t lda;
+  T* y;             // the output (row stride ldy), or null
+  int64_t ldy;
+};
+
+// A finished backward tile of delta_l W_l (the gradient by a_{l-1}): delta_{l-1} =
+// (tile rounded) * act'(z) into d (row stride ldd).
+template <class T>
+struct BwdTile {
+  using Acc = acc_t<T>;
+  const Acc* tile;
+  int ldt, mr, nc;
+  const T* z;  // z_{l-1} at the tile (row stride ldz)
+  int64_t ldz;
+  Acc* d;
+  int64_t ldd;
+};
+
+// delta of the output layer from grad_output (any strides) and z (row stride ldz, unused for
+// 'none'), for rows r < rows and columns j < n, into d (row stride ldd).
+template <class T>
+struct OutDelta {
+  using Acc = acc_t<T>;
+  const T* g;
+  int64_t gs0, gs1;
+  const T* z;
+  int64_t ldz;
+  int64_t rows, n;
+  Acc* d;
+  int64_t ldd;
+};
+
+// a = act(z) for rows r < rows, columns j < n: z (row stride ldz) into a (row stride lda).
+template <class T>
+struct ActRows {
+  using Acc = acc_t<T>;
+  const T* z;
+  int64_t ldz, rows, n;
+  Acc* a;
+  int64_t lda;
+};
+
+template <class T, class F>
+FO_ALWAYS_INLINE void fwd_tile(const FwdTile<T>& e, const F& f) {
+  using Acc = acc_t<T>;
+  for (int i = 0; i < e.mr; ++i) {
+    const Acc* t = e.tile + i * e.ldt;
+    Acc zr[kMaxNR], ar[kMaxNR];
+    for (int j = 0; j < e.nc; ++j) {
+      zr[j] = round_to<T>(t[j] + e.bias[j]);
+      ar[j] = round_to<T>(static_cast<Acc>(f.forward(zr[j])));
+    }
+    if (e.z != nullptr)
+      for (int j = 0; j < e.nc; ++j) e.z[i * e.ldz + j] = static_cast<T>(zr[j]);
+    if (e.a != nullptr)
+      for (int j = 0; j < e.nc; ++j) e.a[i * e.lda + j] = ar[j];
+    if (e.y != nullptr)
+      for (int j = 0; j < e.nc; ++j) e.y[i * e.ldy + j] = static_cast<T>(ar[j]);
+  }
+}
+
+template <class T, class F>
+FO_ALWAYS_INLINE void bwd_tile(const BwdTile<T>& e, const F& f) {
+  using Acc = acc_t<T>;
+  for (int i = 0; i < e.mr; ++i) {
+    const Acc* t = e.tile + i * e.ldt;
+    const T* z = e.z + i * e.ldz;
+    Acc* d = e.d + i * e.ldd;
+    for (int j = 0; j < e.nc; ++j)
+      d[j] = round_to<T>(
+          static_cast<Acc>(f.backward(static_cast<Acc>(z[j]), round_to<T>(t[j]))));
+  }
+}
+
+template <class T, class F>
+FO_ALWAYS_INLINE void out_delta(const OutDelta<T>& e, const F& f) {
+  using Acc = acc_t<T>;
+  const bool has_z = !std::is_same_v<F, IdentityAct>;
+  for (int64_t r = 0; r < e.rows; ++r) {
+    const T* g = e.g + r * e.gs0;
+    Acc* d = e.d + r * e.ldd;
+    if (e.gs1 == 1) {
+      if (has_z) {
+        const T* z = e.z + r * e.ldz;
+        for (int64_t j = 0; j < e.n; ++j)
+          d[j] = round_to<T>(static_cast<Acc>(
+              f.backward(static_cast<Acc>(z[j]), static_cast<Acc>(g[j]))));
+      } else {
+        for (int64_t j = 0; j < e.n; ++j) d[j] = static_cast<Acc>(g[j]);
+      }
+    } else {
+      for (int64_t j = 0; j < e.n; ++j) {
+        const Acc gv = static_cast<Acc>(g[j * e.gs1]);
+        d[j] = has_z ? round_to<T>(static_cast<Acc>(
+                           f.backward(static_cast<Acc>(e.z[r * e.ldz + j]), gv)))
+                     : gv;
+      }
+    }
+  }
+}
+
+template <class T, class F>
+FO_ALWAYS_INLINE void act_rows(const ActRows<T>& e, const F& f) {
+  using Acc = acc_t<T>;
+  for (int64_t r = 0; r < e.rows; ++r) {
+    const T* z = e.z + r * e.ldz;
+    Acc* a = e.a + r * e.lda;
+    for (int64_t j = 0; j < e.n; ++j)
+      a[j] = round_to<T>(static_cast<Acc>(f.forward(static_cast<Acc>(z[j]))));
+  }
+}
+
+// The epilogues of one activation, compiled for the ISA the CPU runs (functor in `self`).
+template <class T>
+struct ActFns {
+  const void* self;
+  void (*fwd)(const void*, const FwdTile<T>&);
+  void (*bwd)(const void*, const BwdTile<T>&);
+  void (*out)(const void*, const OutDelta<T>&);
+  void (*act)(const void*, const ActRows<T>&);
+};
+
+template <class T, Isa I, class F>
+ActFns<T> make_fns(const F* f) {
+  return {f,
+          [](const void* s, const FwdTile<T>& e) {
+            gemm::run_isa<I>([&]() FO_INLINE_LAMBDA { fwd_tile(e, *static_cast<const F*>(s)); });
+          },
+          [](const void* s, const BwdTile<T>& e) {
+            gemm::run_isa<I>([&]() FO_INLINE_LAMBDA { bwd_tile(e, *static_cast<const F*>(s)); });
+          },
+          [](const void* s, const OutDelta<T>& e) {
+            gemm::run_isa<I>([&]() FO_INLINE_LAMBDA { out_delta(e, *static_cast<const F*>(s)); });
+          },
+          [](const void* s, const ActRows<T>& e) {
+            gemm::run_isa<I>([&]() FO_INLINE_LAMBDA { act_rows(e, *static_cast<const F*>(s)); });
+          }};
+}
+
+// The table of one activation: built at its first use. Every activation here has fixed
+// parameters (torch's defaults, rounded to T where torch does), so one functor per (T, F).
+template <class T, class F>
+const ActFns<T>& fns_of(const F& f) {
+  static const F kept = f;
+  static const ActFns<T> table = [] {
+    switch (cpu_isa()) {
+      case Isa::avx512: return make_fns<T, Isa::avx512>(&kept);
+      case Isa::avx2: return make_fns<T, Isa::avx2>(&kept);
+      default: return make_fns<T, Isa::baseline>(&kept);
+    }
+  }();
+  return table;
+}
+
+template <class T>
+const ActFns<T>& activation_fns(const std::string& name) {
+  const ActFns<T>* out = nullptr;
+  with_fused_mlp_activation<T>(name, [&](auto f) { out = &fns_of<T>(f); });
+  return *out;
+}
+
+// ---- the layer loops ----------------------------------------------------------------------------
+
+// A 64-byte aligned thread-local buffer of n values, zeroed when it grows (padding columns are
+// read by the tile kernel and must hold numbers).
+template <class Acc>
+Acc* block_buffer(Scratch& s, int64_t n) {
+  const size_t before = s.bytes;
+  void* p = s.get(sizeof(Acc) * static_cast<size_t>(n));
+  if (s.bytes != before) std::memset(p, 0, s.bytes);
+  return static_cast<Acc*>(p);
+}
+
+struct Blocking {
+  int64_t rows_per_block, blocks, chunks;
+  bool serial;
+};
+
+Blocking blocking(int64_t N, int64_t mr, int64_t weights) {
+  Blocking b;
+  const int64_t max_rows = kBlockPanels * mr;
+  const int64_t nb = std::max<int64_t>(1, ceil_div(N, max_rows));
+  b.rows_per_block = round_up(std::max<int64_t>(1, ceil_div(N, nb)), mr);
+  b.blocks = ceil_div(N, b.rows_per_block);
+  b.serial = static_cast<double>(N) * static_cast<double>(weights) < kSerialWork;
+  b.chunks = b.serial ? 1 : std::min(b.blocks, kMaxChunks);
+  return b;
+}
+
+// Everything a pass needs, for storage type T.
+template <class T>
+struct Net {
+  using Acc = acc_t<T>;
+  int64_t N, L, in, H, out;
+  std::vector<int64_t> lin, lout;  // in_l, out_l
+  const T* x;
+  int64_t xs0, xs1;
+};
+
+template <class T>
+Net<T> make_net(const FusedMlpDims& d, const Tensor& input) {
+  Net<T> n;
+  n.N = d.N;
+  n.L = d.layers;
+  n.in = d.in_features;
+  n.H = d.hidden;
+  n.out = d.out_features;
+  for (int64_t l = 0; l < n.L; ++l) {
+    n.lin.push_back(l == 0 ? n.in : n.H);
+    n.lout.push_back(l == n.L - 1 ? n.out : n.H);
+  }
+  n.x = input.const_data_ptr<T>();
+  n.xs0 = input.stride(0);
+  n.xs1 = input.stride(1);
+  return n;
+}
+
+// Packs weight l for the forward tile (B = W^T: panel p holds [k][j] = W[p NR + j][k], zero
+// columns past out_l) or, transposed = false, for the backward (B = W: [k][j] = W[k][p NR + j],
+// zero columns past in_l).
+template <int NR, class T, class Acc>
+void pack_weight(const Tensor& w, bool for_forward, Acc* out) {
+  const T* p = w.const_data_ptr<T>();
+  const int64_t rows = w.size(0), cols = w.size(1), s0 = w.stride(0), s1 = w.stride(1);
+  // forward: N = rows (out_l), K = cols; backward: N = cols, K = rows
+  const int64_t N = for_forward ? rows : cols, K = for_forward ? cols : rows;
+  for (int64_t j0 = 0; j0 < N; j0 += NR) {
+    Acc* o = out + j0 * K;
+    const int64_t nr = std::min<int64_t>(NR, N - j0);
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t j = 0; j < nr; ++j)
+        o[k * NR + j] = static_cast<Acc>(for_forward ? p[(j0 + j) * s0 + k * s1]
+                                                     : p[k * s0 + (j0 + j) * s1]);
+      for (int64_t j = nr; j < NR; ++j) o[k * NR + j] = Acc(0);
+    }
+  }
+}
+
+// Small widths waste little of a tile: a layer whose output (or, backward, input) is at most
+// one vector wide runs tiles of one vector (NR = W), and the weight gradient of a layer with at
+// most kNarrowRows outputs (or inputs) runs tiles of kNarrowRows rows.
+constexpr int kNarrowRows = 4;
+
+// The panel width for n columns: one vector when n fits in one, else the tile's NR.
+template <int W, int NR>
+FO_ALWAYS_INLINE int panel_width(int64_t n) {
+  return n <= W ? W : NR;
+}
+
+// tile_kernel with row-major A, B in panels of width nr (W or W * NV).
+template <class Acc, int W, int MR, int NV>
+FO_ALWAYS_INLINE void row_tile(int nr, int64_t kc, const Acc* a, int64_t lda, const Acc* b,
+                               Acc* c) {
+  if (nr == W * NV) tile_kernel<Acc, W, MR, NV, true>(kc, a, lda, b, W * NV, c, W * NV, false);
+  else tile_kernel<Acc, W, MR, 1, true>(kc, a, lda, b, W, c, W, false);
+}
+
+template <int NR, class T, class Acc>
+void pack_weight_panels(int nr, const Tensor& w, bool for_forward, Acc* out);
+
+// The input rows r0 .. r0 + n in the compute type, dense (row stride in): one pass over a
+// contiguous input (per-row copies of a few elements would each cost a memcpy call).
+template <class T, class Acc>
+FO_ALWAYS_INLINE void load_input(const Net<T>& net, int64_t r0, int64_t n, Acc* out) {
+  const T* x = net.x + r0 * net.xs0;
+  const int64_t in = net.in;
+  if (net.xs1 == 1 && net.xs0 == in) {
+    for (int64_t e = 0; e < n * in; ++e) out[e] = static_cast<Acc>(x[e]);
+    return;
+  }
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t k = 0; k < in; ++k)
+      out[r * in + k] = static_cast<Acc>(x[r * net.xs0 + k * net.xs1]);
+}
+
+template <int NR, class T, class Acc>
+void pack_weight_panels(int nr, const Tensor& w, bool for_forward, Acc* out) {
+  if (nr == NR) pack_weight<NR, T>(w, for_forward, out);
+  else pack_weight<NR / 2, T>(w, for_forward, out);  // one vector: every config has NV = 2
+}
+
+template <class T, Isa I>
+void forward_isa(const Net<T>& net, at::TensorList weights, const std::vector<Tensor>& biases,
+                 const ActFns<T>& hid, const ActFns<T>& outf, T* y, T* hidden, T* out_preact) {
+  using Acc = acc_t<T>;
+  using Cfg = gemm::Config<Acc, I>;
+  constexpr int W = Cfg::W, MR = Cfg::MR, NV = Cfg::NV, NR = W * NV;
+  static_assert(NV == 2, "the narrow panels (pack_weight_panels) are half a tile wide");
+  const int64_t L = net.L, N = net.N;
+
+  // the packed weights and biases, once per call
+  std::vector<int64_t> woff(L), boff(L);
+  std::vector<int> lnr(L);  // panel width per layer
+  int64_t total = 0, weights_total = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    lnr[l] = panel_width<W, NR>(net.lout[l]);
+    woff[l] = total;
+    total += net.lin[l] * round_up(net.lout[l], lnr[l]);
+    boff[l] = total;
+    total += round_up(net.lout[l], NR);
+    weights_total += net.lin[l] * net.lout[l];
+  }
+  thread_local Scratch pack_scratch;
+  Acc* pack = static_cast<Acc*>(pack_scratch.get(sizeof(Acc) * std::max<int64_t>(total, 1)));
+  for (int64_t l = 0; l < L; ++l) {
+    pack_weight_panels<NR, T>(lnr[l], weights[l], true, pack + woff[l]);
+    Acc* b = pack + boff[l];
+    std::fill(b, b + round_up(net.lout[l], NR), Acc(0));
+    if (!biases.empty()) {
+      const T* bp = biases[l].const_data_ptr<T>();
+      const int64_t bs = biases[l].stride(0);
+      for (int64_t j = 0; j < net.lout[l]; ++j) b[j] = static_cast<Acc>(bp[j * bs]);
+    }
+  }
+
+  const Blocking blk = blocking(N, MR, weights_total);
+  // row stride of the activation buffers (row-major, rows_per_block rows each)
+  const int64_t ld = round_up(std::max(net.in, std::max(net.H, net.out)), W);
+  const int64_t buf = blk.rows_per_block * ld;
+  // the dense input rows, and room for the tiles' reads past the last row
+  const int64_t xbuf = blk.rows_per_block * net.in + NR + MR;
+
+  const auto run_blocks = [&](int64_t b0, int64_t b1) {
+    thread_local Scratch block_scratch;
+    Acc* cur0 = block_buffer<Acc>(block_scratch, 2 * buf + xbuf + MR * NR);
+    gemm::run_isa<I>([&]() FO_INLINE_LAMBDA {
+      Acc* X = cur0 + 2 * buf;  // the input rows, dense
+      Acc* tile = X + xbuf;
+      for (int64_t bi = b0; bi < b1; ++bi) {
+        const int64_t r0 = bi * blk.rows_per_block;
+        const int64_t n = std::min(blk.rows_per_block, N - r0);
+        const int64_t nrp = round_up(n, MR);
+        Acc* cur = cur0;
+        Acc* nxt = cur0 + buf;
+        // (the rows of the last panel past n keep what an earlier block left: their results
+        // are never stored)
+        load_input(net, r0, n, X);
+        for (int64_t l = 0; l < L; ++l) {
+          const int64_t K = net.lin[l], Nl = net.lout[l];
+          const bool last = l == L - 1;
+          const ActFns<T>& fns = last ? outf : hid;
+          const int nrl = lnr[l];
+          for (int64_t j0 = 0; j0 < Nl; j0 += nrl) {
+            const Acc* bp = pack + woff[l] + j0 * K;
+            const int nc = static_cast<int>(std::min<int64_t>(nrl, Nl - j0));
+            for (int64_t ip = 0; ip < nrp; ip += MR) {
+              const Acc* A = l == 0 ? X + ip * net.in : cur + ip * ld;
+              row_tile<Acc, W, MR, NV>(nrl, K, A, l == 0 ? net.in : ld, bp, tile);
+              FwdTile<T> e;
+              e.tile = tile;
+              e.ldt = nrl;
+              e.mr = static_cast<int>(std::min<int64_t>(MR, n - ip));
+              e.nc = nc;
+              e.bias = pack + boff[l] + j0;
+              const int64_t row = r0 + ip;
+              e.z = last ? (out_preact ? out_preact + row * Nl + j0 : nullptr)
+                         : (hidden ? hidden + (l * N + row) * Nl + j0 : nullptr);
+              e.ldz = Nl;
+              e.a = last ? nullptr : nxt + ip * ld + j0;
+              e.lda = ld;
+              e.y = last ? y + row * Nl + j0 : nullptr;
+              e.ldy = Nl;
+              fns.fwd(fns.self, e);
+            }
+          }
+          std::swap(cur, nxt);
+        }
+      }
+    });
+  };
+  if (blk.serial) run_blocks(0, blk.blocks);
+  else at::parallel_for(0, blk.blocks, 1, run_blocks);
+}
+
+template <class T>
+struct Grads {
+  T* grad_input;                 // (N, in) or null
+  std::vector<T*> grad_weights;  // per layer (out_l, in_l) contiguous, or empty
+  std::vector<T*> grad_biases;   // per layer (out_l,), or empty
+};
+
+template <class T, Isa I>
+void backward_isa(const Net<T>& net, at::TensorList weights, const ActFns<T>& hid,
+                  const ActFns<T>& outf, const T* g, int64_t gs0, int64_t gs1, const T* hidden,
+                  const T* out_preact, const Grads<T>& grads) {
+  using Acc = acc_t<T>;
+  using Cfg = gemm::Config<Acc, I>;
+  constexpr int W = Cfg::W, MR = Cfg::MR, NV = Cfg::NV, NR = W * NV;
+  static_assert(NV == 2, "the narrow panels (pack_weight_panels) are half a tile wide");
+  const int64_t L = net.L, N = net.N, H = net.H;
+  const bool want_w = !grads.grad_weights.empty(), want_b = !grads.grad_biases.empty();
+  const bool want_x = grads.grad_input != nullptr;
+
+  // packed weights (B = W_l) for the backward products; layer 0 only for grad_input
+  std::vector<int64_t> woff(L);
+  std::vector<int> lnr(L);  // panel width per layer (of in_l columns)
+  int64_t total = 0, weights_total = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    lnr[l] = panel_width<W, NR>(net.lin[l]);
+    woff[l] = total;
+    if (l > 0 || want_x) total += net.lout[l] * round_up(net.lin[l], lnr[l]);
+    weights_total += net.lin[l] * net.lout[l];
+  }
+  thread_local Scratch pack_scratch;
+  Acc* pack = static_cast<Acc*>(pack_scratch.get(sizeof(Acc) * std::max<int64_t>(total, 1)));
+  for (int64_t l = 0; l < L; ++l)
+    if (l > 0 || want_x) pack_weight_panels<NR, T>(lnr[l], weights[l], false, pack + woff[l]);
+
+  // per chunk accumulators: grad_W_l, then grad_b_l. grad_W_l = delta_l^T a_{l-1} (out_l x
+  // in_l), or transposed (in_l x out_l, wtrans) when that pads less: e.g. the 100 x 2 weight of
+  // a 2-D input is 4 x 128 tile cells per row, not 108 x 32. Rows padded to the tile height
+  // (kNarrowRows for at most that many), columns to NR.
+  std::vector<int64_t> gwoff(L), gwld(L), gboff(L), gwmr(L);
+  std::vector<char> wtrans(L);
+  const auto rows_tile = [](int64_t m) -> int64_t { return m <= kNarrowRows ? kNarrowRows : MR; };
+  int64_t acc_size = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t in = net.lin[l], out = net.lout[l];
+    const int64_t cells = round_up(out, rows_tile(out)) * round_up(in, NR);
+    const int64_t cells_t = round_up(in, rows_tile(in)) * round_up(out, NR);
+    wtrans[l] = cells_t < cells;
+    const int64_t rows = wtrans[l] ? in : out, cols = wtrans[l] ? out : in;
+    gwmr[l] = rows_tile(rows);
+    gwoff[l] = acc_size;
+    gwld[l] = round_up(cols, NR);
+    acc_size += want_w ? round_up(rows, gwmr[l]) * gwld[l] : 0;
+    gboff[l] = acc_size;
+    acc_size += want_b ? round_up(net.lout[l], W) : 0;
+  }
+  acc_size = round_up(std::max<int64_t>(acc_size, 1), 16);
+
+  const Blocking blk = blocking(N, MR, weights_total);
+  const int64_t fmax = std::max(net.in, std::max(H, net.out));
+  // row stride of the row-major buffers: covers a tile's columns (NR) and the A reads of the
+  // weight-gradient tile (MR rows of delta^T)
+  const int64_t ld = round_up(std::max(round_up(fmax, NR), round_up(fmax, MR)), W);
+  const int64_t buf = blk.rows_per_block * ld;
+  const int64_t xbuf = blk.rows_per_block * net.in + NR + MR;
+
+  thread_local Scratch acc_scratch;
+  Acc* accs = static_cast<Acc*>(acc_scratch.get(sizeof(Acc) * acc_size * blk.chunks));
+  std::fill(accs, accs + acc_size * blk.chunks, Acc(0));
+
+  const auto run_chunks = [&](int64_t c0, int64_t c1) {
+    thread_local Scratch block_scratch;
+    Acc* base = block_buffer<Acc>(block_scratch, 3 * buf + xbuf + MR * NR);
+    gemm::run_isa<I>([&]() FO_INLINE_LAMBDA {
+      Acc* P = base;  // a_{l-1}
+      Acc* D = base + buf;  // delta_l, then delta_{l-1} in D2
+      Acc* D2 = base + 2 * buf;
+      Acc* X = base + 3 * buf;  // the input rows, dense
+      Acc* tile = X + xbuf;
+      for (int64_t c = c0; c < c1; ++c) {
+        Acc* acc = accs + c * acc_size;
+        const int64_t bfirst = c * blk.blocks / blk.chunks;
+        const int64_t blast = (c + 1) * blk.blocks / blk.chunks;
+        for (int64_t bi = bfirst; bi < blast; ++bi) {
+          const int64_t r0 = bi * blk.rows_per_block;
+          const int64_t n = std::min(blk.rows_per_block, N - r0);
+          const int64_t nrp = round_up(n, MR);
+          Acc* d = D;
+          Acc* d2 = D2;
+          {
+            OutDelta<T> e;
+            e.g = g + r0 * gs0;
+            e.gs0 = gs0;
+            e.gs1 = gs1;
+            e.z = out_preact ? out_preact + r0 * net.out : nullptr;
+            e.ldz = net.out;
+            e.rows = n;
+            e.n = net.out;
+            e.d = d;
+            e.ldd = ld;
+            outf.out(outf.self, e);
+          }
+          for (int64_t l = L - 1; l >= 0; --l) {
+            const int64_t K = net.lin[l], Nl = net.lout[l];
+            if (want_b) {
+              Acc* gb = acc + gboff[l];
+              for (int64_t r = 0; r < n; ++r)
+                for (int64_t j = 0; j < Nl; ++j) gb[j] += d[r * ld + j];
+            }
+            if (want_w) {
+              if (l == 0) {
+                load_input(net, r0, n, X);
+              } else {
+                ActRows<T> e{hidden + ((l - 1) * N + r0) * H, H, n, H, P, ld};
+                hid.act(hid.self, e);
+              }
+              // the rows of the accumulator come from A (transposed: A(i, k) = a[k ld + i]),
+              // its columns from B: (delta, a_{l-1}), or (a_{l-1}, delta) when transposed
+              Acc* gw = acc + gwoff[l];
+              const Acc* a_prev = l == 0 ? X : P;
+              const int64_t ld_prev = l == 0 ? K : ld;
+              const Acc* A = wtrans[l] ? a_prev : d;
+              const Acc* B = wtrans[l] ? d : a_prev;
+              const int64_t lda = wtrans[l] ? ld_prev : ld, ldb = wtrans[l] ? ld : ld_prev;
+              const int64_t rows = wtrans[l] ? K : Nl, cols = wtrans[l] ? Nl : K;
+              const int64_t gl = gwld[l];
+              for (int64_t i0 = 0; i0 < rows; i0 += gwmr[l])
+                for (int64_t j0 = 0; j0 < cols; j0 += NR) {
+                  if (gwmr[l] == kNarrowRows)
+                    tile_kernel<Acc, W, kNarrowRows, NV, false>(n, A + i0, lda, B + j0, ldb,
+                                                                gw + i0 * gl + j0, gl, true);
+                  else
+                    tile_kernel<Acc, W, MR, NV, false>(n, A + i0, lda, B + j0, ldb,
+                                                       gw + i0 * gl + j0, gl, true);
+                }
+            }
+            if (l == 0 && !want_x) break;
+            const Acc* wp = pack + woff[l];
+            const int nrl = lnr[l];
+            for (int64_t j0 = 0; j0 < K; j0 += nrl) {
+              const int nc = static_cast<int>(std::min<int64_t>(nrl, K - j0));
+              for (int64_t ip = 0; ip < nrp; ip += MR) {
+                row_tile<Acc, W, MR, NV>(nrl, Nl, d + ip * ld, ld, wp + j0 * Nl, tile);
+                const int mr = static_cast<int>(std::min<int64_t>(MR, n - ip));
+                if (l == 0) {
+                  T* gi = grads.grad_input + (r0 + ip) * K + j0;
+                  for (int i = 0; i < mr; ++i)
+                    for (int j = 0; j < nc; ++j) gi[i * K + j] = static_cast<T>(tile[i * nrl + j]);
+                } else {
+                  BwdTile<T> e;
+                  e.tile = tile;
+                  e.ldt = nrl;
+                  e.mr = mr;
+                  e.nc = nc;
+                  e.z = hidden + ((l - 1) * N + r0 + ip) * H + j0;
+                  e.ldz = H;
+                  e.d = d2 + ip * ld + j0;
+                  e.ldd = ld;
+                  hid.bwd(hid.self, e);
+                }
+              }
+            }
+            std::swap(d, d2);
+          }
+        }
+      }
+    });
+  };
+  if (blk.chunks == 1) run_chunks(0, 1);
+  else at::parallel_for(0, blk.chunks, 1, run_chunks);
+
+  // the chunks' sums, added in chunk order
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t K = net.lin[l], Nl = net.lout[l];
+    if (want_w) {
+      T* o = grads.grad_weights[l];
+      for (int64_t i = 0; i < Nl; ++i)
+        for (int64_t k = 0; k < K; ++k) {
+          Acc s = 0;
+          const int64_t at = wtrans[l] ? k * gwld[l] + i : i * gwld[l] + k;
+          for (int64_t c = 0; c < blk.chunks; ++c) s += accs[c * acc_size + gwoff[l] + at];
+          o[i * K + k] = static_cast<T>(s);
+        }
+    }
+    if (want_b) {
+      T* o = grads.grad_biases[l];
+      for (int64_t j = 0; j < Nl; ++j) {
+        Acc s = 0;
+        for (int64_t c = 0; c < blk.chunks; ++c) s += accs[c * acc_size + gboff[l] + j];
+        o[j] = static_cast<T>(s);
+      }
+    }
+  }
+}
+
+// ---- the ops ------------------------------------------------------------------------------------
+
+template <class Fn>
+void with_isa(const Fn& fn) {
+  switch (cpu_isa()) {
+    case Isa::avx512: return fn(std::integral_constant<Isa, Isa::avx512>{});
+    case Isa::avx2: return fn(std::integral_constant<Isa, Isa::avx2>{});
+    default: return fn(std::integral_constant<Isa, Isa::baseline>{});
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> fused_mlp_forward(
+    const Tensor& input, at::TensorList weights, const c10::List<c10::optional<Tensor>>& biases,
+    c10::string_view activation, c10::string_view output_activation, bool save_for_backward) {
+  const char* op = "fastops.fused_mlp";
+  const std::string act(activation), out_act(output_activation);
+  const FusedMlpDims d = check_fused_mlp(op, input, weights, biases);
+  check_fused_mlp_activations(op, act, out_act);
+  const std::vector<Tensor> bias_list = fused_mlp_biases(biases);
+  const auto opts = input.options();
+  Tensor y = empty_output({d.N, d.out_features}, opts);
+  Tensor hidden = save_for_backward ? empty_output({d.layers - 1, d.N, d.hidden}, opts)
+                                    : at::empty({0}, opts);
+  Tensor out_preact = save_for_backward && out_act != "none"
+                          ? empty_output({d.N, d.out_features}, opts)
+                          : at::empty({0}, opts);
+  if (d.N == 0) return {y, hidden, out_preact};
+  FO_DISPATCH_FLOATING(input.scalar_type(), [&] {
+    using T = scalar_t;
+    const Net<T> net = make_net<T>(d, input);
+    const ActFns<T>& hid = activation_fns<T>(act);
+    const ActFns<T>& outf = activation_fns<T>(out_act);
+    T* hp = hidden.numel() > 0 ? hidden.mutable_data_ptr<T>() : nullptr;
+    T* op_ = out_preact.numel() > 0 ? out_preact.mutable_data_ptr<T>() : nullptr;
+    with_isa([&](auto isa) {
+      forward_isa<T, decltype(isa)::value>(net, weights, bias_list, hid, outf,
+                                           y.mutable_data_ptr<T>(), hp, op_);
+    });
+  });
+  return {y, hidden, out_preact};
+}
+
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> fused_mlp_backward(
+    const Tensor& grad_output, const Tensor& input, at::TensorList weights,
+    const c10::List<c10::optional<Tensor>>& biases, const Tensor& hidden_in,
+    const Tensor& out_preact_in, c10::string_view activation,
+    c10::string_view output_activation, std::array<bool, 3> output_mask) {
+  const char* op = "fastops.fused_mlp_backward";
+  const std::string act(activation), out_act(output_activation);
+  const FusedMlpDims d = check_fused_mlp(op, input, weights, biases);
+  check_fused_mlp_activations(op, act, out_act);
+  check_fused_mlp_backward(op, d, input, grad_output, hidden_in, out_preact_in, out_act);
+  const auto opts = input.options();
+  const bool want_b = output_mask[2] && d.has_bias;
+  Tensor gi = output_mask[0] ? at::empty({d.N, d.in_features}, opts) : at::empty({0}, opts);
+  std::vector<Tensor> gw, gb;
+  for (int64_t l = 0; l < d.layers; ++l) {
+    gw.push_back(output_mask[1] ? at::empty(weights[l].sizes(), opts) : at::empty({0}, opts));
+    gb.push_back(want_b ? at::empty({weights[l].size(0)}, opts) : at::empty({0}, opts));
+  }
+  if (!output_mask[0] && !output_mask[1] && !want_b) return {gi, gw, gb};
+  if (d.N == 0) {
+    for (auto& t : gw) t.zero_();
+    for (auto& t : gb) t.zero_();
+    return {gi, gw, gb};
+  }
+  const Tensor hidden = d.layers > 1 ? hidden_in.contiguous() : hidden_in;
+  const Tensor out_preact = out_act != "none" ? out_preact_in.contiguous() : out_preact_in;
+  FO_DISPATCH_FLOATING(input.scalar_type(), [&] {
+    using T = scalar_t;
+    const Net<T> net = make_net<T>(d, input);
+    const ActFns<T>& hid = activation_fns<T>(act);
+    const ActFns<T>& outf = activation_fns<T>(out_act);
+    Grads<T> grads;
+    grads.grad_input = output_mask[0] ? gi.mutable_data_ptr<T>() : nullptr;
+    if (output_mask[1])
+      for (auto& t : gw) grads.grad_weights.push_back(t.mutable_data_ptr<T>());
+    if (want_b)
+      for (auto& t : gb) grads.grad_biases.push_back(t.mutable_data_ptr<T>());
+    const T* hp = d.layers > 1 ? hidden.const_data_ptr<T>() : nullptr;
+    const T* opp = out_act != "none" ? out_preact.const_data_ptr<T>() : nullptr;
+    with_isa([&](auto isa) {
+      backward_isa<T, decltype(isa)::value>(net, weights, hid, outf,
+                                            grad_output.const_data_ptr<T>(),
+                                            grad_output.stride(0), grad_output.stride(1), hp, opp,
+                                            grads);
+    });
+  });
+  return {gi, gw, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastops, CPU, m) {
+  m.impl("fused_mlp", &fused_mlp_forward);
+  m.impl("fused_mlp_backward", &fused_mlp_backward);
+}
+
+}  // namespace cpu
+}  // namespace fastops

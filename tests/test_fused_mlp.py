@@ -1,0 +1,388 @@
+"""The fully fused MLP (fastops.functional.fused_mlp, fastops.nn.FusedMLP) against the
+equivalent nn.Sequential of Linear and activation modules: values and gradients in every dtype,
+gradcheck in float64, odd / empty / large batches, non-contiguous views, determinism, bad
+inputs, opcheck, torch.compile, and the module conversions."""
+
+import copy
+
+import pytest
+import torch
+from conftest import DEVICES, tol
+from torch import nn
+
+import fastops
+from fastops import functional as F
+from fastops.models import MLP
+from fastops.nn import FusedMLP, convert
+from fastops.ops.fused_mlp import FUSED_MLP_ACTIVATIONS
+
+
+def make_mlp(in_features, out_features, hidden, layers, activation, output_activation, bias,
+             dtype, device, seed=0):
+    """(FusedMLP, the torch Sequential with the same weights)."""
+    torch.manual_seed(seed)
+    fused = FusedMLP(in_features, out_features, hidden, layers, activation, output_activation,
+                     bias=bias).to(device=device, dtype=dtype)
+    with torch.no_grad():  # weights of order one, so every activation sees both sides
+        for p in fused.parameters():
+            p.uniform_(-1.0, 1.0)
+            if p.dim() == 2:
+                p.mul_(1.5 / p.shape[1] ** 0.5)
+    return fused, fused.to_sequential()
+
+
+def forward_backward(model, x, g):
+    """(output, grad of input, grads of the parameters in order)."""
+    x = x.detach().clone().requires_grad_(True)
+    out = model(x)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(out, [x, *params], g)
+    return out.detach(), grads[0], grads[1:]
+
+
+def assert_matches(fused, seq, x, g, dtype, slack=1.0):
+    """slack widens the float32/float64 tolerances, for gradients summed over many rows in
+    another order than torch's."""
+    got = forward_backward(fused, x, g)
+    want = forward_backward(seq, x, g)
+    got_flat = [got[0], got[1], *got[2]]
+    want_flat = [want[0], want[1], *want[2]]
+    assert len(got_flat) == len(want_flat)
+    if dtype in (torch.float32, torch.float64):
+        atol, rtol = tol(dtype).values()
+        for a, e in zip(got_flat, want_flat):
+            torch.testing.assert_close(a, e, atol=atol * slack, rtol=rtol * slack)
+        return
+    # 16-bit: no further from a float64 reference than twice torch's own error
+    ref = forward_backward(copy.deepcopy(seq).double(), x.double(), g.double())
+    ref_flat = [ref[0], ref[1], *ref[2]]
+    for i, (a, e, r) in enumerate(zip(got_flat, want_flat, ref_flat)):
+        err_fastops = (a.double() - r).abs().max().item() if r.numel() else 0.0
+        err_torch = (e.double() - r).abs().max().item() if r.numel() else 0.0
+        scale = r.abs().max().item() if r.numel() else 0.0
+        eps = 2.0 ** -8 if dtype == torch.bfloat16 else 2.0 ** -11
+        assert err_fastops <= 2 * err_torch + 2 * eps * scale + 1e-6, (i, err_fastops, err_torch)
+
+
+@pytest.mark.parametrize("activation", FUSED_MLP_ACTIVATIONS)
+@pytest.mark.parametrize("output_activation", ["none", "tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_sequential(device, dtype, activation, output_activation, bias):
+    fused, seq = make_mlp(5, 7, 19, 2, activation, output_activation, bias, dtype, device)
+    x = torch.randn(37, 5, device=device, dtype=dtype)
+    g = torch.randn(37, 7, device=device, dtype=dtype)
+    assert_matches(fused, seq, x, g, dtype)
+
+
+@pytest.mark.parametrize("output_activation", FUSED_MLP_ACTIVATIONS)
+def test_output_activations(device, output_activation):
+    fused, seq = make_mlp(6, 9, 11, 1, "gelu", output_activation, True, torch.float32, device)
+    x = torch.randn(29, 6, device=device)
+    assert_matches(fused, seq, x, torch.randn(29, 9, device=device), torch.float32)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 2, 13, 121, 250, 1000, 3001])
+@pytest.mark.parametrize("layers", [0, 1, 3])
+def test_batch_sizes_and_depths(device, rows, layers):
+    # 1000 and 3001 rows run in parallel, in several row blocks and gradient chunks
+    fused, seq = make_mlp(5, 3, 33, layers, "relu", "none", True, torch.float32, device)
+    x = torch.randn(rows, 5, device=device)
+    assert_matches(fused, seq, x, torch.randn(rows, 3, device=device), torch.float32, slack=10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_bench_shape(device, dtype):
+    """The 64-wide, 4-hidden-layer net of the benchmark (in 32, out 16)."""
+    fused, seq = make_mlp(32, 16, 64, 4, "relu", "none", True, dtype, device)
+    x = torch.randn(4099, 32, device=device, dtype=dtype)
+    assert_matches(fused, seq, x, torch.randn(4099, 16, device=device, dtype=dtype), dtype,
+                   slack=10)
+
+
+@pytest.mark.parametrize("width", [1, 31, 32, 33, 100, 128, 129])
+def test_widths(device, width):
+    """Widths around the tile sizes (12 x 32 with AVX-512 float)."""
+    fused, seq = make_mlp(width, width, width, 2, "tanh", "none", True, torch.float32, device)
+    x = torch.randn(25, width, device=device)
+    assert_matches(fused, seq, x, torch.randn(25, width, device=device), torch.float32)
+
+
+@pytest.mark.parametrize("activation", FUSED_MLP_ACTIVATIONS)
+def test_gradcheck(device, activation):
+    torch.manual_seed(0)
+    x = torch.randn(9, 3, device=device, dtype=torch.float64, requires_grad=True)
+    ws = [torch.randn(o, i, device=device, dtype=torch.float64, requires_grad=True)
+          for o, i in [(6, 3), (6, 6), (4, 6)]]
+    bs = [torch.randn(o, device=device, dtype=torch.float64, requires_grad=True)
+          for o in (6, 6, 4)]
+
+    def fn(x, *params):
+        return F.fused_mlp(x, params[:3], params[3:], activation, "tanh")
+
+    assert torch.autograd.gradcheck(fn, (x, *ws, *bs), fast_mode=True)
+
+    def no_bias(x, *ws):
+        return F.fused_mlp(x, ws, None, activation, "none")
+
+    assert torch.autograd.gradcheck(no_bias, (x, *ws), fast_mode=True)
+
+
+def test_non_contiguous(device):
+    fused, seq = make_mlp(7, 5, 16, 2, "elu", "none", True, torch.float32, device)
+    base = torch.randn(7, 90, device=device)
+    x = base.t()[::2]  # (45, 7), strides (2, 90)
+    assert not x.is_contiguous()
+    g = torch.randn(5, 45, device=device).t()
+    assert_matches(fused, seq, x, g, torch.float32)
+    # transposed weights and strided biases
+    ws = [m.weight.detach().t().contiguous().t() for m in fused.linears()]
+    bs = [torch.stack([m.bias.detach(), m.bias.detach()], 1)[:, 0] for m in fused.linears()]
+    assert not ws[0].is_contiguous() and not bs[0].is_contiguous()
+    out = F.fused_mlp(x, ws, bs, "elu")
+    torch.testing.assert_close(out, seq(x), **tol(torch.float32))
+
+
+def test_input_shapes(device):
+    fused, seq = make_mlp(4, 3, 8, 1, "relu", "none", True, torch.float32, device)
+    x3 = torch.randn(2, 5, 4, device=device)
+    torch.testing.assert_close(fused(x3), seq(x3), **tol(torch.float32))
+    x1 = torch.randn(4, device=device)
+    assert fused(x1).shape == (3,)
+    torch.testing.assert_close(fused(x1), seq(x1), **tol(torch.float32))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_deterministic(device, threads):
+    fused, _ = make_mlp(5, 3, 64, 3, "relu", "none", True, torch.float32, device)
+    x = torch.randn(5000, 5, device=device)
+    g = torch.randn(5000, 3, device=device)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        first = forward_backward(fused, x, g)
+        torch.set_num_threads(threads)
+        second = forward_backward(fused, x, g)
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip([first[0], first[1], *first[2]], [second[0], second[1], *second[2]]):
+        assert torch.equal(a, b)
+
+
+def test_special_values(device):
+    fused, seq = make_mlp(3, 2, 8, 1, "relu", "none", True, torch.float32, device)
+    x = torch.tensor([[float("nan"), 0.0, 1.0], [float("inf"), 1.0, -1.0], [1e4, -1e4, 3.0]],
+                     device=device)
+    torch.testing.assert_close(fused(x), seq(x), equal_nan=True)
+
+
+# ---- bad inputs ---------------------------------------------------------------------------------
+
+def _op_args(device="cpu", dtype=torch.float32):
+    x = torch.randn(4, 3, device=device, dtype=dtype)
+    ws = [torch.randn(5, 3, device=device, dtype=dtype), torch.randn(2, 5, device=device,
+                                                                     dtype=dtype)]
+    bs = [torch.randn(5, device=device, dtype=dtype), torch.randn(2, device=device, dtype=dtype)]
+    return x, ws, bs
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda x, ws, bs: (x, ws, bs, "swish", "none"), "unknown activation 'swish'.*relu, leaky"),
+    (lambda x, ws, bs: (x, ws, bs, "relu", "softmax"), "unknown output_activation 'softmax'"),
+    (lambda x, ws, bs: (x[:, :2], ws, bs, "relu", "none"), r"weights\[0\].size\(1\)"),
+    (lambda x, ws, bs: (x, [ws[0], ws[1][:, :4]], bs, "relu", "none"), r"weights\[1\].size\(1\)"),
+    (lambda x, ws, bs: (x, [], [], "relu", "none"), "at least one weight"),
+    (lambda x, ws, bs: (x[0], ws, bs, "relu", "none"), "input of shape"),
+    (lambda x, ws, bs: (x, ws, [bs[0], None], "relu", "none"), "every bias"),
+    (lambda x, ws, bs: (x, ws, [bs[0]], "relu", "none"), "biases"),
+    (lambda x, ws, bs: (x, ws, [bs[0][:4], bs[1]], "relu", "none"), r"biases\[0\] of shape"),
+    (lambda x, ws, bs: (x, [ws[0].double(), ws[1]], bs, "relu", "none"), "dtype"),
+    (lambda x, ws, bs: (x.int(), ws, bs, "relu", "none"), "floating-point"),
+    (lambda x, ws, bs: (x, [ws[0], torch.randn(6, 5), torch.randn(2, 6)], bs + [bs[1]], "relu",
+                        "none"), "same width"),
+])
+def test_bad_inputs(change, match):
+    x, ws, bs = _op_args()
+    args = change(x, ws, bs)
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=match):
+        torch.ops.fastops.fused_mlp(*args, False)
+
+
+def test_bad_backward_inputs():
+    x, ws, bs = _op_args()
+    out, hidden, out_preact = torch.ops.fastops.fused_mlp(x, ws, bs, "relu", "tanh", True)
+    g = torch.randn_like(out)
+    mask = [True, True, True]
+    with pytest.raises(RuntimeError, match="grad_output of shape"):
+        torch.ops.fastops.fused_mlp_backward(g[:, :1], x, ws, bs, hidden, out_preact, "relu",
+                                             "tanh", mask)
+    with pytest.raises(RuntimeError, match="save_for_backward=True"):
+        torch.ops.fastops.fused_mlp_backward(g, x, ws, bs, hidden[:, :2], out_preact, "relu",
+                                             "tanh", mask)
+    with pytest.raises(RuntimeError, match="out_preact"):
+        torch.ops.fastops.fused_mlp_backward(g, x, ws, bs, hidden, x.new_empty(0), "relu",
+                                             "tanh", mask)
+
+
+def test_functional_errors():
+    x, ws, bs = _op_args()
+    with pytest.raises(ValueError, match="unknown activation 'prelu'"):
+        F.fused_mlp(x, ws, bs, "prelu")
+    with pytest.raises(ValueError, match="0-d"):
+        F.fused_mlp(x[0, 0], ws, bs)
+
+
+def test_second_derivative_raises(device):
+    fused, _ = make_mlp(3, 2, 8, 1, "tanh", "none", True, torch.float64, device)
+    x = torch.randn(4, 3, device=device, dtype=torch.float64, requires_grad=True)
+    (gx,) = torch.autograd.grad(fused(x).sum(), x, create_graph=False)
+    with pytest.raises(RuntimeError, match="does not support a second derivative"):
+        torch.autograd.grad(fused(x).sum(), x, create_graph=True)
+
+
+def test_backward_without_saved_raises():
+    x, ws, bs = _op_args()
+    ws = [w.requires_grad_(True) for w in ws]
+    out, _, _ = torch.ops.fastops.fused_mlp(x, ws, bs, "relu", "none", False)
+    with pytest.raises(RuntimeError, match="save_for_backward=False"):
+        out.sum().backward()
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a second device")
+def test_device_mismatch():
+    x, ws, bs = _op_args()
+    with pytest.raises(RuntimeError, match="device"):
+        torch.ops.fastops.fused_mlp(x, [ws[0].cuda(), ws[1]], bs, "relu", "none", False)
+
+
+# ---- the op machinery ---------------------------------------------------------------------------
+
+def test_opcheck(device):
+    x, ws, bs = _op_args(device)
+    opcheck = torch.library.opcheck
+    for out_act in ("none", "sigmoid"):
+        for biases in (bs, [None, None], []):
+            for save in (True, False):
+                opcheck(torch.ops.fastops.fused_mlp.default,
+                        (x, ws, biases, "gelu", out_act, save))
+        out, hidden, out_preact = torch.ops.fastops.fused_mlp(x, ws, bs, "gelu", out_act, True)
+        g = torch.randn_like(out)
+        for mask in ([True, True, True], [False, True, False], [True, False, True]):
+            opcheck(torch.ops.fastops.fused_mlp_backward.default,
+                    (g, x, ws, bs, hidden, out_preact, "gelu", out_act, mask))
+
+
+def test_compile_fullgraph():
+    fused, seq = make_mlp(4, 3, 16, 2, "relu", "none", True, torch.float32, "cpu")
+    x = torch.randn(10, 4)
+
+    def loss(model, x):
+        return F.cross_entropy(model(x), torch.arange(10) % 3)
+
+    compiled = torch.compile(lambda x: loss(fused, x), fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(x), list(fused.parameters()))
+    want = torch.autograd.grad(loss(seq, x), list(seq.parameters()))
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, **tol(torch.float32))
+
+
+def test_torch_func_grad():
+    fused, seq = make_mlp(4, 3, 8, 1, "gelu", "none", True, torch.float64, "cpu")
+    x = torch.randn(6, 4, dtype=torch.float64)
+    got = torch.func.grad(lambda x: fused(x).square().sum())(x)
+    want = torch.func.grad(lambda x: seq(x).square().sum())(x)
+    torch.testing.assert_close(got, want)
+
+
+# ---- modules ------------------------------------------------------------------------------------
+
+def test_state_dict_and_init_match_sequential():
+    torch.manual_seed(3)
+    fused = FusedMLP(6, 2, 10, 3, activation="gelu_tanh", output_activation="sigmoid")
+    torch.manual_seed(3)
+    seq = nn.Sequential(nn.Linear(6, 10), nn.GELU(approximate="tanh"), nn.Linear(10, 10),
+                        nn.GELU(approximate="tanh"), nn.Linear(10, 10),
+                        nn.GELU(approximate="tanh"), nn.Linear(10, 2), nn.Sigmoid())
+    sd_f, sd_s = fused.state_dict(), seq.state_dict()
+    assert list(sd_f) == list(sd_s)
+    for k in sd_f:
+        assert torch.equal(sd_f[k], sd_s[k])
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(fused(x), seq(x))
+    assert repr(fused.to_sequential()) == repr(seq)
+
+
+@pytest.mark.parametrize("activation", FUSED_MLP_ACTIVATIONS)
+def test_round_trip(activation):
+    fused, seq = make_mlp(3, 2, 5, 2, activation, "tanh", False, torch.float32, "cpu")
+    back = FusedMLP.from_sequential(seq)
+    assert (back.activation, back.output_activation, back.hidden_layers) == (
+        activation, "tanh", 2)
+    again = back.to_sequential()
+    for (k1, v1), (k2, v2) in zip(seq.state_dict().items(), again.state_dict().items()):
+        assert k1 == k2 and torch.equal(v1, v2)
+    x = torch.randn(4, 3)
+    assert torch.equal(back(x), fused(x))
+
+
+@pytest.mark.parametrize("seq, why", [
+    (nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)),
+     "different widths"),
+    (nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 1)),
+     "activations differ"),
+    (nn.Sequential(nn.Linear(2, 3), nn.LeakyReLU(0.2), nn.Linear(3, 1)), "default parameters"),
+    (nn.Sequential(nn.Linear(2, 3), nn.Dropout(0.1), nn.Linear(3, 1)), "activation"),
+    (nn.Sequential(nn.ReLU()), "starts with a Linear"),
+    (nn.Sequential(nn.Linear(2, 3, bias=False), nn.ReLU(), nn.Linear(3, 1)), "bias"),
+])
+def test_from_sequential_rejects(seq, why):
+    with pytest.raises(ValueError, match=why):
+        FusedMLP.from_sequential(seq)
+
+
+def test_convert_fuse_mlp():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(),
+                                      nn.Linear(8, 3))
+            self.other = nn.Sequential(nn.Linear(3, 5), nn.Dropout(0.0), nn.Linear(5, 2))
+
+        def forward(self, x):
+            return self.other(self.body(x))
+
+    torch.manual_seed(0)
+    net = Net()
+    ref = Net()
+    ref.load_state_dict(net.state_dict())
+    params = {id(p) for p in net.parameters()}
+    keys = list(net.state_dict())
+    converted = convert(net, fuse_mlp=True)
+    assert converted is net
+    assert isinstance(net.body, FusedMLP) and not isinstance(net.other, FusedMLP)
+    assert {id(p) for p in net.parameters()} == params
+    assert list(net.state_dict()) == keys
+    x = torch.randn(7, 4)
+    torch.testing.assert_close(net(x), ref(x), **tol(torch.float32))
+    # a Sequential that is itself an MLP comes back as a FusedMLP
+    seq = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1))
+    assert isinstance(convert(seq, fuse_mlp=True), FusedMLP)
+
+
+def test_models_mlp_fused():
+    torch.manual_seed(0)
+    model = MLP(2, [16, 16], 3, activation="elu", fused=True)
+    assert isinstance(model.layers, FusedMLP)
+    twin = model.twin("torch")
+    x = torch.randn(9, 2)
+    torch.testing.assert_close(model(x), twin(x), **tol(torch.float32))
+    with pytest.raises(ValueError, match="one width"):
+        MLP(2, [16, 8], 3, fused=True)
+    with pytest.raises(ValueError, match="dropout"):
+        MLP(2, [16], 3, dropout=0.1, fused=True)
+    with pytest.raises(ValueError, match="activations"):
+        MLP(2, [16], 3, activation="prelu", fused=True)
+
+
+def test_public_api():
+    assert fastops.functional.fused_mlp is F.fused_mlp
+    assert fastops.nn.FusedMLP is FusedMLP
