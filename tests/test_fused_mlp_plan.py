@@ -1,7 +1,8 @@
 """The shared-memory layout of the fused MLP kernels (csrc/cuda/fused_mlp_plan.h), checked on the
 CPU by a small C++ program over many shapes: which MLPs fuse, every layer's block inside the
-image, alignment, the kernels' fragment reads inside their blocks and free of bank conflicts, and
-the row tiles covering every row once."""
+image, alignment, the kernels' fragment reads inside their blocks and free of bank conflicts, the
+row tiles covering every row once, the fragment addressing against the PTX layouts of
+mma.m16n8k16, and one warp's forward and input gradient emulated register by register."""
 
 import os
 import re

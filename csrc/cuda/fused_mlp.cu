@@ -171,16 +171,12 @@ __device__ __forceinline__ void copy_image(T* dst, const T* src, int elems) {
   for (int i = threadIdx.x; i < elems / 8; i += blockDim.x) d[i] = s[i];
 }
 
-// A fragments of k16 chunk kc of the warp's 16 x (16 kc ...) staging tile (pitch ld):
-// registers 0 / 1: rows g / g + 8, columns 2t, 2t + 1; registers 2 / 3: the same + 8 columns.
+// The A fragment of k16 chunk kc of the warp's staging tile (pitch ld).
 template <class T>
 __device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], const T* stage, int ld, int kc,
                                             int g, int t) {
-  const T* p = stage + g * ld + kc * 16 + 2 * t;
-  a[0] = lds32(p);
-  a[1] = lds32(p + 8 * ld);
-  a[2] = lds32(p + 8);
-  a[3] = lds32(p + 8 * ld + 8);
+#pragma unroll
+  for (int r = 0; r < 4; ++r) a[r] = lds32(stage + mlp::a_frag_offset(r, kc, g, t, ld));
 }
 
 // acc (16 rows x 8 nt columns) = A (16 x 16 kt) B, B read from the image rows of this layer:
@@ -198,8 +194,8 @@ __device__ __forceinline__ void warp_layer(float (&acc)[W / 8][4], const uint32_
 #pragma unroll
     for (int j = 0; j < W / 8; ++j) {
       if (j >= nt) break;
-      const T* p = b + (j * 8 + g) * ld + kc * 16 + 2 * t;
-      gemm::mma16816<T>(acc[j], a[kc], lds32(p), lds32(p + 8));
+      gemm::mma16816<T>(acc[j], a[kc], lds32(b + mlp::b_frag_offset(0, j, kc, g, t, ld)),
+                        lds32(b + mlp::b_frag_offset(1, j, kc, g, t, ld)));
     }
   }
 }
@@ -267,16 +263,16 @@ __global__ void __launch_bounds__(kWarps * 32, FusedOccupancy<W>::blocks)
 #pragma unroll
         for (int j = 0; j < W / 8; ++j) {
           if (j >= nt) break;
-          const int col = j * 8 + 2 * t;
+          const int col = mlp::acc_col(0, j, t);
           const float b0 = p.has_bias ? static_cast<float>(bias[col]) : 0.f;
           const float b1 = p.has_bias ? static_cast<float>(bias[col + 1]) : 0.f;
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const int64_t row = row0 + g + 8 * h;
+            const int64_t row = row0 + mlp::acc_row(2 * h, g);
             const float z0 = round_to<T>(acc[j][2 * h] + b0);
             const float z1 = round_to<T>(acc[j][2 * h + 1] + b1);
             if (hz != nullptr && row < p.rows) store2<T>(hz + row * p.hidden + col, z0, z1);
-            a[j / 2][(j & 1) * 2 + h] =
+            a[j / 2][mlp::next_a_reg(j, h)] =
                 pack2<T>(act_forward<T>(p.act, z0, p.act_a, p.act_b),
                          act_forward<T>(p.act, z1, p.act_a, p.act_b));
           }
@@ -287,11 +283,11 @@ __global__ void __launch_bounds__(kWarps * 32, FusedOccupancy<W>::blocks)
           if (j >= nt) break;
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const int64_t row = row0 + g + 8 * h;
+            const int64_t row = row0 + mlp::acc_row(2 * h, g);
             if (row >= p.rows) continue;
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              const int col = j * 8 + 2 * t + e;
+              const int col = mlp::acc_col(e, j, t);
               if (col >= p.out) continue;
               const float b = p.has_bias ? static_cast<float>(bias[col]) : 0.f;
               const float z = round_to<T>(acc[j][2 * h + e] + b);
@@ -372,10 +368,10 @@ __global__ void __launch_bounds__(kWarps * 32, FusedOccupancy<W>::blocks)
 #pragma unroll
         for (int j = 0; j < W / 8; ++j) {
           if (j >= nt) break;
-          const int col = j * 8 + 2 * t;
+          const int col = mlp::acc_col(0, j, t);
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const int64_t row = row0 + g + 8 * h;
+            const int64_t row = row0 + mlp::acc_row(2 * h, g);
             float d0 = 0.f, d1 = 0.f;
             if (row < p.rows) {
               const int64_t o = base + row * p.hidden + col;
@@ -391,7 +387,7 @@ __global__ void __launch_bounds__(kWarps * 32, FusedOccupancy<W>::blocks)
                           act_forward<T>(p.act, z1, p.act_a, p.act_b));
               }
             }
-            a[j / 2][(j & 1) * 2 + h] = pack2<T>(d0, d1);
+            a[j / 2][mlp::next_a_reg(j, h)] = pack2<T>(d0, d1);
           }
         }
       } else {
@@ -400,11 +396,11 @@ __global__ void __launch_bounds__(kWarps * 32, FusedOccupancy<W>::blocks)
           if (j >= nt) break;
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
-            const int64_t row = row0 + g + 8 * h;
+            const int64_t row = row0 + mlp::acc_row(2 * h, g);
             if (row >= p.rows) continue;
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
-              const int col = j * 8 + 2 * t + e;
+              const int col = mlp::acc_col(e, j, t);
               if (col < p.in) grad_in[row * p.in + col] = static_cast<T>(acc[j][2 * h + e]);
             }
           }

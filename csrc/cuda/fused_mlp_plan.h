@@ -19,6 +19,12 @@
 #include <algorithm>
 #include <cstdint>
 
+#if defined(__CUDACC__)
+#define FO_MLP_HD __host__ __device__ __forceinline__
+#else
+#define FO_MLP_HD inline
+#endif
+
 namespace fastops {
 namespace gpu {
 namespace mlp {
@@ -81,9 +87,29 @@ inline FusedPlan plan_fused_mlp(int64_t in, int64_t hidden, int64_t out, int64_t
   return p;
 }
 
+// ---- the fragments of mma.m16n8k16 as the kernels address them (lane = 4 g + t) -------------
+// A (16 x 16, k16 chunk kc of a row-major tile of pitch ld): register r holds the pair of
+// elements at this offset and the next.
+FO_MLP_HD int a_frag_offset(int r, int kc, int g, int t, int ld) {
+  return (g + 8 * (r & 1)) * ld + kc * 16 + 8 * (r >> 1) + 2 * t;
+}
+// B (16 x 8, n8 tile j, k16 chunk kc) from an image block whose row n is the product's output
+// column n, contiguous along k: register r holds the pair at this offset and the next.
+FO_MLP_HD int b_frag_offset(int r, int j, int kc, int g, int t, int ld) {
+  return (j * 8 + g) * ld + kc * 16 + 8 * r + 2 * t;
+}
+// Accumulator element c (0..3) of n8 tile j: its row in the warp's 16 rows, and its column.
+FO_MLP_HD int acc_row(int c, int g) { return g + 8 * (c >> 1); }
+FO_MLP_HD int acc_col(int c, int j, int t) { return j * 8 + 2 * t + (c & 1); }
+// The accumulator pair (c = 2 h, 2 h + 1) of n8 tile j is register next_a_reg(j, h) of the A
+// fragment of k16 chunk j / 2 of the next product: no trip through shared memory.
+FO_MLP_HD int next_a_reg(int j, int h) { return (j & 1) * 2 + h; }
+
 // Row tiles of a batch of `rows`: each block takes tiles blockIdx.x, + gridDim.x, ...
 inline int64_t row_tiles(int64_t rows) { return (rows + kTileRows - 1) / kTileRows; }
 
 }  // namespace mlp
 }  // namespace gpu
 }  // namespace fastops
+
+#undef FO_MLP_HD

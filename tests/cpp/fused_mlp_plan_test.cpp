@@ -2,11 +2,15 @@
 // shapes: which MLPs are fused, every layer's padded block inside the image and apart from the
 // others, 16-byte alignment of what is copied in 16-byte pieces, every B-fragment and A-fragment
 // read of the kernels inside its block and free of shared-memory bank conflicts, the chaining of
-// one layer's output tiles into the next layer's A fragments, and the row tiles covering every
-// row once. Built and run by tests/test_fused_mlp_plan.py; prints each failure and exits non-zero
+// one layer's output tiles into the next layer's A fragments, the row tiles covering every row
+// once, the kernels' fragment addressing against the PTX layouts of mma.m16n8k16, and one warp's
+// forward and input gradient emulated register by register against a plain loop. Built and run
+// by tests/test_fused_mlp_plan.py; prints each failure and exits non-zero
 // if there is any.
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <random>
 #include <vector>
 
 #include "cuda/fused_mlp_plan.h"
@@ -166,11 +170,189 @@ void check_row_tiles() {
   EXPECT(row_tiles(int64_t{1} << 40) == (int64_t{1} << 40) / kTileRows, "64-bit rows");
 }
 
+// ---- the fragments against the PTX ISA's layouts of mma.m16n8k16 (.f16 / .bf16) ---------------
+// lane = 4 g + t; A register r, half e: row g + 8 (r & 1), column 8 (r >> 1) + 2 t + e;
+// B register r, half e: k 8 r + 2 t + e, column g; C element c: row g + 8 (c >> 1),
+// column 2 t + (c & 1).
+int spec_a_row(int r, int g) { return g + 8 * (r & 1); }
+int spec_a_col(int r, int e, int t) { return 8 * (r >> 1) + 2 * t + e; }
+int spec_b_k(int r, int e, int t) { return 8 * r + 2 * t + e; }
+int spec_c_row(int c, int g) { return g + 8 * (c >> 1); }
+int spec_c_col(int c, int t) { return 2 * t + (c & 1); }
+
+void check_fragments() {
+  const int ld = 40;
+  for (int g = 0; g < 8; ++g)
+    for (int t = 0; t < 4; ++t) {
+      for (int kc = 0; kc < 2; ++kc)
+        for (int r = 0; r < 4; ++r) {
+          const int off = a_frag_offset(r, kc, g, t, ld);
+          EXPECT(off / ld == spec_a_row(r, g) && off % ld == kc * 16 + spec_a_col(r, 0, t),
+                 "A register %d of lane %d", r, 4 * g + t);
+        }
+      for (int j = 0; j < 3; ++j)
+        for (int kc = 0; kc < 2; ++kc)
+          for (int r = 0; r < 2; ++r) {
+            const int off = b_frag_offset(r, j, kc, g, t, ld);
+            EXPECT(off / ld == j * 8 + g && off % ld == kc * 16 + spec_b_k(r, 0, t),
+                   "B register %d of lane %d", r, 4 * g + t);
+          }
+      for (int j = 0; j < 4; ++j)
+        for (int c = 0; c < 4; ++c) {
+          EXPECT(acc_row(c, g) == spec_c_row(c, g) && acc_col(c, j, t) == j * 8 + spec_c_col(c, t),
+                 "C element %d of lane %d", c, 4 * g + t);
+          // C pair h of tile j becomes A register next_a_reg(j, h) of chunk j / 2: same row,
+          // same column of the product's k
+          const int r = next_a_reg(j, c >> 1);
+          EXPECT(spec_a_row(r, g) == spec_c_row(c, g) &&
+                     (j / 2) * 16 + spec_a_col(r, c & 1, t) == j * 8 + spec_c_col(c, t),
+                 "C element %d of tile %d to A", c, j);
+        }
+    }
+}
+
+// One warp's 16 rows through an MLP the way the kernels run them: images laid out by the plan,
+// registers addressed by the fragment functions, each mma done per the PTX layouts above,
+// ReLU between layers; forward output and input gradient against a plain loop.
+struct Regs {  // one k16 chunk of A: [register][lane][half]
+  float v[4][32][2];
+};
+
+void emulate_warp(int in, int hidden, int out, int layers) {
+  std::mt19937 gen(in * 1000 + hidden * 10 + layers);
+  std::uniform_real_distribution<float> u(-1.f, 1.f);
+  std::vector<std::vector<float>> w(layers), b(layers);
+  std::vector<int> k(layers), n(layers);
+  for (int l = 0; l < layers; ++l) {
+    k[l] = l == 0 ? in : hidden;
+    n[l] = l == layers - 1 ? out : hidden;
+    w[l].resize(static_cast<size_t>(n[l]) * k[l]);
+    b[l].resize(n[l]);
+    for (auto& x : w[l]) x = u(gen);
+    for (auto& x : b[l]) x = u(gen);
+  }
+  std::vector<float> x(16 * in), gout(16 * out);
+  for (auto& v : x) v = u(gen);
+  for (auto& v : gout) v = u(gen);
+
+  // the plain reference: z_l, relu between layers, grad_input through relu'
+  std::vector<std::vector<float>> z(layers);
+  std::vector<float> a = x;
+  for (int l = 0; l < layers; ++l) {
+    z[l].assign(16 * n[l], 0.f);
+    for (int r = 0; r < 16; ++r)
+      for (int j = 0; j < n[l]; ++j) {
+        float s = b[l][j];
+        for (int q = 0; q < k[l]; ++q) s += a[r * k[l] + q] * w[l][j * k[l] + q];
+        z[l][r * n[l] + j] = s;
+      }
+    a.assign(16 * n[l], 0.f);
+    for (int i = 0; i < 16 * n[l]; ++i)
+      a[i] = l < layers - 1 ? std::max(z[l][i], 0.f) : z[l][i];
+  }
+  std::vector<float> ref_out = a, d = gout;
+  for (int l = layers - 1; l >= 0; --l) {
+    std::vector<float> ga(16 * k[l], 0.f);
+    for (int r = 0; r < 16; ++r)
+      for (int q = 0; q < k[l]; ++q)
+        for (int j = 0; j < n[l]; ++j) ga[r * k[l] + q] += d[r * n[l] + j] * w[l][j * k[l] + q];
+    if (l > 0)
+      for (int i = 0; i < 16 * k[l]; ++i) ga[i] = z[l - 1][i] > 0.f ? ga[i] : 0.f;
+    d = ga;
+  }
+  const std::vector<float> ref_grad_in = d;
+
+  for (bool backward : {false, true}) {
+    const FusedPlan p = plan_fused_mlp(in, hidden, out, layers, 2, backward, 1 << 30);
+    EXPECT(p.fused, "emulated plan not fused");
+    if (!p.fused) return;
+    std::vector<float> image(p.image_elems, 0.f);  // as build_image lays it out
+    for (int l = 0; l < layers; ++l) {
+      const int ld = (backward ? p.n_pad[l] : p.k_pad[l]) + kRowPad;
+      for (int j = 0; j < n[l]; ++j)
+        for (int q = 0; q < k[l]; ++q)
+          image[p.w_off[l] + (backward ? q * ld + j : j * ld + q)] = w[l][j * k[l] + q];
+      if (!backward)
+        for (int j = 0; j < n[l]; ++j) image[p.b_off[l] + j] = b[l][j];
+    }
+    // the staging tile: x (forward) or grad_output (backward), zero-padded
+    const int cols = backward ? out : in, cols_pad = backward ? p.out_pad : p.kin_pad;
+    std::vector<float> stage(16 * p.stage_ld, 0.f);
+    for (int r = 0; r < 16; ++r)
+      for (int c = 0; c < cols; ++c)
+        stage[r * p.stage_ld + c] = backward ? gout[r * out + c] : x[r * in + c];
+    std::vector<Regs> A(kMaxWidth / 16);
+    for (int kc = 0; kc < cols_pad / 16; ++kc)
+      for (int lane = 0; lane < 32; ++lane)
+        for (int r = 0; r < 4; ++r)
+          for (int e = 0; e < 2; ++e)
+            A[kc].v[r][lane][e] =
+                stage[a_frag_offset(r, kc, lane / 4, lane % 4, p.stage_ld) + e];
+    std::vector<float> result(16 * (backward ? in : out), 0.f);
+    for (int step = 0; step < layers; ++step) {
+      const int l = backward ? layers - 1 - step : step;
+      const int ld = (backward ? p.n_pad[l] : p.k_pad[l]) + kRowPad;
+      const int kt = (backward ? p.n_pad[l] : p.k_pad[l]) / 16;
+      const int nt = (backward ? p.k_pad[l] : p.n_pad[l]) / 8;
+      std::vector<float> acc(static_cast<size_t>(nt) * 4 * 32, 0.f);  // [j][c][lane]
+      for (int kc = 0; kc < kt; ++kc)
+        for (int j = 0; j < nt; ++j) {
+          float am[16][16], bm[16][8];
+          for (int lane = 0; lane < 32; ++lane) {
+            const int g = lane / 4, t = lane % 4;
+            for (int r = 0; r < 4; ++r)
+              for (int e = 0; e < 2; ++e)
+                am[spec_a_row(r, g)][spec_a_col(r, e, t)] = A[kc].v[r][lane][e];
+            for (int r = 0; r < 2; ++r)
+              for (int e = 0; e < 2; ++e)
+                bm[spec_b_k(r, e, t)][g] =
+                    image[p.w_off[l] + b_frag_offset(r, j, kc, g, t, ld) + e];
+          }
+          for (int lane = 0; lane < 32; ++lane)
+            for (int c = 0; c < 4; ++c) {
+              float s = 0.f;
+              for (int q = 0; q < 16; ++q)
+                s += am[spec_c_row(c, lane / 4)][q] * bm[q][spec_c_col(c, lane % 4)];
+              acc[(j * 4 + c) * 32 + lane] += s;
+            }
+        }
+      const bool final_step = step == layers - 1;
+      for (int j = 0; j < nt; ++j)
+        for (int lane = 0; lane < 32; ++lane) {
+          const int g = lane / 4, t = lane % 4;
+          for (int c = 0; c < 4; ++c) {
+            const int row = acc_row(c, g), col = acc_col(c, j, t);
+            float v = acc[(j * 4 + c) * 32 + lane];
+            if (!backward) v += image[p.b_off[l] + col];
+            if (final_step) {
+              if (col < (backward ? in : out)) result[row * (backward ? in : out) + col] = v;
+              continue;
+            }
+            // the next product's A register: relu (forward) or relu' of z_{l-1} (backward)
+            if (!backward) v = std::max(v, 0.f);
+            else v = z[l - 1][row * hidden + col] > 0.f ? v : 0.f;
+            A[j / 2].v[next_a_reg(j, c >> 1)][lane][c & 1] = v;
+          }
+        }
+    }
+    const std::vector<float>& ref = backward ? ref_grad_in : ref_out;
+    for (size_t i = 0; i < ref.size(); ++i)
+      EXPECT(std::fabs(result[i] - ref[i]) <= 1e-4f * (1.f + std::fabs(ref[i])),
+             "%s in %d hidden %d out %d layers %d: element %zu %g vs %g",
+             backward ? "backward" : "forward", in, hidden, out, layers, i, result[i], ref[i]);
+  }
+}
+
 }  // namespace
 
 int main() {
   check_plans();
   check_row_tiles();
+  check_fragments();
+  for (int layers : {1, 2, 4})
+    for (int in : {2, 16, 33})
+      for (int hidden : {16, 48})
+        for (int out : {3, 16, 17}) emulate_warp(in, hidden, out, layers);
   if (failures != 0) {
     std::printf("%d failures\n", failures);
     return 1;
