@@ -75,8 +75,8 @@ MlpDims check_mlp(const char* op, const Tensor& input, at::TensorList weights,
   int64_t present = 0;
   for (int64_t l = 0; l < L; ++l) {
     const Tensor& w = weights[l];
-    TORCH_CHECK(w.dim() == 2, op, ": weights[", l, "] must be 2-D (out_features, in_features), got ",
-                w.dim(), "-D");
+    TORCH_CHECK(w.dim() == 2, op, ": weights[", l,
+                "] must be 2-D (out_features, in_features), got ", w.dim(), "-D");
     TORCH_CHECK(w.scalar_type() == input.scalar_type(), op, ": weights[", l,
                 "] must have the dtype of input (", input.scalar_type(), "), got ",
                 w.scalar_type());
@@ -496,7 +496,8 @@ void with_width(int width, const Fn& fn) {
 }
 
 template <class T>
-constexpr bool kTensorCoreType = std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
+constexpr bool kTensorCoreType =
+    std::is_same_v<T, c10::Half> || std::is_same_v<T, c10::BFloat16>;
 
 // The plan of the fused kernels for this MLP on the current device; plan.fused false when the
 // layer-by-layer path must run it.
@@ -510,10 +511,9 @@ FusedPlan fused_plan(const MlpDims& d) {
     if (!plan.fused) return plan;
     with_width(plan.width, [&](auto w) {
       static std::atomic<int> cache[gemm::kMaxCachedDevices];
-      bool ok;
-      if constexpr (Backward) ok = fused_compiled(mlp_backward_kernel<T, decltype(w)::value>, cache);
-      else ok = fused_compiled(mlp_forward_kernel<T, decltype(w)::value>, cache);
-      plan.fused = ok;
+      constexpr int W = decltype(w)::value;
+      if constexpr (Backward) plan.fused = fused_compiled(mlp_backward_kernel<T, W>, cache);
+      else plan.fused = fused_compiled(mlp_forward_kernel<T, W>, cache);
     });
   }
   return plan;
@@ -614,18 +614,18 @@ std::tuple<Tensor, Tensor, Tensor> fused_mlp_forward(
     const FusedPlan plan = fused_plan<T, false>(d);
     if constexpr (kTensorCoreType<T>) {
       if (plan.fused) {
-      const Tensor image = build_image(plan, weights, biases, d.has_bias, false, opts);
-      const FusedArgs p = fused_args(plan, d, act, out_act);
-      const T* xp = x.const_data_ptr<T>();
-      const bool vec_x = d.in % 8 == 0 && aligned16(xp);
-      with_width(plan.width, [&](auto w) {
-        auto kernel = mlp_forward_kernel<T, decltype(w)::value>;
-        const unsigned int grid = fused_grid(kernel, plan.smem_bytes, d.rows);
-        kernel<<<grid, kWarps * 32, plan.smem_bytes, scope.stream>>>(
-            xp, out.mutable_data_ptr<T>(), hid, zo, image.const_data_ptr<T>(), p, vec_x);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-      return;
+        const Tensor image = build_image(plan, weights, biases, d.has_bias, false, opts);
+        const FusedArgs p = fused_args(plan, d, act, out_act);
+        const T* xp = x.const_data_ptr<T>();
+        const bool vec_x = d.in % 8 == 0 && aligned16(xp);
+        with_width(plan.width, [&](auto w) {
+          auto kernel = mlp_forward_kernel<T, decltype(w)::value>;
+          const unsigned int grid = fused_grid(kernel, plan.smem_bytes, d.rows);
+          kernel<<<grid, kWarps * 32, plan.smem_bytes, scope.stream>>>(
+              xp, out.mutable_data_ptr<T>(), hid, zo, image.const_data_ptr<T>(), p, vec_x);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+        return;
       }
     }
     // layer by layer: a_l in one of two buffers, z_l straight into its slice of `hidden`
@@ -638,8 +638,9 @@ std::tuple<Tensor, Tensor, Tensor> fused_mlp_forward(
       const bool last = l == d.layers - 1;
       Tensor& buf = bufs[l % 2];
       if (!last && !buf.defined()) buf = at::empty({d.rows, d.hidden}, opts);
+      T* const preact = last ? zo : (hid != nullptr ? hid + l * d.rows * d.hidden : nullptr);
       LayerForwardEpilogue<T> epi{last ? out.mutable_data_ptr<T>() : buf.mutable_data_ptr<T>(),
-                                  last ? zo : (hid != nullptr ? hid + l * d.rows * d.hidden : nullptr),
+                                  preact,
                                   N,
                                   ptr_or_null<T>(bias),
                                   last ? out_act.kind : act.kind,
@@ -736,37 +737,41 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> fused_mlp_backward(
     const FusedPlan plan = fused_plan<T, true>(d);
     if constexpr (kTensorCoreType<T>) {
       if (plan.fused) {
-      // every delta_l and a_{l-1} to scratch, then the parameter GEMMs
-      Tensor deltas, acts, delta_last;
-      if (want_params) {
-        deltas = at::empty({d.layers - 1, d.rows, d.hidden}, opts);
-        delta_last = at::empty({d.rows, d.out}, opts);
-      }
-      if (output_mask[1]) acts = at::empty({d.layers - 1, d.rows, d.hidden}, opts);
-      const Tensor image = build_image(plan, weights, biases, false, true, opts);
-      const FusedArgs p = fused_args(plan, d, act, out_act);
-      T* const dp = deltas.defined() && deltas.numel() > 0 ? deltas.mutable_data_ptr<T>() : nullptr;
-      T* const ap = acts.defined() && acts.numel() > 0 ? acts.mutable_data_ptr<T>() : nullptr;
-      T* const dl = delta_last.defined() ? delta_last.mutable_data_ptr<T>() : nullptr;
-      with_width(plan.width, [&](auto w) {
-        auto kernel = mlp_backward_kernel<T, decltype(w)::value>;
-        const unsigned int grid = fused_grid(kernel, plan.smem_bytes, d.rows);
-        kernel<<<grid, kWarps * 32, plan.smem_bytes, scope.stream>>>(
-            g.const_data_ptr<T>(), ptr_or_null<T>(z), ptr_or_null<T>(zo),
-            output_mask[0] ? grad_in.mutable_data_ptr<T>() : nullptr, dp, dl, ap,
-            image.const_data_ptr<T>(), p);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-      if (!want_params) return;
-      for (int64_t l = 0; l < d.layers; ++l) {
-        const bool last = l == d.layers - 1;
-        const T* delta = last ? dl : dp + l * d.rows * d.hidden;
-        const T* a_prev =
-            l == 0 ? x.const_data_ptr<T>() : (ap != nullptr ? ap + (l - 1) * d.rows * d.hidden : nullptr);
-        layer_param_grads<T>(scope, d, delta, weights[l].size(0), a_prev, weights[l].size(1),
-                             onesp, grad_w[l], grad_b[l]);
-      }
-      return;
+        // every delta_l and a_{l-1} to scratch, then the parameter GEMMs
+        Tensor deltas, acts, delta_last;
+        if (want_params) {
+          deltas = at::empty({d.layers - 1, d.rows, d.hidden}, opts);
+          delta_last = at::empty({d.rows, d.out}, opts);
+        }
+        if (output_mask[1]) acts = at::empty({d.layers - 1, d.rows, d.hidden}, opts);
+        const Tensor image = build_image(plan, weights, biases, false, true, opts);
+        const FusedArgs p = fused_args(plan, d, act, out_act);
+        auto data_or_null = [](Tensor& t) -> T* {
+          return t.defined() && t.numel() > 0 ? t.mutable_data_ptr<T>() : nullptr;
+        };
+        T* const dp = data_or_null(deltas);
+        T* const ap = data_or_null(acts);
+        T* const dl = data_or_null(delta_last);
+        with_width(plan.width, [&](auto w) {
+          auto kernel = mlp_backward_kernel<T, decltype(w)::value>;
+          const unsigned int grid = fused_grid(kernel, plan.smem_bytes, d.rows);
+          kernel<<<grid, kWarps * 32, plan.smem_bytes, scope.stream>>>(
+              g.const_data_ptr<T>(), ptr_or_null<T>(z), ptr_or_null<T>(zo),
+              output_mask[0] ? grad_in.mutable_data_ptr<T>() : nullptr, dp, dl, ap,
+              image.const_data_ptr<T>(), p);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+        if (!want_params) return;
+        for (int64_t l = 0; l < d.layers; ++l) {
+          const bool last = l == d.layers - 1;
+          const T* delta = last ? dl : dp + l * d.rows * d.hidden;
+          const T* a_prev =
+              l == 0 ? x.const_data_ptr<T>()
+                     : (ap != nullptr ? ap + (l - 1) * d.rows * d.hidden : nullptr);
+          layer_param_grads<T>(scope, d, delta, weights[l].size(0), a_prev, weights[l].size(1),
+                               onesp, grad_w[l], grad_b[l]);
+        }
+        return;
       }
     }
 

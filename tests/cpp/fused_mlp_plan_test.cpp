@@ -163,7 +163,8 @@ void check_row_tiles() {
           const int64_t row = tile * kTileRows + warp * kWarpRows + r;
           if (row < rows) ++seen[static_cast<size_t>(row)];
         }
-    for (int64_t r = 0; r < rows; ++r) EXPECT(seen[r] == 1, "rows %lld: row %lld", (long long)rows, (long long)r);
+    for (int64_t r = 0; r < rows; ++r)
+      EXPECT(seen[r] == 1, "rows %lld: row %lld", (long long)rows, (long long)r);
     EXPECT(tiles * kTileRows >= rows && (tiles == 0 || (tiles - 1) * kTileRows < rows),
            "tiles of %lld", (long long)rows);
   }
