@@ -905,6 +905,7 @@ def test_fused_mlp_bitwise_deterministic(dtype, dims):
     assert all(torch.equal(a, b) for a, b in zip(flat(first), flat(second)))
 
 
+@pytest.mark.slow  # not under the sanitizers
 def test_fused_mlp_two_to_the_twenty_rows_float16():
     """The benchmark's MLP at its batch: 2^20 rows (8192 row tiles over a persistent grid)."""
     ws, bs = _mlp_params([32, 64, 64, 64, 64, 16], torch.float16, seed=20)
