@@ -134,6 +134,7 @@ def make_cases(device, dtype, sizes):
         cases += gan_gp_cases(size, shapes, randn)
         cases += margin_cases(size, shapes, randn, g, device, es)
         cases += mlp_cases(size, shapes, randn, g, device)
+        cases += fused_mlp_gpu_cases(size, device, randn)
     return cases
 
 
@@ -188,6 +189,36 @@ def linear_cases(size, shapes, randn):
                           lambda x, w, b: F.linear_act(x, w, b, "gelu"),
                           lambda x, w, b: TF.gelu(TF.linear(x, w, b)), flops.get, "GFLOP/s"))
     return cases
+
+
+# The GPU rows of the fully fused MLP: (batch, in, hidden width, hidden layers, out), ReLU.
+FUSED_MLP_GPU = {"large": (1 << 20, 32, 64, 4, 16)}
+
+
+def fused_mlp_gpu_cases(size, device, randn):
+    if device != "cuda" or size not in FUSED_MLP_GPU:
+        return []
+    bsz, d_in, width, layers, d_out = FUSED_MLP_GPU[size]
+    dims = [d_in] + [width] * layers + [d_out]
+    params = []
+    for fan_in, fan_out in zip(dims[:-1], dims[1:]):
+        params += [randn(fan_out, fan_in, scale=fan_in ** -0.5), randn(fan_out, scale=0.1)]
+    f = 2 * bsz * sum(a * b for a, b in zip(dims[:-1], dims[1:]))
+    flops = {"fwd": f, "bwd": 2 * f, "fwd+bwd": 3 * f}
+
+    def fastops_mlp(x, *params):
+        save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))
+        return torch.ops.fastops.fused_mlp(x, list(params[0::2]), list(params[1::2]), "relu",
+                                           "none", save)[0]
+
+    def torch_mlp(x, *params):
+        h = x
+        for i in range(0, len(params) - 2, 2):
+            h = TF.relu(TF.linear(h, params[i], params[i + 1]))
+        return TF.linear(h, params[-2], params[-1])
+
+    return [Case("fused_mlp", size, f"{bsz}x{'-'.join(map(str, dims))}",
+                 [randn(bsz, d_in), *params], fastops_mlp, torch_mlp, flops.get, "GFLOP/s")]
 
 
 def softmax_cases(size, shapes, randn, g, device, es):

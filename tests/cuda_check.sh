@@ -10,7 +10,8 @@
 # sanitize: the CUDA tests under compute-sanitizer memcheck and racecheck, without the caching
 #           allocator so that out-of-bounds accesses hit unallocated memory (not the tests
 #           that trip a device-side assert on purpose)
-# bench:    bench/run.py on the GPU in float32 and bfloat16 -> bench/results/<gpu>.csv and .md
+# bench:    bench/run.py on the GPU in float32, float16 and bfloat16 -> bench/results/<gpu>.csv
+#           and .md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 stages=("$@")
@@ -49,7 +50,7 @@ run_stage() {
       ;;
     bench)
       echo "+ benchmark"
-      python -m bench.run --device cuda --dtype float32,bfloat16 2>&1 | tee "$log_dir/bench.log"
+      python -m bench.run --device cuda --dtype float32,float16,bfloat16 2>&1 | tee "$log_dir/bench.log"
       ;;
     *) echo "unknown stage $1 (build, tests, sanitize, bench)" >&2; exit 2 ;;
   esac

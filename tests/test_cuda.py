@@ -727,3 +727,205 @@ def test_maxout_saved_index_out_of_range_is_an_error(shape):
         """)
     assert result.returncode == 3, result.stdout + result.stderr
     assert "raised:" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------
+# The fully fused MLP: the fused tensor-core kernels (float16 / bfloat16, in and out widths up to
+# 128, hidden widths 16..128 in steps of 16) and the layer-by-layer path that takes everything
+# else, both against the nn.Sequential they replace. Called through the ops themselves
+# (fused_mlp, fused_mlp_backward), so the kernels are checked whatever autograd sits on top.
+
+MLP_ACTS = {
+    "relu": TF.relu, "leaky_relu": TF.leaky_relu, "elu": TF.elu, "gelu": TF.gelu,
+    "gelu_tanh": lambda x: TF.gelu(x, approximate="tanh"), "hardtanh": TF.hardtanh,
+    "hardshrink": TF.hardshrink, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+    "none": lambda x: x,
+}
+
+
+def _mlp_params(dims, dtype, seed, bias=True):
+    """nn.Linear-like weights (uniform in +-1/sqrt(fan_in)) and biases of dims[0] -> dims[-1]."""
+    g = torch.Generator().manual_seed(seed)
+    ws, bs = [], []
+    for fan_in, fan_out in zip(dims[:-1], dims[1:]):
+        bound = fan_in ** -0.5
+        ws.append(((torch.rand(fan_out, fan_in, generator=g) * 2 - 1) * bound)
+                  .to("cuda", dtype).requires_grad_(True))
+        bs.append(((torch.rand(fan_out, generator=g) * 2 - 1) * bound)
+                  .to("cuda", dtype).requires_grad_(True) if bias else None)
+    return ws, bs
+
+
+def _mlp_torch(x, ws, bs, act, out_act):
+    h = x
+    for i, (w, b) in enumerate(zip(ws, bs)):
+        h = TF.linear(h, w, b)
+        h = MLP_ACTS[act](h) if i < len(ws) - 1 else MLP_ACTS[out_act](h)
+    return h
+
+
+def _mlp_fastops(x, ws, bs, act, out_act, grad_out, mask=(True, True, True)):
+    """fastops' output and (grad_input, grad_weights, grad_biases) for grad_out."""
+    with torch.no_grad():
+        out, hidden, out_preact = torch.ops.fastops.fused_mlp(x, ws, bs, act, out_act, True)
+        gi, gws, gbs = torch.ops.fastops.fused_mlp_backward(
+            grad_out, x, ws, bs, hidden, out_preact, act, out_act, list(mask))
+    return out, gi, gws, gbs
+
+
+def _max_err(a, ref):
+    return (a.double() - ref.double()).abs().max().item() if a.numel() else 0.0
+
+
+def _check_mlp(x, ws, bs, act="relu", out_act="none", seed=0):
+    """fastops against torch in x's dtype, both judged by their distance to a float64 torch
+    reference: fastops' error at most 3x torch's own (plus a floor for values near zero)."""
+    dtype = x.dtype
+    x = x.detach().requires_grad_(True)
+    y = _mlp_torch(x, ws, bs, act, out_act)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to("cuda", dtype)
+    params = [x, *ws, *[b for b in bs if b is not None]]
+    torch_grads = torch.autograd.grad(y, params, g)
+    p64 = [p.detach().double().requires_grad_(True) for p in params]
+    x64, ws64 = p64[0], p64[1:1 + len(ws)]
+    bs64 = p64[1 + len(ws):] if bs[0] is not None else [None] * len(ws)
+    y64 = _mlp_torch(x64, ws64, bs64, act, out_act)
+    ref_grads = torch.autograd.grad(y64, p64, g.double())
+
+    out, gi, gws, gbs = _mlp_fastops(x.detach(), ws, bs, act, out_act, g)
+    ours = [gi, *gws, *[gb for gb, b in zip(gbs, bs) if b is not None]]
+    floor = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3,
+             torch.bfloat16: 1.6e-2}[dtype]
+    for name, a, t, r in [("output", out, y, y64), *[(f"grad {i}", a, t, r) for i, (a, t, r)
+                                                        in enumerate(zip(ours, torch_grads,
+                                                                         ref_grads))]]:
+        assert a.shape == t.shape and a.dtype == dtype, name
+        scale = max(r.abs().max().item(), 1.0)
+        assert _max_err(a, r) <= 3 * _max_err(t, r) + floor * scale, (
+            f"{name}: fastops error {_max_err(a, r):.3g}, torch {_max_err(t, r):.3g}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("width", range(16, 129, 16))
+def test_fused_mlp_every_fused_width(dtype, width):
+    """Every hidden width of the fused kernels, 3 hidden layers, a batch off the 128-row tile."""
+    ws, bs = _mlp_params([32, width, width, width, 16], dtype, seed=width)
+    x = torch.randn(1000, 32, generator=torch.Generator().manual_seed(width)).to("cuda", dtype)
+    _check_mlp(x, ws, bs, seed=width)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("dims", [[2, 100, 100, 3], [200, 64, 64, 16], [32, 64, 64, 130],
+                                  [32, 72, 72, 16], [130, 144, 144, 20]],
+                         ids=lambda d: "-".join(map(str, d)))
+def test_fused_mlp_layer_by_layer_path(dtype, dims):
+    """Widths the fused kernels do not take (hidden not a multiple of 16, in / out / hidden
+    beyond 128) and float32 / float64 run layer by layer, with the same results."""
+    ws, bs = _mlp_params(dims, dtype, seed=len(dims))
+    x = torch.randn(333, dims[0], generator=torch.Generator().manual_seed(3)).to("cuda", dtype)
+    _check_mlp(x, ws, bs, act="tanh", out_act="sigmoid")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("act", [a for a in MLP_ACTS if a != "none"])
+@pytest.mark.parametrize("out_act", ["none", "sigmoid", "tanh", "relu"])
+def test_fused_mlp_activations(dtype, act, out_act):
+    ws, bs = _mlp_params([3, 64, 64, 5], dtype, seed=7)  # odd in / out: padded to 16
+    x = torch.randn(257, 3, generator=torch.Generator().manual_seed(7)).to("cuda", dtype)
+    _check_mlp(x, ws, bs, act=act, out_act=out_act)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 127, 128, 129, 4097])
+def test_fused_mlp_rows_off_the_tile(dtype, rows):
+    ws, bs = _mlp_params([24, 48, 48, 10], dtype, seed=rows)
+    x = torch.randn(rows, 24, generator=torch.Generator().manual_seed(rows)).to("cuda", dtype)
+    _check_mlp(x, ws, bs, act="gelu", seed=rows)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("dims", [[32, 16], [7, 64, 3], [16, 32, 32, 32, 32, 32, 32, 32, 32, 8]],
+                         ids=lambda d: f"{len(d) - 1}layers")
+def test_fused_mlp_depths_without_bias(dtype, dims):
+    """One layer (no hidden layer), two, and nine; no biases."""
+    ws, bs = _mlp_params(dims, dtype, seed=5, bias=False)
+    x = torch.randn(300, dims[0], generator=torch.Generator().manual_seed(5)).to("cuda", dtype)
+    _check_mlp(x, ws, bs, act="leaky_relu", out_act="tanh")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fused_mlp_strided_and_misaligned_input(dtype):
+    ws, bs = _mlp_params([40, 64, 64, 16], dtype, seed=9)
+    base = torch.randn(41 * 600 + 1, generator=torch.Generator().manual_seed(9)).to("cuda", dtype)
+    _check_mlp(base[1:].view(600, 41)[:, :40], ws, bs)  # rows 41 apart
+    _check_mlp(base[1:1 + 600 * 40].view(600, 40), ws, bs)  # contiguous, 2 bytes off 16
+    _check_mlp(torch.randn(40, 500, device="cuda", dtype=dtype).t(), ws, bs)  # transposed
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fused_mlp_empty_batch(dtype):
+    ws, bs = _mlp_params([32, 64, 64, 16], dtype, seed=1)
+    x = torch.empty(0, 32, device="cuda", dtype=dtype)
+    out, gi, gws, gbs = _mlp_fastops(x, ws, bs, "relu", "none",
+                                     torch.empty(0, 16, device="cuda", dtype=dtype))
+    assert out.shape == (0, 16) and gi.shape == (0, 32)
+    for gw, w in zip(gws, ws):
+        assert gw.shape == w.shape and not gw.any()
+    assert all(gb.shape == b.shape and not gb.any() for gb, b in zip(gbs, bs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fused_mlp_output_mask(dtype):
+    ws, bs = _mlp_params([32, 64, 64, 16], dtype, seed=2)
+    x = torch.randn(500, 32, device="cuda", dtype=dtype)
+    g = torch.randn(500, 16, device="cuda", dtype=dtype)
+    _, gi, gws, gbs = _mlp_fastops(x, ws, bs, "relu", "none", g)
+    for mask in [(True, False, False), (False, True, False), (False, False, True)]:
+        _, gi_m, gws_m, gbs_m = _mlp_fastops(x, ws, bs, "relu", "none", g, mask)
+        assert (gi_m.numel() > 0) == mask[0] and all((t.numel() > 0) == mask[1] for t in gws_m)
+        assert all((t.numel() > 0) == mask[2] for t in gbs_m)
+        if mask[0]:
+            assert torch.equal(gi_m, gi)
+        if mask[1]:
+            assert all(torch.equal(a, b) for a, b in zip(gws_m, gws))
+        if mask[2]:
+            assert all(torch.equal(a, b) for a, b in zip(gbs_m, gbs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dims", [[32, 64, 64, 64, 64, 16], [2, 100, 100, 3]],
+                         ids=["fused", "layered"])
+def test_fused_mlp_bitwise_deterministic(dtype, dims):
+    ws, bs = _mlp_params(dims, dtype, seed=4)
+    x = torch.randn(70001, dims[0], device="cuda", dtype=dtype)
+    g = torch.randn(70001, dims[-1], device="cuda", dtype=dtype)
+    first = _mlp_fastops(x, ws, bs, "relu", "none", g)
+    second = _mlp_fastops(x, ws, bs, "relu", "none", g)
+    flat = lambda r: [r[0], r[1], *r[2], *r[3]]  # noqa: E731
+    assert all(torch.equal(a, b) for a, b in zip(flat(first), flat(second)))
+
+
+@pytest.mark.slow  # not under the sanitizers
+def test_fused_mlp_two_to_the_twenty_rows_float16():
+    """The benchmark's MLP at its batch: 2^20 rows (8192 row tiles over a persistent grid)."""
+    ws, bs = _mlp_params([32, 64, 64, 64, 64, 16], torch.float16, seed=20)
+    x = torch.randn(1 << 20, 32, device="cuda", dtype=torch.float16)
+    _check_mlp(x, ws, bs)
+
+
+def test_fused_mlp_bad_arguments():
+    """Clear errors, whichever of the autograd and the CUDA kernel checks first."""
+    ws, bs = _mlp_params([32, 64, 64, 16], torch.float16, seed=0)
+    x = torch.randn(8, 32, device="cuda", dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="swish"):
+        torch.ops.fastops.fused_mlp(x, ws, bs, "swish", "none", False)
+    with pytest.raises(RuntimeError, match="softmax"):
+        torch.ops.fastops.fused_mlp(x, ws, bs, "relu", "softmax", False)
+    with pytest.raises(RuntimeError, match="device"):
+        torch.ops.fastops.fused_mlp(x, [ws[0].cpu(), *ws[1:]], bs, "relu", "none", False)
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.fastops.fused_mlp(x.float(), ws, bs, "relu", "none", False)
+    with pytest.raises(RuntimeError, match="31"):
+        torch.ops.fastops.fused_mlp(x[:, :31], ws, bs, "relu", "none", False)
+    with pytest.raises(RuntimeError, match="None"):
+        torch.ops.fastops.fused_mlp(x, ws, [bs[0], None, bs[2]], "relu", "none", False)
