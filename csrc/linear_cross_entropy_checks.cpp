@@ -69,14 +69,15 @@ LceDims check_linear_cross_entropy_backward(
                                                reduction, label_smoothing, z_loss, softcap, op);
   check_floating(grad_loss, op, "grad_loss");
   check_same_device(input, grad_loss, op, "input", "grad_loss");
-  if (reduction == 0)
+  if (reduction == 0) {
     TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == d.N, op,
                 ": expected grad_loss of shape (", d.N, ",) for reduction 'none', got shape ",
                 grad_loss.sizes());
-  else
+  } else {
     TORCH_CHECK(grad_loss.numel() == 1, op,
                 ": expected a single-element grad_loss for a reduced loss, got shape ",
                 grad_loss.sizes());
+  }
   const auto adt = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   check_same_device(input, lse, op, "input", "lse");
   TORCH_CHECK(lse.scalar_type() == adt && lse.dim() == 1 && lse.size(0) == d.N, op,

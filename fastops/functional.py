@@ -11,6 +11,7 @@ Python per call.
 import torch
 
 from fastops.ops.linear import linear, linear_act
+from fastops.ops.linear_cross_entropy import linear_cross_entropy
 from fastops.ops.losses import (
     binary_cross_entropy,
     binary_cross_entropy_with_logits,
@@ -30,6 +31,7 @@ __all__ = [
     "sigmoid", "tanh", "hardshrink", "maxout", "log_softmax", "softmax", "nll_loss",
     "cross_entropy", "mse_loss", "l1_loss", "binary_cross_entropy",
     "binary_cross_entropy_with_logits", "hinge_embedding_loss", "multi_margin_loss",
+    "linear_cross_entropy",
 ]
 
 

@@ -28,6 +28,9 @@ TWINS = {
     ("nn.functional.binary_cross_entropy_with_logits", ""): F.binary_cross_entropy_with_logits,
     ("nn.functional.hinge_embedding_loss", ""): F.hinge_embedding_loss,
     ("nn.functional.multi_margin_loss", ""): F.multi_margin_loss,
+    ("nn.functional.linear_cross_entropy", ""): F.linear_cross_entropy,
+    ("nn.functional.linear_cross_entropy", "chunked"): F.linear_cross_entropy,
+    ("nn.functional.linear_cross_entropy", "chunked_none"): F.linear_cross_entropy,
 }
 # (nn.functional.rrelu's samples train, with random slopes: tests/test_rrelu.py holds them to
 # the slopes drawn.)

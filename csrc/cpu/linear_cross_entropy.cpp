@@ -1,0 +1,523 @@
+// CPU kernel of the fused linear + cross entropy: the (N, V) logits are never stored.
+//
+// The non-ignored rows are processed in chunks of c rows (the logits of a chunk, c x V in the
+// compute type, about kChunkBytes):
+//   1. L = x_c W^T + b                       GEMM (gemm.h), bias added in its epilogue
+//   2. per row (parallel): softcap, max, lse, the loss terms; then, when gradients are wanted,
+//      L is turned in place into G = dloss/dz (softmax - target distribution, times the row's
+//      scale and the softcap chain factor)
+//   3. grad_input rows = G W                 GEMM, scattered to the rows of the chunk
+//      grad_weight += G^T x_c                GEMM whose epilogue adds to the running sum
+//      grad_bias += column sums of G         rows summed in order
+// The forward with gradients (reductions mean and sum, grad_loss = 1) thus runs the three GEMMs
+// of the unfused forward + backward and never a fourth; the backward op recomputes step 1.
+// Extra memory: the chunk's logits, x_c, the grad_input partial sums of the chunk, and a float
+// grad_weight accumulator for 16-bit weights: O(c V + V H), never O(N V).
+//
+// Determinism: the chunks run in a fixed order and every sum has a fixed order (per row: the
+// lanes of a fixed vector width; across rows: row order); the GEMMs' are fixed by the shapes.
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "../activations.h"
+#include "../linear_cross_entropy_checks.h"
+#include "cpu_common.h"
+#include "gemm.h"
+
+namespace fastops {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+using gemm::MatView;
+
+constexpr int64_t kChunkBytes = 16 << 20;  // logits of one chunk of rows
+
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+// Rows per chunk: a multiple of 12 (the micro-kernel's MR) sized by kChunkBytes, at most the
+// GEMM's k block so that grad_weight's GEMM (k = the chunk's rows) needs no partial sums.
+template <class Acc>
+int64_t chunk_rows(int64_t V) {
+  int64_t c = kChunkBytes / (static_cast<int64_t>(sizeof(Acc)) * std::max<int64_t>(V, 1));
+  c = std::max<int64_t>(12, c / 12 * 12);
+  return std::min<int64_t>(c, gemm::kc_block<Acc>() / 12 * 12);
+}
+
+// ---- per-row math (the compute type A: float, or double for double) -------------------------
+
+template <class A>
+FO_ALWAYS_INLINE A row_max(const A* s, int64_t V) {
+  constexpr int L = 64 / sizeof(A);
+  typedef A vec __attribute__((vector_size(64)));
+  vec m;
+  for (int j = 0; j < L; ++j) m[j] = -std::numeric_limits<A>::infinity();
+  int64_t c = 0;
+  for (; c + L <= V; c += L) {
+    vec v;
+    std::memcpy(&v, s + c, sizeof(v));
+    m = v > m ? v : m;
+  }
+  A r = -std::numeric_limits<A>::infinity();
+  for (int j = 0; j < L; ++j) r = m[j] > r ? m[j] : r;
+  for (; c < V; ++c) r = s[c] > r ? s[c] : r;
+  return r;
+}
+
+// sum_c f(c) with 16 lanes, in a fixed order.
+template <class A, class F>
+FO_ALWAYS_INLINE A lane_sum(int64_t V, const F& f) {
+  constexpr int L = 16;
+  A acc[L];
+  for (int j = 0; j < L; ++j) acc[j] = 0;
+  int64_t c = 0;
+  for (; c + L <= V; c += L)
+    for (int j = 0; j < L; ++j) acc[j] += f(c + j);
+  A s = 0;
+  for (int j = 0; j < L; ++j) s += acc[j];
+  for (; c < V; ++c) s += f(c);
+  return s;
+}
+
+// What every row shares.
+template <class T, class A>
+struct RowCtx {
+  int64_t V;
+  const A* cw;   // class weights, or null
+  A cw_sum;      // their sum (V without)
+  A eps, z, cap; // label smoothing, z-loss coefficient, softcap (0: none)
+  const T* y;    // class-probability target rows (N x V, contiguous), or null
+  const int64_t* t;  // class-index targets, or null
+};
+
+// The softcap in place: s = cap * tanh(s / cap).
+template <class A>
+FO_ALWAYS_INLINE void softcap_row(A* s, int64_t V, A cap) {
+  const A inv = A(1) / cap;
+  for (int64_t c = 0; c < V; ++c) s[c] = cap * fo_tanh(s[c] * inv);
+}
+
+// The row's lse and loss term (before the reduction) from its final logits s.
+template <class T, class A>
+FO_ALWAYS_INLINE A row_loss(const RowCtx<T, A>& r, const A* s, int64_t row, A& lse) {
+  const int64_t V = r.V;
+  const A m = row_max(s, V);
+  const A sum = lane_sum<A>(V, [&](int64_t c) FO_INLINE_LAMBDA { return fo_exp(s[c] - m); });
+  lse = m + std::log(sum);
+  A loss = r.z * lse * lse;
+  if (r.y == nullptr) {
+    const int64_t t = r.t[row];
+    const A wt = r.cw ? r.cw[t] : A(1);
+    loss += (A(1) - r.eps) * wt * (lse - s[t]);
+    if (r.eps > 0) {
+      const A dot = r.cw ? lane_sum<A>(V, [&](int64_t c) FO_INLINE_LAMBDA { return r.cw[c] * s[c]; })
+                         : lane_sum<A>(V, [&](int64_t c) FO_INLINE_LAMBDA { return s[c]; });
+      loss += r.eps / static_cast<A>(V) * (lse * r.cw_sum - dot);
+    }
+  } else {
+    const T* y = r.y + row * V;
+    const A om = A(1) - r.eps, ev = r.eps / static_cast<A>(V);
+    A ysum, dot;
+    if (r.cw) {
+      ysum = lane_sum<A>(V, [&](int64_t c) FO_INLINE_LAMBDA {
+        return r.cw[c] * (om * static_cast<A>(y[c]) + ev);
+      });
+      dot = lane_sum<A>(V, [&](int64_t c) FO_INLINE_LAMBDA {
+        return r.cw[c] * (om * static_cast<A>(y[c]) + ev) * s[c];
+      });
+    } else {
+      ysum = lane_sum<A>(V, [&](int64_t c) FO_INLINE_LAMBDA {
+        return om * static_cast<A>(y[c]) + ev;
+      });
+      dot = lane_sum<A>(V, [&](int64_t c) FO_INLINE_LAMBDA {
+        return (om * static_cast<A>(y[c]) + ev) * s[c];
+      });
+    }
+    loss += lse * ysum - dot;
+  }
+  return loss;
+}
+
+// s (the row's final logits) becomes, in place, scale * dloss/dz (z the logits before the cap).
+template <class T, class A>
+FO_ALWAYS_INLINE void row_grad(const RowCtx<T, A>& r, A* s, int64_t row, A lse, A scale) {
+  const int64_t V = r.V;
+  const A om = A(1) - r.eps, ev = r.eps / static_cast<A>(V), zz = A(2) * r.z * lse;
+  const A inv_cap = r.cap > 0 ? A(1) / r.cap : A(0);
+  // chain factor of the softcap: d(cap tanh(z / cap))/dz = 1 - (s / cap)^2
+  const auto chain = [&](A sc) FO_INLINE_LAMBDA {
+    return r.cap > 0 ? A(1) - sc * inv_cap * sc * inv_cap : A(1);
+  };
+  if (r.y == nullptr) {
+    const int64_t t = r.t[row];
+    const A wt = r.cw ? r.cw[t] : A(1);
+    const A st = s[t];
+    const A coef = om * wt + ev * r.cw_sum + zz;
+    if (r.cw) {
+      for (int64_t c = 0; c < V; ++c)
+        s[c] = scale * chain(s[c]) * (fo_exp(s[c] - lse) * coef - ev * r.cw[c]);
+    } else {
+      for (int64_t c = 0; c < V; ++c) s[c] = scale * chain(s[c]) * (fo_exp(s[c] - lse) * coef - ev);
+    }
+    s[t] -= scale * chain(st) * om * wt;
+  } else {
+    const T* y = r.y + row * V;
+    A ysum;
+    if (r.cw)
+      ysum = lane_sum<A>(V, [&](int64_t c) FO_INLINE_LAMBDA {
+        return r.cw[c] * (om * static_cast<A>(y[c]) + ev);
+      });
+    else
+      ysum = lane_sum<A>(V, [&](int64_t c) FO_INLINE_LAMBDA {
+        return om * static_cast<A>(y[c]) + ev;
+      });
+    const A coef = ysum + zz;
+    for (int64_t c = 0; c < V; ++c) {
+      const A yc = (om * static_cast<A>(y[c]) + ev) * (r.cw ? r.cw[c] : A(1));
+      s[c] = scale * chain(s[c]) * (fo_exp(s[c] - lse) * coef - yc);
+    }
+  }
+}
+
+// ---- GEMM epilogues ----------------------------------------------------------------------------
+
+// L (row-major, ld) = tile + bias.
+template <class A>
+struct LogitsEpilogue {
+  A* out;
+  int64_t ld;
+  const A* bias;  // or null
+  FO_ALWAYS_INLINE void operator()(int64_t i0, int64_t j0, int mr, int nr, const A* tile,
+                                   int ldt) const {
+    for (int i = 0; i < mr; ++i) {
+      A* o = out + (i0 + i) * ld + j0;
+      const A* t = tile + i * ldt;
+      if (bias != nullptr)
+        for (int j = 0; j < nr; ++j) o[j] = t[j] + bias[j0 + j];
+      else
+        for (int j = 0; j < nr; ++j) o[j] = t[j];
+    }
+  }
+};
+
+// Row i0 + i of the tile goes to out row rows[i0 + i] (ld), converted to T.
+template <class T, class A>
+struct ScatterRowsEpilogue {
+  T* out;
+  int64_t ld;
+  const int64_t* rows;
+  FO_ALWAYS_INLINE void operator()(int64_t i0, int64_t j0, int mr, int nr, const A* tile,
+                                   int ldt) const {
+    for (int i = 0; i < mr; ++i) {
+      T* o = out + rows[i0 + i] * ld + j0;
+      const A* t = tile + i * ldt;
+      for (int j = 0; j < nr; ++j) o[j] = static_cast<T>(t[j]);
+    }
+  }
+};
+
+// out (row-major, ld) = tile, or += tile after the first chunk.
+template <class A>
+struct AccumulateEpilogue {
+  A* out;
+  int64_t ld;
+  bool add;
+  FO_ALWAYS_INLINE void operator()(int64_t i0, int64_t j0, int mr, int nr, const A* tile,
+                                   int ldt) const {
+    for (int i = 0; i < mr; ++i) {
+      A* o = out + (i0 + i) * ld + j0;
+      const A* t = tile + i * ldt;
+      if (add)
+        for (int j = 0; j < nr; ++j) o[j] += t[j];
+      else
+        for (int j = 0; j < nr; ++j) o[j] = t[j];
+    }
+  }
+};
+
+// ---- the driver ------------------------------------------------------------------------------
+
+// What one call computes. lse is written by the forward (stats) and read by the backward.
+template <class A>
+struct Work {
+  bool stats;             // forward: lse and loss terms
+  A* lse;                 // N
+  double* loss;           // N loss terms (forward), or null
+  const A* row_scale;     // grads: per-row scale (N), or null for one scale
+  A scale;                // grads: the scale of every row when row_scale is null
+  bool want_gi, want_gw, want_gb;
+};
+
+template <class T>
+void run_chunks(const LceDims& d, const Tensor& x, const Tensor& w, const acc_t<T>* bias,
+                const RowCtx<T, acc_t<T>>& r, const std::vector<int64_t>& active,
+                Work<acc_t<T>> wk, T* gi, acc_t<T>* gw, acc_t<T>* gb) {
+  using A = acc_t<T>;
+  const int64_t H = d.H, V = d.V, n = static_cast<int64_t>(active.size());
+  if (n == 0) return;
+  const bool grads = wk.want_gi || wk.want_gw || wk.want_gb;
+  const int64_t C = std::min(chunk_rows<A>(V), n);
+  const auto fopts = x.options().dtype(c10::CppTypeToScalarType<A>::value);
+  Tensor logits = at::empty({C, V}, fopts);
+  Tensor xc_buf = at::empty({C, H}, x.options());
+  Tensor gi_partial = wk.want_gi && V > gemm::kc_block<A>() ? at::empty({C, H}, fopts) : Tensor();
+  A* L = logits.mutable_data_ptr<A>();
+  T* xc = xc_buf.mutable_data_ptr<T>();
+  A* gip = gi_partial.defined() ? gi_partial.mutable_data_ptr<A>() : nullptr;
+  const T* xp = x.const_data_ptr<T>();
+  const int64_t xs0 = x.stride(0), xs1 = x.stride(1);
+  const MatView<T> Wt{w.const_data_ptr<T>(), w.stride(1), w.stride(0)};  // W^T: H x V
+  const MatView<T> Wv{w.const_data_ptr<T>(), w.stride(0), w.stride(1)};  // W: V x H
+  A* lse_part = nullptr;
+
+  for (int64_t c0 = 0; c0 < n; c0 += C) {
+    const int64_t c = std::min(C, n - c0);
+    const int64_t* rows = active.data() + c0;
+    // gather the chunk's rows of x (any strides) into a contiguous block
+    at::parallel_for(0, c, std::max<int64_t>(1, 8192 / std::max<int64_t>(H, 1)),
+                     [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const T* src = xp + rows[i] * xs0;
+        T* dst = xc + i * H;
+        if (xs1 == 1) std::memcpy(dst, src, sizeof(T) * H);
+        else for (int64_t h = 0; h < H; ++h) dst[h] = src[h * xs1];
+      }
+    });
+    // 1. the chunk's logits
+    const MatView<T> Xc{xc, H, 1};
+    gemm::gemm<A>(c, V, H, Xc, Wt, L, V, LogitsEpilogue<A>{L, V, bias});
+    // 2. per row: statistics, loss, gradient of the logits
+    at::parallel_for(0, c, 1, [&](int64_t i0, int64_t i1) {
+      dispatch_isa([&]() FO_INLINE_LAMBDA {
+        for (int64_t i = i0; i < i1; ++i) {
+          const int64_t row = rows[i];
+          A* s = L + i * V;
+          if (r.cap > 0) softcap_row(s, V, r.cap);
+          A lse;
+          if (wk.stats) {
+            const A loss = row_loss(r, s, row, lse);
+            wk.lse[row] = lse;
+            if (wk.loss != nullptr) wk.loss[row] = static_cast<double>(loss);
+          } else {
+            lse = wk.lse[row];
+          }
+          if (grads) row_grad(r, s, row, lse, wk.row_scale ? wk.row_scale[row] : wk.scale);
+        }
+      });
+    });
+    if (!grads) continue;
+    const MatView<A> G{L, V, 1};
+    // 3. the gradients
+    if (wk.want_gi)
+      gemm::gemm<A>(c, H, V, G, Wv, gip, H, ScatterRowsEpilogue<T, A>{gi, H, rows});
+    if (wk.want_gw) {
+      const MatView<A> Gt{L, 1, V};
+      gemm::gemm<A>(V, H, c, Gt, Xc, static_cast<A*>(nullptr), H,
+                    AccumulateEpilogue<A>{gw, H, c0 > 0});
+    }
+    if (wk.want_gb) {
+      at::parallel_for(0, V, 4096, [&](int64_t v0, int64_t v1) {
+        dispatch_isa([&]() FO_INLINE_LAMBDA {
+          for (int64_t i = 0; i < c; ++i) {
+            const A* g = L + i * V;
+            for (int64_t v = v0; v < v1; ++v) gb[v] += g[v];
+          }
+        });
+      });
+    }
+  }
+  (void)lse_part;
+}
+
+// ---- the ops -----------------------------------------------------------------------------------
+
+template <class T>
+std::vector<acc_t<T>> acc_vector(const c10::optional<Tensor>& t, int64_t n) {
+  std::vector<acc_t<T>> v;
+  if (!t.has_value() || !t->defined()) return v;
+  const Tensor c = t->contiguous();
+  const T* p = c.const_data_ptr<T>();
+  v.resize(n);
+  for (int64_t i = 0; i < n; ++i) v[i] = static_cast<acc_t<T>>(p[i]);
+  return v;
+}
+
+// The rows that count (all of them for probability targets) and the divisor of 'mean' (the sum
+// of the class weights of their targets, N for probabilities). Checks every class target.
+template <class A>
+double active_rows(const LceDims& d, const Tensor& target, const std::vector<A>& cw,
+                   int64_t ignore_index, std::vector<int64_t>& active, const char* op) {
+  active.clear();
+  if (d.soft) {
+    active.resize(d.N);
+    for (int64_t i = 0; i < d.N; ++i) active[i] = i;
+    return static_cast<double>(d.N);
+  }
+  const int64_t* t = target.const_data_ptr<int64_t>();
+  double total = 0;
+  active.reserve(d.N);
+  for (int64_t i = 0; i < d.N; ++i) {
+    const int64_t ti = t[i];
+    if (ti == ignore_index) continue;
+    TORCH_CHECK_INDEX(ti >= 0 && ti < d.V, op, ": target ", ti, " (at index ", i,
+                      ") is out of bounds: expected a class index in [0, ", d.V,
+                      ") or ignore_index (", ignore_index, ")");
+    total += cw.empty() ? 1.0 : static_cast<double>(cw[ti]);
+    active.push_back(i);
+  }
+  return total;
+}
+
+// Prepares the shared row context and runs body(ctx, active, divisor, bias vector).
+template <class T, class Body>
+void with_context(const LceDims& d, const Tensor& weight, const c10::optional<Tensor>& bias,
+                  const Tensor& target, const c10::optional<Tensor>& class_weight,
+                  int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
+                  const Tensor& tgt, const char* op, const Body& body) {
+  using A = acc_t<T>;
+  const std::vector<A> cw = acc_vector<T>(class_weight, d.V);
+  const std::vector<A> bv = acc_vector<T>(bias, d.V);
+  std::vector<int64_t> active;
+  const double divisor = active_rows(d, tgt, cw, ignore_index, active, op);
+  double cw_sum = static_cast<double>(d.V);
+  if (!cw.empty()) {
+    cw_sum = 0;
+    for (A v : cw) cw_sum += static_cast<double>(v);
+  }
+  RowCtx<T, A> r{d.V,
+                 cw.empty() ? nullptr : cw.data(),
+                 static_cast<A>(cw_sum),
+                 static_cast<A>(label_smoothing),
+                 static_cast<A>(z_loss),
+                 static_cast<A>(softcap),
+                 d.soft ? tgt.const_data_ptr<T>() : nullptr,
+                 d.soft ? nullptr : tgt.const_data_ptr<int64_t>()};
+  body(r, active, divisor, bv.empty() ? static_cast<const A*>(nullptr) : bv.data());
+  (void)weight;
+  (void)target;
+}
+
+// A contiguous weight whose rows or columns are contiguous (the GEMM packs either fast).
+Tensor gemm_ready(const Tensor& w) {
+  return (w.stride(1) == 1 || w.stride(0) == 1) ? w : w.contiguous();
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lce_forward(
+    const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
+    const Tensor& target, const c10::optional<Tensor>& class_weight, int64_t reduction,
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
+    bool with_grad) {
+  const char* op = "fastops.linear_cross_entropy";
+  const LceDims d = check_linear_cross_entropy(input, weight, bias, target, class_weight,
+                                               reduction, label_smoothing, z_loss, softcap, op);
+  const bool grads = with_grad && reduction != kNone;
+  const bool has_bias = bias.has_value() && bias->defined();
+  const auto opts = input.options();
+  const auto adt = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor lse = at::zeros({d.N}, opts.dtype(adt));
+  Tensor loss = reduction == kNone ? at::empty({d.N}, opts) : at::empty({}, opts);
+  Tensor gi = grads ? at::zeros({d.N, d.H}, opts) : at::empty({0}, opts);
+  Tensor gw = grads ? at::zeros({d.V, d.H}, opts) : at::empty({0}, opts);
+  Tensor gb = grads && has_bias ? at::zeros({d.V}, opts) : at::empty({0}, opts);
+  const Tensor w = gemm_ready(weight);
+  const Tensor tgt = target.contiguous();
+
+  FO_DISPATCH_FLOATING(input.scalar_type(), [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    with_context<T>(d, w, bias, target, class_weight, ignore_index, label_smoothing, z_loss,
+                    softcap, tgt, op, [&](const RowCtx<T, A>& r,
+                                          const std::vector<int64_t>& active, double divisor,
+                                          const A* bv) {
+      std::vector<double> terms(d.N, 0.0);
+      // grad_weight accumulates in the compute type: a float buffer for 16-bit weights
+      Tensor gw_acc = grads ? (std::is_same_v<T, A> ? gw : at::zeros({d.V, d.H}, opts.dtype(adt)))
+                            : Tensor();
+      Tensor gb_acc = grads && has_bias ? at::zeros({d.V}, opts.dtype(adt)) : Tensor();
+      Work<A> wk{true, lse.mutable_data_ptr<A>(), terms.data(), nullptr,
+                 static_cast<A>(reduction == kMean ? 1.0 / divisor : 1.0), grads, grads,
+                 grads && has_bias};
+      run_chunks<T>(d, input, w, bv, r, active, wk, grads ? gi.mutable_data_ptr<T>() : nullptr,
+                    grads ? gw_acc.mutable_data_ptr<A>() : nullptr,
+                    gb_acc.defined() ? gb_acc.mutable_data_ptr<A>() : nullptr);
+      if (reduction == kNone) {
+        T* lp = loss.mutable_data_ptr<T>();
+        for (int64_t i = 0; i < d.N; ++i) lp[i] = static_cast<T>(terms[i]);
+      } else {
+        double s = 0;
+        for (double v : terms) s += v;
+        loss.fill_(reduction == kMean ? s / divisor : s);
+      }
+      if (grads && !std::is_same_v<T, A>) gw.copy_(gw_acc);
+      if (gb_acc.defined()) gb.copy_(gb_acc);
+    });
+  });
+  return {loss, lse, gi, gw, gb};
+}
+
+std::tuple<Tensor, Tensor, Tensor> lce_backward(
+    const Tensor& grad_loss, const Tensor& input, const Tensor& weight,
+    const c10::optional<Tensor>& bias, const Tensor& target,
+    const c10::optional<Tensor>& class_weight, const Tensor& lse, int64_t reduction,
+    int64_t ignore_index, double label_smoothing, double z_loss, double softcap,
+    std::array<bool, 3> output_mask) {
+  const char* op = "fastops.linear_cross_entropy_backward";
+  const LceDims d = check_linear_cross_entropy_backward(grad_loss, input, weight, bias, target,
+                                                        class_weight, lse, reduction,
+                                                        label_smoothing, z_loss, softcap, op);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const auto opts = input.options();
+  const auto adt = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const bool want_gb = output_mask[2] && has_bias;
+  Tensor gi = output_mask[0] ? at::zeros({d.N, d.H}, opts) : at::empty({0}, opts);
+  Tensor gw = output_mask[1] ? at::zeros({d.V, d.H}, opts) : at::empty({0}, opts);
+  Tensor gb = want_gb ? at::zeros({d.V}, opts) : at::empty({0}, opts);
+  if (!output_mask[0] && !output_mask[1] && !want_gb) return {gi, gw, gb};
+  const Tensor w = gemm_ready(weight);
+  const Tensor tgt = target.contiguous();
+  const Tensor g = grad_loss.to(adt).contiguous();
+  Tensor lse_c = lse.contiguous();
+
+  FO_DISPATCH_FLOATING(input.scalar_type(), [&] {
+    using T = scalar_t;
+    using A = acc_t<T>;
+    with_context<T>(d, w, bias, target, class_weight, ignore_index, label_smoothing, z_loss,
+                    softcap, tgt, op, [&](const RowCtx<T, A>& r,
+                                          const std::vector<int64_t>& active, double divisor,
+                                          const A* bv) {
+      const A* gp = g.const_data_ptr<A>();
+      Tensor gw_acc = output_mask[1] ? (std::is_same_v<T, A> ? gw
+                                                             : at::zeros({d.V, d.H}, opts.dtype(adt)))
+                                     : Tensor();
+      Tensor gb_acc = want_gb ? at::zeros({d.V}, opts.dtype(adt)) : Tensor();
+      const double base = reduction == kNone ? 1.0 : static_cast<double>(gp[0]);
+      Work<A> wk{false, lse_c.mutable_data_ptr<A>(), nullptr,
+                 reduction == kNone ? gp : nullptr,
+                 static_cast<A>(reduction == kMean ? base / divisor : base), output_mask[0],
+                 output_mask[1], want_gb};
+      run_chunks<T>(d, input, w, bv, r, active, wk,
+                    output_mask[0] ? gi.mutable_data_ptr<T>() : nullptr,
+                    gw_acc.defined() ? gw_acc.mutable_data_ptr<A>() : nullptr,
+                    gb_acc.defined() ? gb_acc.mutable_data_ptr<A>() : nullptr);
+      if (output_mask[1] && !std::is_same_v<T, A>) gw.copy_(gw_acc);
+      if (want_gb) gb.copy_(gb_acc);
+    });
+  });
+  return {gi, gw, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastops, CPU, m) {
+  m.impl("linear_cross_entropy", &lce_forward);
+  m.impl("linear_cross_entropy_backward", &lce_backward);
+}
+
+}  // namespace cpu
+}  // namespace fastops
