@@ -41,10 +41,12 @@ void check_no_second_order() {
 
 // grad (computed for grad_loss = 1) times grad_loss, skipped for a plain CPU grad_loss of 1.
 Tensor scaled(const Tensor& grad, const Tensor& grad_loss) {
-  if (!grad.defined() || grad.numel() == 0) return grad;
+  if (!grad.defined()) return grad;
+  // (fake and functional tensors, those of tracing, have no value to look at)
   const bool plain_cpu = grad_loss.is_cpu() &&
                          !grad_loss.key_set().has(c10::DispatchKey::Python) &&
-                         !grad_loss.key_set().has(c10::DispatchKey::Functionalize);
+                         !grad_loss.key_set().has(c10::DispatchKey::Functionalize) &&
+                         !c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python);
   if (plain_cpu && grad_loss.numel() == 1 && grad_loss.item<double>() == 1.0) return grad;
   return grad * grad_loss.to(grad.scalar_type());
 }

@@ -81,7 +81,11 @@ def check(x, w, b, t, dtype, reduction="mean", **kw):
     want = torch.autograd.grad(ref, [p for p in (xr, wr, br) if p is not None], g)
     for a, e in zip(got, want):
         assert a.dtype == dtype
-        torch.testing.assert_close(a.double(), e, equal_nan=True, **TOL[dtype])
+        t_ = dict(TOL[dtype])
+        # 16-bit gradients: the error of rounding the terms of a sum, relative to its largest
+        if dtype in (torch.float16, torch.bfloat16) and e.numel():
+            t_["atol"] *= max(1.0, e.abs().max().item())
+        torch.testing.assert_close(a.double(), e, equal_nan=True, **t_)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -141,7 +145,7 @@ def test_all_ignored(device):
 
 def test_large_logits(dtype, device):
     x, w, b, t = make(11, 4, 50, dtype, device, scale=3e3)  # logits of +-1e4
-    check(x, w, b, t, dtype, "sum")
+    check(x, w, b, t, dtype, "none")  # (their sum overflows float16)
     check(x, w, b, t, dtype, "mean", z_loss=1e-4)
 
 
@@ -266,9 +270,9 @@ def test_grad_loss_scaling(device):
 def test_bad_inputs(device):
     x, w, b, t = make(4, 3, 5, torch.float32, device, bias=True)
     ops = torch.ops.fastops
-    with pytest.raises(RuntimeError, match="out of bounds"):
+    with pytest.raises(IndexError, match="out of bounds"):
         F.linear_cross_entropy(x, w, torch.tensor([0, 1, 5, 2], device=device))
-    with pytest.raises(RuntimeError, match="out of bounds"):
+    with pytest.raises(IndexError, match="out of bounds"):
         F.linear_cross_entropy(x, w, torch.tensor([0, 1, -1, 2], device=device))
     with pytest.raises(TypeError, match="dtype of input"):
         F.linear_cross_entropy(x, w.double(), t)
@@ -305,13 +309,12 @@ def test_not_differentiable(device):
     with pytest.raises(RuntimeError, match="not differentiable with respect to argument "
                                            "'class_weight'"):
         F.linear_cross_entropy(x, w, t, weight=cw)
-    out = F.linear_cross_entropy(x, w, t)
-    (gx,) = torch.autograd.grad(out, [x], create_graph=True)
-    # the second derivative is refused when it is asked for, never silently zero
-    with pytest.raises(RuntimeError, match="second derivative of linear_cross_entropy is not "
-                                           "supported"):
-        out = F.linear_cross_entropy(x, w, t, reduction="none")
-        torch.autograd.grad(out.sum(), [x], create_graph=True)
+    # a second derivative is refused when it is asked for, never silently zero
+    for reduction in ("mean", "none"):
+        out = F.linear_cross_entropy(x, w, t, reduction=reduction)
+        with pytest.raises(RuntimeError, match="second derivative of linear_cross_entropy is "
+                                               "not supported"):
+            torch.autograd.grad(out.sum(), [x], create_graph=True)
 
 
 # ---- memory ------------------------------------------------------------------------------------

@@ -49,7 +49,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """fastops::linear_cross_entropy with its own backward (what torch.func transforms run).
     apply(input, weight, bias, target, class_weight, reduction, ignore_index, label_smoothing,
     z_loss, softcap, with_grad) -> (loss, lse, grad_input, grad_weight, grad_bias), the last
-    three empty: this form recomputes the logit tiles in its backward. First order only."""
+    three empty: this form recomputes the logit tiles in its backward. First order only: the
+    backward op has no derivative (differentiating it raises)."""
 
     @staticmethod
     def forward(input, weight, bias, target, class_weight, reduction, ignore_index,
@@ -73,9 +74,6 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         none = (None,) * 11
         if grad_loss is None:
             return none
-        if torch.is_grad_enabled():
-            raise RuntimeError("fastops.linear_cross_entropy: a second derivative of "
-                               "linear_cross_entropy is not supported")
         input, weight, bias, target, class_weight, lse = ctx.saved_tensors
         if ctx.needs_input_grad[4]:
             raise RuntimeError("fastops.linear_cross_entropy is not differentiable with respect "
