@@ -340,7 +340,7 @@ def test_no_n_by_v_tensor_saved(reduction, device):
 
 def test_bounded_memory_cpu():
     """Peak resident memory of a fresh process over one forward + backward at (4096, 16, 8192):
-    the float32 logits alone would be 128 MB; fastops stays within 48 MB of growth (its chunk
+    the float32 logits alone would be 128 MB; fastops stays within 64 MB of growth (its chunk
     of logits is 16 MB, grad_weight 0.5 MB). The reference, measured the same way, exceeds
     128 MB: the check can fail."""
     code = textwrap.dedent("""
@@ -372,7 +372,7 @@ def test_bounded_memory_cpu():
         assert r.returncode == 0, r.stderr
         growth[which] = float(r.stdout.split()[-1])
     assert growth["torch"] > 128, growth
-    assert growth["fastops"] < 48, growth
+    assert growth["fastops"] < 64, growth
 
 
 # ---- opcheck, compile, nn ----------------------------------------------------------------------

@@ -185,63 +185,22 @@ FO_ALWAYS_INLINE void row_grad(const RowCtx<T, A>& r, A* s, int64_t row, A lse, 
   }
 }
 
-// ---- GEMM epilogues ----------------------------------------------------------------------------
-
-// L (row-major, ld) = tile + bias.
-template <class A>
-struct LogitsEpilogue {
-  A* out;
-  int64_t ld;
-  const A* bias;  // or null
-  FO_ALWAYS_INLINE void operator()(int64_t i0, int64_t j0, int mr, int nr, const A* tile,
-                                   int ldt) const {
-    for (int i = 0; i < mr; ++i) {
-      A* o = out + (i0 + i) * ld + j0;
-      const A* t = tile + i * ldt;
-      if (bias != nullptr)
-        for (int j = 0; j < nr; ++j) o[j] = t[j] + bias[j0 + j];
-      else
-        for (int j = 0; j < nr; ++j) o[j] = t[j];
-    }
-  }
-};
-
-// Row i0 + i of the tile goes to out row rows[i0 + i] (ld), converted to T.
-template <class T, class A>
-struct ScatterRowsEpilogue {
-  T* out;
-  int64_t ld;
-  const int64_t* rows;
-  FO_ALWAYS_INLINE void operator()(int64_t i0, int64_t j0, int mr, int nr, const A* tile,
-                                   int ldt) const {
-    for (int i = 0; i < mr; ++i) {
-      T* o = out + rows[i0 + i] * ld + j0;
-      const A* t = tile + i * ldt;
-      for (int j = 0; j < nr; ++j) o[j] = static_cast<T>(t[j]);
-    }
-  }
-};
-
-// out (row-major, ld) = tile, or += tile after the first chunk.
-template <class A>
-struct AccumulateEpilogue {
-  A* out;
-  int64_t ld;
-  bool add;
-  FO_ALWAYS_INLINE void operator()(int64_t i0, int64_t j0, int mr, int nr, const A* tile,
-                                   int ldt) const {
-    for (int i = 0; i < mr; ++i) {
-      A* o = out + (i0 + i) * ld + j0;
-      const A* t = tile + i * ldt;
-      if (add)
-        for (int j = 0; j < nr; ++j) o[j] += t[j];
-      else
-        for (int j = 0; j < nr; ++j) o[j] = t[j];
-    }
-  }
-};
-
 // ---- the driver ------------------------------------------------------------------------------
+//
+// The three GEMMs of a chunk run on the micro-kernel of gemm.h under one schedule: the
+// vocabulary is cut into blocks of vb classes (vb x H of W stays in L2), and each block is one
+// task, so W is read twice per chunk (logits, then gradients) and every thread works on its own
+// block between two barriers (a generic GEMM call per product would sync at every k block).
+//   phase 1 (tasks = vocabulary blocks): L[:, block] = x_c W_block^T + b, A = x_c packed once
+//   phase 2 (tasks = rows): the row statistics and G in place
+//   phase 3 (tasks = groups of blocks): grad_W[block] (+)= G[:, block]^T x_c, and the group's
+//           grad_input partial sum += G[:, block] W_block; grad_b[block] += column sums
+//   the groups' partial sums of grad_input are added in group order.
+// The groups are fixed by the shapes (kGroups of them), not by the thread count: the sums, and
+// so the results, are the same whatever the number of threads.
+
+constexpr int64_t kGroups = 8;            // grad_input partial sums per chunk
+constexpr int64_t kBlockBytes = 256 << 10;  // a block of W (vb x H, compute type)
 
 // What one call computes. lse is written by the forward (stats) and read by the backward.
 template <class A>
@@ -254,45 +213,131 @@ struct Work {
   bool want_gi, want_gw, want_gb;
 };
 
-template <class T>
-void run_chunks(const LceDims& d, const Tensor& x, const Tensor& w, const acc_t<T>* bias,
-                const RowCtx<T, acc_t<T>>& r, const std::vector<int64_t>& active,
-                Work<acc_t<T>> wk, T* gi, acc_t<T>* gw, acc_t<T>* gb) {
+// One MR x NR tile of C (+)= Ap Bp (packed panels, depth kc) at c (row stride ldc), of which
+// only mr x nr are real: full tiles go straight between memory and registers, edge tiles through
+// a local tile (the same order of sums either way).
+template <class A, int W, int MR, int NV>
+FO_ALWAYS_INLINE void tile_update(int64_t kc, const A* ap, const A* bp, bool accumulate, A* c,
+                                  int64_t ldc, int mr, int nr) {
+  constexpr int NR = W * NV;
+  if (mr == MR && nr == NR) {
+    gemm::micro_kernel<A, W, MR, NV>(kc, ap, bp, accumulate ? c : nullptr, ldc, c, ldc);
+    return;
+  }
+  alignas(gemm::kAlign) A tile[MR * NR];
+  if (accumulate) {
+    for (int e = 0; e < MR * NR; ++e) tile[e] = A(0);
+    for (int i = 0; i < mr; ++i)
+      for (int j = 0; j < nr; ++j) tile[i * NR + j] = c[i * ldc + j];
+  }
+  gemm::micro_kernel<A, W, MR, NV>(kc, ap, bp, accumulate ? tile : nullptr, NR, tile, NR);
+  for (int i = 0; i < mr; ++i)
+    for (int j = 0; j < nr; ++j) c[i * ldc + j] = tile[i * NR + j];
+}
+
+template <class T, Isa I>
+void run_chunks_isa(const LceDims& d, const Tensor& x, const Tensor& w, const acc_t<T>* bias,
+                    const RowCtx<T, acc_t<T>>& r, const std::vector<int64_t>& active,
+                    Work<acc_t<T>> wk, T* gi, acc_t<T>* gw, acc_t<T>* gb) {
   using A = acc_t<T>;
+  using Cfg = gemm::Config<A, I>;
+  constexpr int W = Cfg::W, MR = Cfg::MR, NV = Cfg::NV, NR = W * NV;
+  using gemm::ceil_div;
+  using gemm::round_up;
   const int64_t H = d.H, V = d.V, n = static_cast<int64_t>(active.size());
   if (n == 0) return;
   const bool grads = wk.want_gi || wk.want_gw || wk.want_gb;
   const int64_t C = std::min(chunk_rows<A>(V), n);
+  const int64_t Cp = round_up(C, MR), Hn = round_up(H, NR);
+  // vocabulary blocks of vb classes (a multiple of NR): W's block about kBlockBytes
+  const int64_t vb = std::min(
+      round_up(V, NR),
+      std::max<int64_t>(NR, kBlockBytes / (sizeof(A) * std::max<int64_t>(H, 1)) / NR * NR));
+  const int64_t nblocks = ceil_div(V, vb);
+  const int64_t groups = std::min(kGroups, nblocks);
+  const int64_t per_group = ceil_div(nblocks, groups);
+
   const auto fopts = x.options().dtype(c10::CppTypeToScalarType<A>::value);
   Tensor logits = at::empty({C, V}, fopts);
-  Tensor xc_buf = at::empty({C, H}, x.options());
-  Tensor gi_partial = wk.want_gi && V > gemm::kc_block<A>() ? at::empty({C, H}, fopts) : Tensor();
+  Tensor xa_buf = at::empty({Cp * H}, fopts);                       // x_c as A panels
+  Tensor xb_buf = grads && wk.want_gw ? at::empty({Hn * C}, fopts) : Tensor();  // x_c as B
+  Tensor gi_buf = wk.want_gi ? at::empty({groups, C, H}, fopts) : Tensor();
   A* L = logits.mutable_data_ptr<A>();
-  T* xc = xc_buf.mutable_data_ptr<T>();
-  A* gip = gi_partial.defined() ? gi_partial.mutable_data_ptr<A>() : nullptr;
+  A* xa = xa_buf.mutable_data_ptr<A>();
+  A* xb = xb_buf.defined() ? xb_buf.mutable_data_ptr<A>() : nullptr;
+  A* gip = gi_buf.defined() ? gi_buf.mutable_data_ptr<A>() : nullptr;
   const T* xp = x.const_data_ptr<T>();
-  const int64_t xs0 = x.stride(0), xs1 = x.stride(1);
-  const MatView<T> Wt{w.const_data_ptr<T>(), w.stride(1), w.stride(0)};  // W^T: H x V
-  const MatView<T> Wv{w.const_data_ptr<T>(), w.stride(0), w.stride(1)};  // W: V x H
-  A* lse_part = nullptr;
+  const T* wp = w.const_data_ptr<T>();
+  const int64_t xs0 = x.stride(0), xs1 = x.stride(1), ws0 = w.stride(0), ws1 = w.stride(1);
 
   for (int64_t c0 = 0; c0 < n; c0 += C) {
     const int64_t c = std::min(C, n - c0);
     const int64_t* rows = active.data() + c0;
-    // gather the chunk's rows of x (any strides) into a contiguous block
-    at::parallel_for(0, c, std::max<int64_t>(1, 8192 / std::max<int64_t>(H, 1)),
-                     [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const T* src = xp + rows[i] * xs0;
-        T* dst = xc + i * H;
-        if (xs1 == 1) std::memcpy(dst, src, sizeof(T) * H);
-        else for (int64_t h = 0; h < H; ++h) dst[h] = src[h * xs1];
-      }
+    // x_c packed as the A operand of the logits (MR-row panels, depth H) and as the B operand
+    // of grad_W (NR-column panels, depth c), straight from x's rows (any strides)
+    at::parallel_for(0, ceil_div(c, MR), 1, [&](int64_t p0, int64_t p1) {
+      gemm::run_isa<I>([&]() FO_INLINE_LAMBDA {
+        for (int64_t p = p0; p < p1; ++p) {
+          A* o = xa + p * MR * H;
+          const int64_t mr = std::min<int64_t>(MR, c - p * MR);
+          for (int64_t i = 0; i < MR; ++i) {
+            const T* src = i < mr ? xp + rows[p * MR + i] * xs0 : nullptr;
+            for (int64_t h = 0; h < H; ++h)
+              o[h * MR + i] = src ? static_cast<A>(src[h * xs1]) : A(0);
+          }
+        }
+      });
     });
-    // 1. the chunk's logits
-    const MatView<T> Xc{xc, H, 1};
-    gemm::gemm<A>(c, V, H, Xc, Wt, L, V, LogitsEpilogue<A>{L, V, bias});
-    // 2. per row: statistics, loss, gradient of the logits
+    if (xb != nullptr) {
+      at::parallel_for(0, ceil_div(H, NR), 1, [&](int64_t q0, int64_t q1) {
+        gemm::run_isa<I>([&]() FO_INLINE_LAMBDA {
+          for (int64_t q = q0; q < q1; ++q) {
+            A* o = xb + q * NR * c;
+            const int64_t nr = std::min<int64_t>(NR, H - q * NR);
+            for (int64_t k = 0; k < c; ++k) {
+              const T* src = xp + rows[k] * xs0 + q * NR * xs1;
+              for (int64_t j = 0; j < NR; ++j)
+                o[k * NR + j] = j < nr ? static_cast<A>(src[j * xs1]) : A(0);
+            }
+          }
+        });
+      });
+    }
+
+    // phase 1: the logits, block by block of the vocabulary
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      thread_local gemm::Scratch scratch;
+      A* wpack = static_cast<A*>(scratch.get(sizeof(A) * vb * H));
+      gemm::run_isa<I>([&]() FO_INLINE_LAMBDA {
+        alignas(gemm::kAlign) A tile[MR * NR];
+        for (int64_t blk = b0; blk < b1; ++blk) {
+          const int64_t v0 = blk * vb, nv = std::min(vb, V - v0);
+          const int64_t npan = ceil_div(nv, NR);
+          for (int64_t p = 0; p < npan; ++p)  // W_block^T: B(h, v) = W[v, h]
+            gemm::pack_b_panel<NR>(wp + (v0 + p * NR) * ws0, ws1, ws0,
+                                   std::min<int64_t>(NR, nv - p * NR), H, wpack + p * NR * H);
+          for (int64_t p = 0; p < npan; ++p) {
+            const int64_t j0 = v0 + p * NR;
+            const int nr = static_cast<int>(std::min<int64_t>(NR, V - j0));
+            for (int64_t ip = 0; ip < c; ip += MR) {
+              const int mr = static_cast<int>(std::min<int64_t>(MR, c - ip));
+              gemm::micro_kernel<A, W, MR, NV>(H, xa + ip * H, wpack + p * NR * H, nullptr, NR,
+                                               tile, NR);
+              for (int i = 0; i < mr; ++i) {
+                A* o = L + (ip + i) * V + j0;
+                const A* t = tile + i * NR;
+                if (bias != nullptr)
+                  for (int j = 0; j < nr; ++j) o[j] = t[j] + bias[j0 + j];
+                else
+                  for (int j = 0; j < nr; ++j) o[j] = t[j];
+              }
+            }
+          }
+        }
+      });
+    });
+
+    // phase 2: per row, statistics, loss and the gradient of the logits
     at::parallel_for(0, c, 1, [&](int64_t i0, int64_t i1) {
       dispatch_isa([&]() FO_INLINE_LAMBDA {
         for (int64_t i = i0; i < i1; ++i) {
@@ -312,27 +357,85 @@ void run_chunks(const LceDims& d, const Tensor& x, const Tensor& w, const acc_t<
       });
     });
     if (!grads) continue;
-    const MatView<A> G{L, V, 1};
-    // 3. the gradients
-    if (wk.want_gi)
-      gemm::gemm<A>(c, H, V, G, Wv, gip, H, ScatterRowsEpilogue<T, A>{gi, H, rows});
-    if (wk.want_gw) {
-      const MatView<A> Gt{L, 1, V};
-      gemm::gemm<A>(V, H, c, Gt, Xc, static_cast<A*>(nullptr), H,
-                    AccumulateEpilogue<A>{gw, H, c0 > 0});
-    }
-    if (wk.want_gb) {
-      at::parallel_for(0, V, 4096, [&](int64_t v0, int64_t v1) {
+
+    // phase 3: the gradients, by groups of vocabulary blocks
+    const bool first_chunk = c0 == 0;
+    at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+      thread_local gemm::Scratch wscratch, gscratch, tscratch;
+      A* wpack = static_cast<A*>(wscratch.get(sizeof(A) * vb * Hn));
+      A* gpack = static_cast<A*>(gscratch.get(sizeof(A) * round_up(c, MR) * vb));
+      A* gtpack = static_cast<A*>(tscratch.get(sizeof(A) * round_up(vb, MR) * c));
+      gemm::run_isa<I>([&]() FO_INLINE_LAMBDA {
+        for (int64_t g = g0; g < g1; ++g) {
+          A* part = gip != nullptr ? gip + g * C * H : nullptr;
+          const int64_t bend = std::min(nblocks, (g + 1) * per_group);
+          for (int64_t blk = g * per_group; blk < bend; ++blk) {
+            const int64_t v0 = blk * vb, nv = std::min(vb, V - v0);
+            const bool first_block = blk == g * per_group;
+            if (wk.want_gi) {
+              // grad_input partial += G[:, block] W_block: A = G (c x nv), B = W_block (nv x H)
+              gemm::pack_a<MR>(L + v0, V, 1, c, nv, gpack);
+              for (int64_t q = 0; q * NR < H; ++q)
+                gemm::pack_b_panel<NR>(wp + v0 * ws0 + q * NR * ws1, ws0, ws1,
+                                       std::min<int64_t>(NR, H - q * NR), nv, wpack + q * NR * nv);
+              for (int64_t q = 0; q * NR < H; ++q) {
+                const int nr = static_cast<int>(std::min<int64_t>(NR, H - q * NR));
+                for (int64_t ip = 0; ip < c; ip += MR)
+                  tile_update<A, W, MR, NV>(nv, gpack + ip * nv, wpack + q * NR * nv,
+                                            !first_block, part + ip * H + q * NR, H,
+                                            static_cast<int>(std::min<int64_t>(MR, c - ip)), nr);
+              }
+            }
+            if (wk.want_gw) {
+              // grad_W[block] (+)= G[:, block]^T x_c: A = G^T (nv x c), B = x_c (c x H)
+              gemm::pack_a<MR>(L + v0, 1, V, nv, c, gtpack);
+              for (int64_t ip = 0; ip < nv; ip += MR) {
+                const int mr = static_cast<int>(std::min<int64_t>(MR, nv - ip));
+                for (int64_t q = 0; q * NR < H; ++q)
+                  tile_update<A, W, MR, NV>(c, gtpack + ip * c, xb + q * NR * c, !first_chunk,
+                                            gw + (v0 + ip) * H + q * NR, H, mr,
+                                            static_cast<int>(std::min<int64_t>(NR, H - q * NR)));
+              }
+            }
+            if (wk.want_gb)
+              for (int64_t i = 0; i < c; ++i) {
+                const A* gr = L + i * V + v0;
+                for (int64_t v = 0; v < nv; ++v) gb[v0 + v] += gr[v];
+              }
+          }
+        }
+      });
+    });
+    if (wk.want_gi) {
+      // the groups' partial sums, in group order, to the chunk's rows of grad_input
+      at::parallel_for(0, c, 8, [&](int64_t i0, int64_t i1) {
         dispatch_isa([&]() FO_INLINE_LAMBDA {
-          for (int64_t i = 0; i < c; ++i) {
-            const A* g = L + i * V;
-            for (int64_t v = v0; v < v1; ++v) gb[v] += g[v];
+          for (int64_t i = i0; i < i1; ++i) {
+            T* o = gi + rows[i] * H;
+            for (int64_t h = 0; h < H; ++h) {
+              A sum = gip[i * H + h];
+              for (int64_t g = 1; g < groups; ++g) sum += gip[(g * C + i) * H + h];
+              o[h] = static_cast<T>(sum);
+            }
           }
         });
       });
     }
   }
-  (void)lse_part;
+}
+
+template <class T>
+void run_chunks(const LceDims& d, const Tensor& x, const Tensor& w, const acc_t<T>* bias,
+                const RowCtx<T, acc_t<T>>& r, const std::vector<int64_t>& active,
+                Work<acc_t<T>> wk, T* gi, acc_t<T>* gw, acc_t<T>* gb) {
+  switch (cpu_isa()) {
+    case Isa::avx512:
+      return run_chunks_isa<T, Isa::avx512>(d, x, w, bias, r, active, wk, gi, gw, gb);
+    case Isa::avx2:
+      return run_chunks_isa<T, Isa::avx2>(d, x, w, bias, r, active, wk, gi, gw, gb);
+    default:
+      return run_chunks_isa<T, Isa::baseline>(d, x, w, bias, r, active, wk, gi, gw, gb);
+  }
 }
 
 // ---- the ops -----------------------------------------------------------------------------------
