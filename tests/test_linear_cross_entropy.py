@@ -115,9 +115,10 @@ def test_options(option, reduction, device):
 
 
 @pytest.mark.parametrize("n,h,v", [(1, 1, 1), (3, 1, 7), (5, 33, 17), (13, 64, 1000),
-                                   (900, 8, 5000)])
+                                   (300, 40, 3000), (1300, 8, 6000)])
 def test_shapes(n, h, v, device):
-    # (900, 8, 5000): more rows than one chunk of logits (16 MB) holds
+    # (300, 40, 3000): vocabulary blocks that fill fewer groups than there are; (1300, 8, 6000):
+    # more non-ignored rows than one chunk of logits (at most 1020 rows) holds
     x, w, b, t = make(n, h, v, torch.float32, device, bias=True, ignore=n // 7)
     check(x, w, b, t, torch.float32, "mean")
     check(x, w, b, t, torch.float32, "none")
@@ -339,15 +340,15 @@ def test_no_n_by_v_tensor_saved(reduction, device):
 
 
 def test_bounded_memory_cpu():
-    """Peak resident memory of a fresh process over one forward + backward at (4096, 16, 8192):
-    the float32 logits alone would be 128 MB; fastops stays within 64 MB of growth (its chunk
-    of logits is 16 MB, grad_weight 0.5 MB). The reference, measured the same way, exceeds
-    128 MB: the check can fail."""
+    """Peak resident memory of a fresh process over one forward + backward at (8192, 16, 8192):
+    the float32 logits alone would be 256 MB; fastops stays within 96 MB of growth (its chunk
+    of logits is 24 MB, grad_weight 0.5 MB). The reference, measured the same way, exceeds
+    256 MB: the check can fail."""
     code = textwrap.dedent("""
         import sys, torch, fastops, fastops.functional as F
         import torch.nn.functional as TF
         torch.manual_seed(0)
-        n, h, v = 4096, 16, 8192
+        n, h, v = 8192, 16, 8192
         x = torch.randn(n, h, requires_grad=True)
         w = (torch.randn(v, h) * 0.25).requires_grad_()
         t = torch.randint(0, v, (n,))
@@ -371,8 +372,8 @@ def test_bounded_memory_cpu():
             pytest.skip("this kernel does not let a process reset its peak RSS")
         assert r.returncode == 0, r.stderr
         growth[which] = float(r.stdout.split()[-1])
-    assert growth["torch"] > 128, growth
-    assert growth["fastops"] < 64, growth
+    assert growth["torch"] > 256, growth
+    assert growth["fastops"] < 96, growth
 
 
 # ---- opcheck, compile, nn ----------------------------------------------------------------------

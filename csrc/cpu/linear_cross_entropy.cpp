@@ -3,11 +3,12 @@
 // The non-ignored rows are processed in chunks of c rows (the logits of a chunk, c x V in the
 // compute type, about kChunkBytes):
 //   1. L = x_c W^T + b                       GEMM (gemm.h), bias added in its epilogue
-//   2. per row (parallel): softcap, max, lse, the loss terms; then, when gradients are wanted,
-//      L is turned in place into G = dloss/dz (softmax - target distribution, times the row's
-//      scale and the softcap chain factor)
-//   3. grad_input rows = G W                 GEMM, scattered to the rows of the chunk
-//      grad_weight += G^T x_c                GEMM whose epilogue adds to the running sum
+//   2. per row (parallel): softcap, max, lse, the loss terms
+//   3. when gradients are wanted, per block of the vocabulary: L turned in place into
+//      G = dloss/dz (softmax - target distribution, times the row's scale and the softcap chain
+//      factor), then
+//      grad_input rows += G W                GEMM, summed over the blocks in a fixed order
+//      grad_weight += G^T x_c                GEMM accumulating in place across the chunks
 //      grad_bias += column sums of G         rows summed in order
 // The forward with gradients (reductions mean and sum, grad_loss = 1) thus runs the three GEMMs
 // of the unfused forward + backward and never a fourth; the backward op recomputes step 1.
@@ -37,7 +38,7 @@ namespace {
 using at::Tensor;
 using gemm::MatView;
 
-constexpr int64_t kChunkBytes = 16 << 20;  // logits of one chunk of rows
+constexpr int64_t kChunkBytes = 24 << 20;  // logits of one chunk of rows
 
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
@@ -105,7 +106,7 @@ FO_ALWAYS_INLINE void softcap_row(A* s, int64_t V, A cap) {
 
 // The row's lse and loss term (before the reduction) from its final logits s.
 template <class T, class A>
-FO_ALWAYS_INLINE A row_loss(const RowCtx<T, A>& r, const A* s, int64_t row, A& lse) {
+FO_ALWAYS_INLINE A row_loss(const RowCtx<T, A>& r, const A* s, int64_t row, A& lse, A& ysum_out) {
   const int64_t V = r.V;
   const A m = row_max(s, V);
   const A sum = lane_sum<A>(V, [&](int64_t c) FO_INLINE_LAMBDA { return fo_exp(s[c] - m); });
@@ -140,13 +141,31 @@ FO_ALWAYS_INLINE A row_loss(const RowCtx<T, A>& r, const A* s, int64_t row, A& l
       });
     }
     loss += lse * ysum - dot;
+    ysum_out = ysum;
   }
   return loss;
 }
 
-// s (the row's final logits) becomes, in place, scale * dloss/dz (z the logits before the cap).
+// The weighted sum of the smoothed probability target, sum_c w_c y'_c (what its softmax term
+// is multiplied by).
 template <class T, class A>
-FO_ALWAYS_INLINE void row_grad(const RowCtx<T, A>& r, A* s, int64_t row, A lse, A scale) {
+FO_ALWAYS_INLINE A row_ysum(const RowCtx<T, A>& r, int64_t row) {
+  const T* y = r.y + row * r.V;
+  const A om = A(1) - r.eps, ev = r.eps / static_cast<A>(r.V);
+  if (r.cw)
+    return lane_sum<A>(r.V, [&](int64_t c) FO_INLINE_LAMBDA {
+      return r.cw[c] * (om * static_cast<A>(y[c]) + ev);
+    });
+  return lane_sum<A>(r.V, [&](int64_t c) FO_INLINE_LAMBDA {
+    return om * static_cast<A>(y[c]) + ev;
+  });
+}
+
+// s[v0, v1) (the row's final logits) becomes, in place, scale * dloss/dz there (z the logits
+// before the cap). ysum: row_ysum for a probability target.
+template <class T, class A>
+FO_ALWAYS_INLINE void row_grad(const RowCtx<T, A>& r, A* s, int64_t row, A lse, A scale, A ysum,
+                               int64_t v0, int64_t v1) {
   const int64_t V = r.V;
   const A om = A(1) - r.eps, ev = r.eps / static_cast<A>(V), zz = A(2) * r.z * lse;
   const A inv_cap = r.cap > 0 ? A(1) / r.cap : A(0);
@@ -156,29 +175,25 @@ FO_ALWAYS_INLINE void row_grad(const RowCtx<T, A>& r, A* s, int64_t row, A lse, 
   };
   if (r.y == nullptr) {
     const int64_t t = r.t[row];
+    const bool has_t = t >= v0 && t < v1;
     const A wt = r.cw ? r.cw[t] : A(1);
-    const A st = s[t];
+    const A st = has_t ? s[t] : A(0);
     const A coef = om * wt + ev * r.cw_sum + zz;
     if (r.cw) {
-      for (int64_t c = 0; c < V; ++c)
+      for (int64_t c = v0; c < v1; ++c)
         s[c] = scale * chain(s[c]) * (fo_exp(s[c] - lse) * coef - ev * r.cw[c]);
+    } else if (r.cap > 0 || ev != 0) {
+      for (int64_t c = v0; c < v1; ++c)
+        s[c] = scale * chain(s[c]) * (fo_exp(s[c] - lse) * coef - ev);
     } else {
-      for (int64_t c = 0; c < V; ++c) s[c] = scale * chain(s[c]) * (fo_exp(s[c] - lse) * coef - ev);
+      const A sc = scale * coef;
+      for (int64_t c = v0; c < v1; ++c) s[c] = sc * fo_exp(s[c] - lse);
     }
-    s[t] -= scale * chain(st) * om * wt;
+    if (has_t) s[t] -= scale * chain(st) * om * wt;
   } else {
     const T* y = r.y + row * V;
-    A ysum;
-    if (r.cw)
-      ysum = lane_sum<A>(V, [&](int64_t c) FO_INLINE_LAMBDA {
-        return r.cw[c] * (om * static_cast<A>(y[c]) + ev);
-      });
-    else
-      ysum = lane_sum<A>(V, [&](int64_t c) FO_INLINE_LAMBDA {
-        return om * static_cast<A>(y[c]) + ev;
-      });
     const A coef = ysum + zz;
-    for (int64_t c = 0; c < V; ++c) {
+    for (int64_t c = v0; c < v1; ++c) {
       const A yc = (om * static_cast<A>(y[c]) + ev) * (r.cw ? r.cw[c] : A(1));
       s[c] = scale * chain(s[c]) * (fo_exp(s[c] - lse) * coef - yc);
     }
@@ -192,9 +207,10 @@ FO_ALWAYS_INLINE void row_grad(const RowCtx<T, A>& r, A* s, int64_t row, A lse, 
 // task, so W is read twice per chunk (logits, then gradients) and every thread works on its own
 // block between two barriers (a generic GEMM call per product would sync at every k block).
 //   phase 1 (tasks = vocabulary blocks): L[:, block] = x_c W_block^T + b, A = x_c packed once
-//   phase 2 (tasks = rows): the row statistics and G in place
-//   phase 3 (tasks = groups of blocks): grad_W[block] (+)= G[:, block]^T x_c, and the group's
-//           grad_input partial sum += G[:, block] W_block; grad_b[block] += column sums
+//   phase 2 (tasks = rows): the softcap, the row statistics (lse) and the loss
+//   phase 3 (tasks = groups of blocks): per block, G[:, block] in place (in cache), then
+//           grad_W[block] (+)= G[:, block]^T x_c, the group's grad_input partial sum
+//           += G[:, block] W_block, and grad_b[block] += column sums
 //   the groups' partial sums of grad_input are added in group order.
 // The groups are fixed by the shapes (kGroups of them), not by the thread count: the sums, and
 // so the results, are the same whatever the number of threads.
@@ -249,13 +265,14 @@ void run_chunks_isa(const LceDims& d, const Tensor& x, const Tensor& w, const ac
   const bool grads = wk.want_gi || wk.want_gw || wk.want_gb;
   const int64_t C = std::min(chunk_rows<A>(V), n);
   const int64_t Cp = round_up(C, MR), Hn = round_up(H, NR);
-  // vocabulary blocks of vb classes (a multiple of NR): W's block about kBlockBytes
+  // vocabulary blocks of vb classes (a multiple of NR): W's block (vb x H) and the logits' block
+  // (C x vb) about kBlockBytes each
   const int64_t vb = std::min(
       round_up(V, NR),
-      std::max<int64_t>(NR, kBlockBytes / (sizeof(A) * std::max<int64_t>(H, 1)) / NR * NR));
+      std::max<int64_t>(NR, kBlockBytes / (sizeof(A) * std::max<int64_t>({H, C, 1})) / NR * NR));
   const int64_t nblocks = ceil_div(V, vb);
-  const int64_t groups = std::min(kGroups, nblocks);
-  const int64_t per_group = ceil_div(nblocks, groups);
+  const int64_t per_group = ceil_div(nblocks, std::min(kGroups, nblocks));
+  const int64_t groups = ceil_div(nblocks, per_group);  // none of them empty
 
   const auto fopts = x.options().dtype(c10::CppTypeToScalarType<A>::value);
   Tensor logits = at::empty({C, V}, fopts);
@@ -266,6 +283,7 @@ void run_chunks_isa(const LceDims& d, const Tensor& x, const Tensor& w, const ac
   A* xa = xa_buf.mutable_data_ptr<A>();
   A* xb = xb_buf.defined() ? xb_buf.mutable_data_ptr<A>() : nullptr;
   A* gip = gi_buf.defined() ? gi_buf.mutable_data_ptr<A>() : nullptr;
+  std::vector<A> ysums(C, A(0));  // row_ysum of the chunk's rows (probability targets)
   const T* xp = x.const_data_ptr<T>();
   const T* wp = w.const_data_ptr<T>();
   const int64_t xs0 = x.stride(0), xs1 = x.stride(1), ws0 = w.stride(0), ws1 = w.stride(1);
@@ -274,35 +292,28 @@ void run_chunks_isa(const LceDims& d, const Tensor& x, const Tensor& w, const ac
     const int64_t c = std::min(C, n - c0);
     const int64_t* rows = active.data() + c0;
     // x_c packed as the A operand of the logits (MR-row panels, depth H) and as the B operand
-    // of grad_W (NR-column panels, depth c), straight from x's rows (any strides)
-    at::parallel_for(0, ceil_div(c, MR), 1, [&](int64_t p0, int64_t p1) {
-      gemm::run_isa<I>([&]() FO_INLINE_LAMBDA {
-        for (int64_t p = p0; p < p1; ++p) {
-          A* o = xa + p * MR * H;
-          const int64_t mr = std::min<int64_t>(MR, c - p * MR);
-          for (int64_t i = 0; i < MR; ++i) {
-            const T* src = i < mr ? xp + rows[p * MR + i] * xs0 : nullptr;
-            for (int64_t h = 0; h < H; ++h)
-              o[h * MR + i] = src ? static_cast<A>(src[h * xs1]) : A(0);
+    // of grad_W (NR-column panels, depth c), straight from x's rows (any strides); little work,
+    // on this thread
+    gemm::run_isa<I>([&]() FO_INLINE_LAMBDA {
+      for (int64_t p = 0; p * MR < c; ++p) {
+        A* o = xa + p * MR * H;
+        const int64_t mr = std::min<int64_t>(MR, c - p * MR);
+        for (int64_t i = 0; i < MR; ++i) {
+          const T* src = i < mr ? xp + rows[p * MR + i] * xs0 : nullptr;
+          for (int64_t h = 0; h < H; ++h) o[h * MR + i] = src ? static_cast<A>(src[h * xs1]) : A(0);
+        }
+      }
+      if (xb != nullptr)
+        for (int64_t q = 0; q * NR < H; ++q) {
+          A* o = xb + q * NR * c;
+          const int64_t nr = std::min<int64_t>(NR, H - q * NR);
+          for (int64_t k = 0; k < c; ++k) {
+            const T* src = xp + rows[k] * xs0 + q * NR * xs1;
+            for (int64_t j = 0; j < NR; ++j)
+              o[k * NR + j] = j < nr ? static_cast<A>(src[j * xs1]) : A(0);
           }
         }
-      });
     });
-    if (xb != nullptr) {
-      at::parallel_for(0, ceil_div(H, NR), 1, [&](int64_t q0, int64_t q1) {
-        gemm::run_isa<I>([&]() FO_INLINE_LAMBDA {
-          for (int64_t q = q0; q < q1; ++q) {
-            A* o = xb + q * NR * c;
-            const int64_t nr = std::min<int64_t>(NR, H - q * NR);
-            for (int64_t k = 0; k < c; ++k) {
-              const T* src = xp + rows[k] * xs0 + q * NR * xs1;
-              for (int64_t j = 0; j < NR; ++j)
-                o[k * NR + j] = j < nr ? static_cast<A>(src[j * xs1]) : A(0);
-            }
-          }
-        });
-      });
-    }
 
     // phase 1: the logits, block by block of the vocabulary
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
@@ -337,25 +348,29 @@ void run_chunks_isa(const LceDims& d, const Tensor& x, const Tensor& w, const ac
       });
     });
 
-    // phase 2: per row, statistics, loss and the gradient of the logits
-    at::parallel_for(0, c, 1, [&](int64_t i0, int64_t i1) {
-      dispatch_isa([&]() FO_INLINE_LAMBDA {
-        for (int64_t i = i0; i < i1; ++i) {
-          const int64_t row = rows[i];
-          A* s = L + i * V;
-          if (r.cap > 0) softcap_row(s, V, r.cap);
-          A lse;
-          if (wk.stats) {
-            const A loss = row_loss(r, s, row, lse);
-            wk.lse[row] = lse;
-            if (wk.loss != nullptr) wk.loss[row] = static_cast<double>(loss);
-          } else {
-            lse = wk.lse[row];
+    // phase 2: per row, the softcap, the statistics and the loss (the gradient of the logits is
+    // computed block by block in phase 3, while the block is in cache)
+    const bool soft_grads = grads && r.y != nullptr;
+    if (r.cap > 0 || wk.stats || soft_grads) {
+      at::parallel_for(0, c, 1, [&](int64_t i0, int64_t i1) {
+        dispatch_isa([&]() FO_INLINE_LAMBDA {
+          for (int64_t i = i0; i < i1; ++i) {
+            const int64_t row = rows[i];
+            A* s = L + i * V;
+            if (r.cap > 0) softcap_row(s, V, r.cap);
+            if (wk.stats) {
+              A lse, ysum = 0;
+              const A loss = row_loss(r, s, row, lse, ysum);
+              wk.lse[row] = lse;
+              ysums[i] = ysum;
+              if (wk.loss != nullptr) wk.loss[row] = static_cast<double>(loss);
+            } else if (soft_grads) {
+              ysums[i] = row_ysum(r, row);
+            }
           }
-          if (grads) row_grad(r, s, row, lse, wk.row_scale ? wk.row_scale[row] : wk.scale);
-        }
+        });
       });
-    });
+    }
     if (!grads) continue;
 
     // phase 3: the gradients, by groups of vocabulary blocks
@@ -372,6 +387,11 @@ void run_chunks_isa(const LceDims& d, const Tensor& x, const Tensor& w, const ac
           for (int64_t blk = g * per_group; blk < bend; ++blk) {
             const int64_t v0 = blk * vb, nv = std::min(vb, V - v0);
             const bool first_block = blk == g * per_group;
+            for (int64_t i = 0; i < c; ++i) {
+              const int64_t row = rows[i];
+              row_grad(r, L + i * V, row, wk.lse[row],
+                       wk.row_scale ? wk.row_scale[row] : wk.scale, ysums[i], v0, v0 + nv);
+            }
             if (wk.want_gi) {
               // grad_input partial += G[:, block] W_block: A = G (c x nv), B = W_block (nv x H)
               gemm::pack_a<MR>(L + v0, V, 1, c, nv, gpack);
@@ -408,17 +428,15 @@ void run_chunks_isa(const LceDims& d, const Tensor& x, const Tensor& w, const ac
     });
     if (wk.want_gi) {
       // the groups' partial sums, in group order, to the chunk's rows of grad_input
-      at::parallel_for(0, c, 8, [&](int64_t i0, int64_t i1) {
-        dispatch_isa([&]() FO_INLINE_LAMBDA {
-          for (int64_t i = i0; i < i1; ++i) {
-            T* o = gi + rows[i] * H;
-            for (int64_t h = 0; h < H; ++h) {
-              A sum = gip[i * H + h];
-              for (int64_t g = 1; g < groups; ++g) sum += gip[(g * C + i) * H + h];
-              o[h] = static_cast<T>(sum);
-            }
+      gemm::run_isa<I>([&]() FO_INLINE_LAMBDA {
+        for (int64_t i = 0; i < c; ++i) {
+          T* o = gi + rows[i] * H;
+          for (int64_t h = 0; h < H; ++h) {
+            A sum = gip[i * H + h];
+            for (int64_t g = 1; g < groups; ++g) sum += gip[(g * C + i) * H + h];
+            o[h] = static_cast<T>(sum);
           }
-        });
+        }
       });
     }
   }
