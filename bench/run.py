@@ -335,24 +335,22 @@ def time_interleaved(calls, device, min_run_time, rounds=3):
             for prov, t in samples.items()}
 
 
-def _proc_status_kb(field_name):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field_name))
-
-
 def peak_memory_mb(fn, device):
     """Memory one call allocates on top of what was allocated before it. CUDA: the caching
-    allocator's peak. CPU (Linux): the growth of the process's peak resident memory, the peak
-    reset just before the call (/proc/self/clear_refs); NaN where the kernel does not allow it."""
+    allocator's peak. CPU: the peak of the running sum of the tensor allocations and frees that
+    the profiler records during the call (torch's CPU allocator; a kernel's own scratch
+    outside tensors is not seen)."""
     if device != "cuda":
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            before = _proc_status_kb("VmRSS:")
-        except (OSError, StopIteration):
-            return float("nan")
-        fn()
-        return (_proc_status_kb("VmHWM:") - before) / 1024
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    profile_memory=True) as prof:
+            fn()
+        deltas = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+        total = peak = 0
+        for _, d in deltas:
+            total += d
+            peak = max(peak, total)
+        return peak / 2**20
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

@@ -2,7 +2,7 @@
 //
 // The non-ignored rows are processed in chunks of c rows (the logits of a chunk, c x V in the
 // compute type, about kChunkBytes):
-//   1. L = x_c W^T + b                       GEMM (gemm.h), bias added in its epilogue
+//   1. L = x_c W^T + b                       GEMM on gemm.h's micro-kernel, bias added to each tile
 //   2. per row (parallel): softcap, max, lse, the loss terms
 //   3. when gradients are wanted, per block of the vocabulary: L turned in place into
 //      G = dloss/dz (softmax - target distribution, times the row's scale and the softcap chain
@@ -36,19 +36,18 @@ namespace cpu {
 namespace {
 
 using at::Tensor;
-using gemm::MatView;
 
 constexpr int64_t kChunkBytes = 24 << 20;  // logits of one chunk of rows
 
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
-// Rows per chunk: a multiple of 12 (the micro-kernel's MR) sized by kChunkBytes, at most the
-// GEMM's k block so that grad_weight's GEMM (k = the chunk's rows) needs no partial sums.
+// Rows per chunk: a multiple of 12 (the micro-kernel's MR) sized by kChunkBytes, at most 1020
+// (the depth of grad_weight's GEMM, whose operand panels should stay in L2).
 template <class Acc>
 int64_t chunk_rows(int64_t V) {
   int64_t c = kChunkBytes / (static_cast<int64_t>(sizeof(Acc)) * std::max<int64_t>(V, 1));
   c = std::max<int64_t>(12, c / 12 * 12);
-  return std::min<int64_t>(c, gemm::kc_block<Acc>() / 12 * 12);
+  return std::min<int64_t>(c, 1020);
 }
 
 // ---- per-row math (the compute type A: float, or double for double) -------------------------
