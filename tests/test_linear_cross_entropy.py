@@ -115,10 +115,11 @@ def test_options(option, reduction, device):
 
 
 @pytest.mark.parametrize("n,h,v", [(1, 1, 1), (3, 1, 7), (5, 33, 17), (13, 64, 1000),
-                                   (300, 40, 3000), (1300, 8, 6000)])
+                                   (300, 40, 3000), (1300, 8, 6000), (7, 1100, 45)])
 def test_shapes(n, h, v, device):
     # (300, 40, 3000): vocabulary blocks that fill fewer groups than there are; (1300, 8, 6000):
-    # more non-ignored rows than one chunk of logits (at most 1020 rows) holds
+    # more non-ignored rows than one chunk of logits (at most 1020 rows) holds; (7, 1100, 45):
+    # the logits' GEMM in k blocks (of 512)
     x, w, b, t = make(n, h, v, torch.float32, device, bias=True, ignore=n // 7)
     check(x, w, b, t, torch.float32, "mean")
     check(x, w, b, t, torch.float32, "none")

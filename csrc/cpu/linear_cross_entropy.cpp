@@ -12,8 +12,9 @@
 //      grad_bias += column sums of G         rows summed in order
 // The forward with gradients (reductions mean and sum, grad_loss = 1) thus runs the three GEMMs
 // of the unfused forward + backward and never a fourth; the backward op recomputes step 1.
-// Extra memory: the chunk's logits, x_c, the grad_input partial sums of the chunk, and a float
-// grad_weight accumulator for 16-bit weights: O(c V + V H), never O(N V).
+// Extra memory: the chunk's logits (about kChunkBytes, more for a vocabulary past 32k where
+// the chunk keeps kMinChunkRows rows), x_c, the grad_input partial sums of the chunk, and a
+// float grad_weight accumulator for 16-bit weights: O(c V + V H), never O(N V).
 //
 // Determinism: the chunks run in a fixed order and every sum has a fixed order (per row: the
 // lanes of a fixed vector width; across rows: row order); the GEMMs' are fixed by the shapes.
@@ -41,12 +42,15 @@ constexpr int64_t kChunkBytes = 24 << 20;  // logits of one chunk of rows
 
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
 
-// Rows per chunk: a multiple of 12 (the micro-kernel's MR) sized by kChunkBytes, at most 1020
-// (the depth of grad_weight's GEMM, whose operand panels should stay in L2).
+// Rows per chunk: a multiple of 12 (the micro-kernel's MR) sized by kChunkBytes, but at least
+// kMinChunkRows: every chunk reads W twice and reads and writes grad_W once, which only a
+// few hundred rows of GEMM work per element hide (at a 128k vocabulary and H = 2048, W and
+// grad_W are 1 GB each); at most 1020 (the depth of grad_W's GEMM).
+constexpr int64_t kMinChunkRows = 192;
 template <class Acc>
 int64_t chunk_rows(int64_t V) {
   int64_t c = kChunkBytes / (static_cast<int64_t>(sizeof(Acc)) * std::max<int64_t>(V, 1));
-  c = std::max<int64_t>(12, c / 12 * 12);
+  c = std::max<int64_t>(kMinChunkRows, c / 12 * 12);
   return std::min<int64_t>(c, 1020);
 }
 
@@ -216,6 +220,7 @@ FO_ALWAYS_INLINE void row_grad(const RowCtx<T, A>& r, A* s, int64_t row, A lse, 
 
 constexpr int64_t kGroups = 8;            // grad_input partial sums per chunk
 constexpr int64_t kBlockBytes = 256 << 10;  // a block of W (vb x H, compute type)
+constexpr int64_t kDepth = 512;             // k block of the logits' GEMM
 
 // What one call computes. lse is written by the forward (stats) and read by the backward.
 template <class A>
@@ -265,10 +270,12 @@ void run_chunks_isa(const LceDims& d, const Tensor& x, const Tensor& w, const ac
   const int64_t C = std::min(chunk_rows<A>(V), n);
   const int64_t Cp = round_up(C, MR), Hn = round_up(H, NR);
   // vocabulary blocks of vb classes (a multiple of NR): W's block (vb x H) and the logits' block
-  // (C x vb) about kBlockBytes each
+  // (C x vb) about kBlockBytes each, but at least 4 NR deep for grad_input's GEMM (whose partial
+  // sums go through memory once per block)
   const int64_t vb = std::min(
       round_up(V, NR),
-      std::max<int64_t>(NR, kBlockBytes / (sizeof(A) * std::max<int64_t>({H, C, 1})) / NR * NR));
+      std::max<int64_t>(4 * NR,
+                        kBlockBytes / (sizeof(A) * std::max<int64_t>({H, C, 1})) / NR * NR));
   const int64_t nblocks = ceil_div(V, vb);
   const int64_t per_group = ceil_div(nblocks, std::min(kGroups, nblocks));
   const int64_t groups = ceil_div(nblocks, per_group);  // none of them empty
@@ -314,35 +321,34 @@ void run_chunks_isa(const LceDims& d, const Tensor& x, const Tensor& w, const ac
         }
     });
 
-    // phase 1: the logits, block by block of the vocabulary
+    // phase 1: the logits, block by block of the vocabulary, by k blocks of kDepth features
+    // (x_c's slice of a k block and W's block stay in L2)
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
       thread_local gemm::Scratch scratch;
-      A* wpack = static_cast<A*>(scratch.get(sizeof(A) * vb * H));
+      A* wpack = static_cast<A*>(scratch.get(sizeof(A) * vb * std::min<int64_t>(H, kDepth)));
       gemm::run_isa<I>([&]() FO_INLINE_LAMBDA {
-        alignas(gemm::kAlign) A tile[MR * NR];
         for (int64_t blk = b0; blk < b1; ++blk) {
           const int64_t v0 = blk * vb, nv = std::min(vb, V - v0);
           const int64_t npan = ceil_div(nv, NR);
-          for (int64_t p = 0; p < npan; ++p)  // W_block^T: B(h, v) = W[v, h]
-            gemm::pack_b_panel<NR>(wp + (v0 + p * NR) * ws0, ws1, ws0,
-                                   std::min<int64_t>(NR, nv - p * NR), H, wpack + p * NR * H);
-          for (int64_t p = 0; p < npan; ++p) {
-            const int64_t j0 = v0 + p * NR;
-            const int nr = static_cast<int>(std::min<int64_t>(NR, V - j0));
-            for (int64_t ip = 0; ip < c; ip += MR) {
-              const int mr = static_cast<int>(std::min<int64_t>(MR, c - ip));
-              gemm::micro_kernel<A, W, MR, NV>(H, xa + ip * H, wpack + p * NR * H, nullptr, NR,
-                                               tile, NR);
-              for (int i = 0; i < mr; ++i) {
-                A* o = L + (ip + i) * V + j0;
-                const A* t = tile + i * NR;
-                if (bias != nullptr)
-                  for (int j = 0; j < nr; ++j) o[j] = t[j] + bias[j0 + j];
-                else
-                  for (int j = 0; j < nr; ++j) o[j] = t[j];
-              }
+          for (int64_t k0 = 0; k0 < std::max<int64_t>(H, 1); k0 += kDepth) {
+            const int64_t kc = std::min(kDepth, H - k0);
+            for (int64_t p = 0; p < npan; ++p)  // W_block^T: B(h, v) = W[v, h]
+              gemm::pack_b_panel<NR>(wp + (v0 + p * NR) * ws0 + k0 * ws1, ws1, ws0,
+                                     std::min<int64_t>(NR, nv - p * NR), kc, wpack + p * NR * kc);
+            for (int64_t p = 0; p < npan; ++p) {
+              const int64_t j0 = v0 + p * NR;
+              const int nr = static_cast<int>(std::min<int64_t>(NR, V - j0));
+              for (int64_t ip = 0; ip < c; ip += MR)
+                tile_update<A, W, MR, NV>(kc, xa + ip * H + k0 * MR, wpack + p * NR * kc, k0 > 0,
+                                          L + ip * V + j0, V,
+                                          static_cast<int>(std::min<int64_t>(MR, c - ip)), nr);
             }
           }
+          if (bias != nullptr)
+            for (int64_t i = 0; i < c; ++i) {
+              A* o = L + i * V + v0;
+              for (int64_t j = 0; j < nv; ++j) o[j] += bias[v0 + j];
+            }
         }
       });
     });
@@ -408,12 +414,12 @@ void run_chunks_isa(const LceDims& d, const Tensor& x, const Tensor& w, const ac
             if (wk.want_gw) {
               // grad_W[block] (+)= G[:, block]^T x_c: A = G^T (nv x c), B = x_c (c x H)
               gemm::pack_a<MR>(L + v0, 1, V, nv, c, gtpack);
-              for (int64_t ip = 0; ip < nv; ip += MR) {
-                const int mr = static_cast<int>(std::min<int64_t>(MR, nv - ip));
-                for (int64_t q = 0; q * NR < H; ++q)
+              for (int64_t q = 0; q * NR < H; ++q) {  // a panel of x_c, then all of G^T
+                const int nr = static_cast<int>(std::min<int64_t>(NR, H - q * NR));
+                for (int64_t ip = 0; ip < nv; ip += MR)
                   tile_update<A, W, MR, NV>(c, gtpack + ip * c, xb + q * NR * c, !first_chunk,
-                                            gw + (v0 + ip) * H + q * NR, H, mr,
-                                            static_cast<int>(std::min<int64_t>(NR, H - q * NR)));
+                                            gw + (v0 + ip) * H + q * NR, H,
+                                            static_cast<int>(std::min<int64_t>(MR, nv - ip)), nr);
               }
             }
             if (wk.want_gb)
