@@ -30,7 +30,7 @@ import datetime
 import os
 import platform
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -61,6 +61,9 @@ class Case:
     # is a double backward, and torch.compile (whose aot_autograd cannot differentiate twice)
     # sits it out
     double_backward: bool = False
+    # more peers beside torch and torch.compile, {name: fn} (torch's chunked linear cross entropy)
+    peers: dict = field(default_factory=dict)
+    modes: tuple = ("fwd", "bwd", "fwd+bwd")
 
 
 # ------------------------------------------------------------------------------------------
@@ -94,9 +97,12 @@ SIZES = {
                       gan_gp=(256, 128), margin=(256, 1000), spiral=100, mlp=1024),
         "large": dict(elementwise=(2048, 2048), linear=(1024, 1024, 1024),
                       softmax=(4096, 32000), gan_gp=(4096, 512), margin=(4096, 1000),
-                      spiral=3000, mlp=65536),
+                      spiral=3000, mlp=65536, lce=(2048, 512, 32000)),
         # 64 MB tensors: past the L3 and past malloc's mmap threshold (fresh pages every call)
-        "xl": dict(elementwise=(4096, 4096)),
+        "xl": dict(elementwise=(4096, 4096), lce=(4096, 1024, 32000)),
+        # a language model's head: 1024 tokens, hidden 2048, Llama 3's 128256-token vocabulary
+        # (the reference's logits: 0.5 GB each way); about 8 s per forward + backward
+        "lm": dict(lce=(1024, 2048, 128256)),
     },
     "cuda": {
         "small": dict(elementwise=(256, 256), linear=(256, 256, 256), softmax=(256, 1000),
@@ -135,7 +141,29 @@ def make_cases(device, dtype, sizes):
         cases += margin_cases(size, shapes, randn, g, device, es)
         cases += mlp_cases(size, shapes, randn, g, device)
         cases += fused_mlp_gpu_cases(size, device, randn)
+        cases += linear_cross_entropy_cases(size, shapes, randn, g, device)
     return cases
+
+
+def linear_cross_entropy_cases(size, shapes, randn, g, device):
+    """cross_entropy(linear(x, W), t) at (N, H, V): fastops's fused op, torch's reference
+    (F.linear_cross_entropy, options=None: the logits materialised) and torch's chunked path
+    (options=LinearCrossEntropyOptions()). The work is the GEMMs': 2 N H V per GEMM, one in the
+    forward, three in forward + backward (the softmax pass is not counted), so the achieved
+    GFLOP/s is comparable with the torch.matmul ceiling."""
+    if "lce" not in shapes:
+        return []
+    n, h, v = shapes["lce"]
+    gemm = 2 * n * h * v
+    flops = {"fwd": gemm, "bwd": 2 * gemm, "fwd+bwd": 3 * gemm}
+    inputs = [randn(n, h), randn(v, h, scale=h ** -0.5),
+              torch.randint(0, v, (n,), generator=g).to(device)]
+    chunked = torch.nn.LinearCrossEntropyOptions()
+    return [Case("linear_cross_entropy", size, f"{n}x{h}x{v}", inputs,
+                 F.linear_cross_entropy, TF.linear_cross_entropy, flops.get, "GFLOP/s",
+                 peers={"chunked": lambda x, w, t: TF.linear_cross_entropy(x, w, t,
+                                                                           options=chunked)},
+                 modes=("fwd", "fwd+bwd"))]
 
 
 def elementwise_cases(size, shapes, randn, g, device, dtype, es):
@@ -391,9 +419,21 @@ def time_interleaved(calls, device, min_run_time, rounds=3):
 
 
 def peak_memory_mb(fn, device):
-    """Memory one call allocates on top of what was allocated before it (CUDA only)."""
+    """Memory one call allocates on top of what was allocated before it. CUDA: the caching
+    allocator's peak. CPU: the peak of the running sum of the tensor allocations and frees that
+    the profiler records during the call (torch's CPU allocator; a kernel's own scratch
+    outside tensors is not seen)."""
     if device != "cuda":
-        return float("nan")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    profile_memory=True) as prof:
+            fn()
+        deltas = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                        if e.name() == "[memory]")
+        total = peak = 0
+        for _, d in deltas:
+            total += d
+            peak = max(peak, total)
+        return peak / 2**20
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -504,7 +544,7 @@ def main(argv=None):
                    help="comma-separated: float32, float64, float16, bfloat16")
     p.add_argument("--ops", default="", help="comma-separated kernel names (default: all)")
     p.add_argument("--sizes", default=None,
-                   help="comma-separated (default: every size of the device)")
+                   help="comma-separated (default: every size of the device but lm)")
     p.add_argument("--modes", default=",".join(MODES))
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     p.add_argument("--min-run-time", type=float, default=0.3, help="seconds per measurement")
@@ -520,7 +560,8 @@ def main(argv=None):
     for d in dtypes:
         if d not in ("float32", "float64", "float16", "bfloat16"):
             p.error(f"unknown dtype {d!r}")
-    sizes = args.sizes.split(",") if args.sizes else list(SIZES[args.device])
+    # the language-model head ("lm") runs only when asked: minutes per case
+    sizes = args.sizes.split(",") if args.sizes else [s for s in SIZES[args.device] if s != "lm"]
     wanted = set(filter(None, args.ops.split(",")))
     modes = args.modes.split(",")
     name = device_name(args.device)
@@ -559,9 +600,10 @@ def main(argv=None):
             torch._dynamo.reset()
             fns = {prov: make(case) for prov, make in providers.items()
                    if not (prov == "compile" and case.double_backward)}
+            fns.update(case.peers)
             saved = {prov: saved_mb(fns[prov], case.inputs) if prov != "compile" else float("nan")
                      for prov in fns}
-            for mode in modes:
+            for mode in [m for m in modes if m in case.modes]:
                 calls = {prov: step(fn, case.inputs, mode, case.double_backward)
                          for prov, fn in fns.items()}
                 times = time_interleaved(calls, args.device, args.min_run_time)
@@ -578,6 +620,10 @@ def main(argv=None):
                       f"{rate:>10.1f} {case.unit:<7}{rate / ceiling:>7.0%}"
                       f"{peaks['fastops']:>9.1f}{peaks['torch']:>9.1f}"
                       f"{saved['fastops']:>9.1f}{saved['torch']:>7.1f}")
+                for prov in case.peers:
+                    print(f"{'  vs ' + prov:<32}{times[prov][1] * 1e3:>10.3f}{'':>11}"
+                          f"{vs[prov]:>9.2f}{'':>8}{'':>24}{'':>9}{peaks[prov]:>9.1f}"
+                          f"{saved[prov]:>16.1f}")
                 for prov, (p20, p50, p80) in times.items():
                     rows.append({
                         "kernel": case.kernel, "provider": prov, "mode": mode,

@@ -131,6 +131,25 @@ TORCH_LIBRARY(fastops, m) {
       "int reduction, int ignore_index, float label_smoothing, Tensor lse, Tensor total_weight) "
       "-> Tensor");
 
+  // Fused linear + cross entropy (linear_cross_entropy_checks.h): the logits
+  // z = input @ weight^T + bias (then softcap * tanh(z / softcap) when softcap > 0) are reduced
+  // tile by tile and never stored for all rows. The loss is cross_entropy's plus
+  // z_loss * lse^2 per non-ignored row; lse (float32, float64 for float64) is kept per row (0
+  // for ignored rows). With with_grad (reductions mean and sum only) the forward also returns
+  // the gradients for grad_loss = 1 (grad_bias only with a bias), else three empty tensors.
+  m.def(
+      "linear_cross_entropy(Tensor input, Tensor weight, Tensor? bias, Tensor target, "
+      "Tensor? class_weight, int reduction, int ignore_index, float label_smoothing, "
+      "float z_loss, float softcap, bool with_grad) "
+      "-> (Tensor loss, Tensor lse, Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // Recomputes the logit tiles from the inputs and lse; (grad_input, grad_weight, grad_bias),
+  // empty where output_mask is false.
+  m.def(
+      "linear_cross_entropy_backward(Tensor grad_loss, Tensor input, Tensor weight, "
+      "Tensor? bias, Tensor target, Tensor? class_weight, Tensor lse, int reduction, "
+      "int ignore_index, float label_smoothing, float z_loss, float softcap, "
+      "bool[3] output_mask) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+
   // Mean squared error. backward returns (grad_self, grad_target), empty where output_mask is
   // false.
   m.def("mse_loss(Tensor self, Tensor target, int reduction) -> Tensor");

@@ -12,6 +12,7 @@ import torch
 
 from fastops.ops.fused_mlp import fused_mlp
 from fastops.ops.linear import linear, linear_act
+from fastops.ops.linear_cross_entropy import linear_cross_entropy
 from fastops.ops.losses import (
     binary_cross_entropy,
     binary_cross_entropy_with_logits,
@@ -32,6 +33,7 @@ __all__ = [
     "nll_loss",
     "cross_entropy", "mse_loss", "l1_loss", "binary_cross_entropy",
     "binary_cross_entropy_with_logits", "hinge_embedding_loss", "multi_margin_loss",
+    "linear_cross_entropy",
 ]
 
 

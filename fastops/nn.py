@@ -19,7 +19,8 @@ __all__ = [
     "Linear", "LinearAct", "ReLU", "ELU", "GELU", "PReLU", "Hardtanh", "Maxout", "LeakyReLU",
     "RReLU", "Sigmoid", "Tanh", "Hardshrink", "LogSoftmax", "Softmax", "NLLLoss",
     "CrossEntropyLoss", "MSELoss", "L1Loss", "BCELoss", "BCEWithLogitsLoss",
-    "HingeEmbeddingLoss", "MultiMarginLoss", "FusedMLP", "convert",
+    "HingeEmbeddingLoss", "MultiMarginLoss", "FusedMLP", "LinearCrossEntropyLoss", "split_head",
+    "convert",
 ]
 
 
@@ -334,6 +335,102 @@ def _mlp_spec(seq):
            for lin in linears for p in lin.parameters()):
         return "the Linear layers differ in dtype or device"
     return linears, activation, output_activation
+
+
+class LinearCrossEntropyLoss(_nn.Module):
+    """A classifier head and its cross entropy in one op: loss(input, target) is
+    cross_entropy(linear(input, weight, bias), target) without the (N, num_classes) logits in
+    memory (fastops.functional.linear_cross_entropy).
+
+    weight (num_classes, in_features) and bias (num_classes,) are named and initialised as
+    nn.Linear's, so an nn.Linear head's state_dict loads unchanged. class_weight (the `weight`
+    of nn.CrossEntropyLoss) is a non-persistent buffer: it is a constructor argument, not a
+    learnt parameter. logits(input) gives the head's logits for inference.
+    """
+
+    def __init__(self, in_features, num_classes, bias=False, class_weight=None,
+                 ignore_index=-100, reduction="mean", label_smoothing=0.0, z_loss=0.0,
+                 logit_softcap=None, device=None, dtype=None):
+        super().__init__()
+        kw = {"device": device, "dtype": dtype}
+        self.in_features, self.num_classes = in_features, num_classes
+        self.weight = _nn.Parameter(torch.empty(num_classes, in_features, **kw))
+        if bias:
+            self.bias = _nn.Parameter(torch.empty(num_classes, **kw))
+        else:
+            self.register_parameter("bias", None)
+        self.register_buffer("class_weight", class_weight, persistent=False)
+        self.ignore_index, self.reduction = ignore_index, reduction
+        self.label_smoothing, self.z_loss, self.logit_softcap = (label_smoothing, z_loss,
+                                                                 logit_softcap)
+        self.reset_parameters()
+
+    reset_parameters = _nn.Linear.reset_parameters
+
+    @classmethod
+    def from_linear(cls, linear, criterion=None, **kwargs):
+        """The fused head of an nn.Linear (sharing its weight and bias objects) and the
+        settings of an nn.CrossEntropyLoss (weight, ignore_index, reduction,
+        label_smoothing)."""
+        if criterion is not None:
+            kwargs = {"class_weight": criterion.weight, "ignore_index": criterion.ignore_index,
+                      "reduction": criterion.reduction,
+                      "label_smoothing": criterion.label_smoothing, **kwargs}
+        head = cls.__new__(cls)
+        _nn.Module.__init__(head)
+        head.in_features, head.num_classes = linear.in_features, linear.out_features
+        head.weight = linear.weight
+        head.bias = linear.bias
+        head.register_buffer("class_weight", kwargs.pop("class_weight", None), persistent=False)
+        head.ignore_index = kwargs.pop("ignore_index", -100)
+        head.reduction = kwargs.pop("reduction", "mean")
+        head.label_smoothing = kwargs.pop("label_smoothing", 0.0)
+        head.z_loss = kwargs.pop("z_loss", 0.0)
+        head.logit_softcap = kwargs.pop("logit_softcap", None)
+        if kwargs:
+            raise TypeError(f"LinearCrossEntropyLoss.from_linear: unexpected {sorted(kwargs)}")
+        return head
+
+    def forward(self, input, target):
+        return F.linear_cross_entropy(
+            input, self.weight, target, linear_bias=self.bias, weight=self.class_weight,
+            reduction=self.reduction, ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing, z_loss=self.z_loss,
+            logit_softcap=self.logit_softcap)
+
+    def logits(self, input):
+        z = F.linear(input, self.weight, self.bias)
+        if self.logit_softcap is not None:
+            z = self.logit_softcap * torch.tanh(z / self.logit_softcap)
+        return z
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}, "
+                f"bias={self.bias is not None}, reduction={self.reduction!r}")
+
+
+def split_head(model, name, criterion=None, **kwargs):
+    """Use the fused loss in place of a model's final Linear + CrossEntropyLoss.
+
+    The Linear at attribute path `name` (e.g. "fc" or "net.3") is replaced by nn.Identity, so
+    model(x) returns the features the head took, and the returned LinearCrossEntropyLoss owns
+    the very same weight and bias objects (an optimizer built before keeps working):
+
+        head = fastops.nn.split_head(model, "fc", nn.CrossEntropyLoss())
+        loss = head(model(x), y)          # was: nn.CrossEntropyLoss()(model(x), y)
+        logits = head.logits(model(x))    # for predictions
+    """
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    linear = getattr(parent, leaf) if not leaf.isdigit() else parent[int(leaf)]
+    if not isinstance(linear, _nn.Linear):
+        raise TypeError(f"split_head: {name!r} is a {type(linear).__name__}, not an nn.Linear")
+    head = LinearCrossEntropyLoss.from_linear(linear, criterion, **kwargs)
+    if leaf.isdigit():
+        parent[int(leaf)] = _nn.Identity()
+    else:
+        setattr(parent, leaf, _nn.Identity())
+    return head
 
 
 # torch.nn class -> fastops class, for convert(). Subclasses share their parent's __dict__

@@ -214,6 +214,19 @@ def test_mnist_fused_beside_the_layers(tmp_path):
         mnist.main(["--fused", "--no-plots", "--out", out, *QUICK])
 
 
+def test_mnist_fused_head_matches_unfused(tmp_path):
+    """--head fused: the fastops MLP's last Linear + cross entropy run as one op; its loss curve
+    matches the unfused torch run's from the same seed."""
+    out = str(tmp_path / "mnist-fused")
+    runs, gaps = mnist.main(["--epochs", "2", "--subset", "800", "--hidden", "64",
+                             "--dropout", "0", "--head", "fused", "--out", out, *QUICK])
+    assert {r.backend for r in runs} == {"fastops", "torch"}
+    for r in runs:
+        assert r.losses[-1] < r.losses[0], r.name
+        assert r.metrics["test_accuracy"] > 0.5, r.metrics
+    assert gaps["mlp"] < 1e-4
+
+
 def test_gan_learns_the_ring(tmp_path):
     out = str(tmp_path / "gan")
     runs, gaps = gan.main(["--epochs", "3", "--steps", "40", "--out", out, *QUICK])

