@@ -101,7 +101,8 @@ SIZES = {
                       gan_gp=(256, 128), margin=(256, 1000)),
         "large": dict(elementwise=(8192, 8192), linear=(4096, 4096, 4096),
                       softmax=(8192, 32768), gan_gp=(4096, 512), margin=(32768, 1000)),
-        "xl": dict(softmax=(4096, 131072)),
+        # lce_gpu: (tokens, hidden, vocabulary) of an LLM head (Llama 3's 128256 classes)
+        "xl": dict(softmax=(4096, 131072), lce_gpu=(8192, 4096, 128256)),
     },
 }
 
@@ -130,6 +131,7 @@ def make_cases(device, dtype, sizes):
         cases += softmax_cases(size, shapes, randn, g, device, es)
         cases += gan_gp_cases(size, shapes, randn)
         cases += margin_cases(size, shapes, randn, g, device, es)
+        cases += lce_gpu_cases(size, shapes, randn, g, device)
     return cases
 
 
@@ -220,6 +222,30 @@ def margin_cases(size, shapes, randn, g, device, es):
 
 
 GP_WEIGHT = 10.0
+
+
+def lce_gpu_cases(size, shapes, randn, g, device):
+    """Linear + cross entropy at an LLM head on the GPU, against torch's reference
+    cross_entropy(linear(...)) (N x V logits in memory) and, as a second case, torch's chunked
+    F.linear_cross_entropy. The peak MB column is the point as much as the time. fastops computes
+    the gradients during a forward that requires them, so its bwd row is only the scaling by
+    grad_loss: compare fwd+bwd."""
+    cases = []
+    if "lce_gpu" in shapes:
+        n, h, v = shapes["lce_gpu"]
+        x, w = randn(n, h), randn(v, h, scale=h ** -0.5)
+        tgt = torch.randint(0, v, (n,), generator=g).to(device)
+        flops = {"fwd": 2 * n * h * v, "bwd": 4 * n * h * v, "fwd+bwd": 6 * n * h * v}
+        shape = f"{n}x{h}x{v}"
+        cases.append(Case("linear_cross_entropy", size, shape, [x, w, tgt],
+                          F.linear_cross_entropy,
+                          lambda x, w, t: TF.cross_entropy(TF.linear(x, w), t),
+                          flops.get, "GFLOP/s"))
+        chunked = torch.nn.LinearCrossEntropyOptions()
+        cases.append(Case("lce_vs_chunked", size, shape, [x, w, tgt], F.linear_cross_entropy,
+                          lambda x, w, t: TF.linear_cross_entropy(x, w, t, options=chunked),
+                          flops.get, "GFLOP/s"))
+    return cases
 
 
 def gradient_penalty(hidden_layer, last_layer, mse_loss):
