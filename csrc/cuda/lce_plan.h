@@ -15,10 +15,10 @@ namespace lce {
 // last chunk has a ragged edge.
 constexpr int64_t kChunkRowGranule = 128;
 // Bytes of float (double) logits one chunk may hold. The chunk also holds its gradient in the
-// storage dtype for 16-bit inputs (half as much again). 256 MiB keeps the weight-gradient
-// GEMM's K (the chunk rows) long enough that re-reading its float accumulator once per chunk
-// costs a fraction of the GEMM itself at LLM vocabularies (512 rows at V = 128256), while the
-// scratch stays far below the N x V logits of the unfused op at large N.
+// storage dtype for 16-bit inputs (half as much again). The budget sets the K (chunk rows) of
+// the weight-gradient GEMM, which reads and writes its float accumulator once per chunk: 8 V H
+// bytes for 2 rows V H flops, i.e. rows / 4 flops per byte (128 at V = 128256, where 256 MiB
+// gives 512 rows), while the scratch stays a fixed size however large N grows.
 constexpr int64_t kChunkLogitBytes = int64_t(256) << 20;
 // Upper bound of the chunk rows whatever the vocabulary (a tiny V would otherwise give one chunk
 // of every row: the scratch would grow with N).
