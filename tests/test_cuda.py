@@ -877,6 +877,20 @@ def test_lce_bitwise_deterministic(dtype):
         assert torch.equal(a, c)
 
 
+def test_lce_runs_on_the_current_stream():
+    """Every launch (GEMMs, row kernel, sums) and every scratch buffer on the current stream:
+    inputs produced on a side stream and the result read after it are ordered with it."""
+    x, w, b, target, cw = _lce_inputs(2178, 72, 32003, torch.float32, seed=27, weighted=True)
+    want = _lce(x * 2, w, b, target, cw, smoothing=0.1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = _lce(x * 2, w, b, target, cw, smoothing=0.1)
+    side.synchronize()
+    for a, c in zip(got, want):
+        assert torch.equal(a, c)
+
+
 def test_lce_no_rows():
     """N = 0: no chunk runs; 'mean' is NaN as in torch, the weight and bias gradients zeros."""
     x, w, b, target, _ = _lce_inputs(0, 8, 11, torch.float32, seed=24)
