@@ -1,7 +1,7 @@
 """Benchmark harness: every fastops op against torch eager and torch.compile, forward, backward
 and forward+backward, at a small and a large size (and on the CPU an xl one, 64 MB tensors).
 
-    python -m bench.run                      # all ops, CPU, float32, writes bench/results/<device>.csv
+    python -m bench.run                 # all ops, CPU, float32 -> bench/results/<device>.csv
     python -m bench.run --ops elu,gelu --sizes large --no-compile
     python -m bench.run --device cuda --dtype float32,bfloat16
     python -m bench.run --ops gan_gp_step --sizes large --out /tmp/gan_gp.csv   # one case
@@ -110,7 +110,8 @@ SIZES = {
         "large": dict(elementwise=(8192, 8192), linear=(4096, 4096, 4096),
                       softmax=(8192, 32768), gan_gp=(4096, 512), margin=(32768, 1000),
                       spiral=3000, mlp=65536),
-        "xl": dict(softmax=(4096, 131072)),
+        # lce_gpu: (tokens, hidden, vocabulary) of an LLM head (Llama 3's 128256 classes)
+        "xl": dict(softmax=(4096, 131072), lce_gpu=(8192, 4096, 128256)),
     },
 }
 
@@ -142,6 +143,7 @@ def make_cases(device, dtype, sizes):
         cases += mlp_cases(size, shapes, randn, g, device)
         cases += fused_mlp_gpu_cases(size, device, randn)
         cases += linear_cross_entropy_cases(size, shapes, randn, g, device)
+        cases += lce_gpu_cases(size, shapes, randn, g, device)
     return cases
 
 
@@ -332,6 +334,30 @@ def mlp_cases(size, shapes, randn, g, device):
 
 
 GP_WEIGHT = 10.0
+
+
+def lce_gpu_cases(size, shapes, randn, g, device):
+    """Linear + cross entropy at an LLM head on the GPU, against torch's reference
+    cross_entropy(linear(...)) (N x V logits in memory) and, as a second case, torch's chunked
+    F.linear_cross_entropy. The peak MB column is the point as much as the time. fastops computes
+    the gradients during a forward that requires them, so its bwd row is only the scaling by
+    grad_loss: compare fwd+bwd."""
+    cases = []
+    if "lce_gpu" in shapes:
+        n, h, v = shapes["lce_gpu"]
+        x, w = randn(n, h), randn(v, h, scale=h ** -0.5)
+        tgt = torch.randint(0, v, (n,), generator=g).to(device)
+        flops = {"fwd": 2 * n * h * v, "bwd": 4 * n * h * v, "fwd+bwd": 6 * n * h * v}
+        shape = f"{n}x{h}x{v}"
+        cases.append(Case("linear_cross_entropy", size, shape, [x, w, tgt],
+                          F.linear_cross_entropy,
+                          lambda x, w, t: TF.cross_entropy(TF.linear(x, w), t),
+                          flops.get, "GFLOP/s"))
+        chunked = torch.nn.LinearCrossEntropyOptions()
+        cases.append(Case("lce_vs_chunked", size, shape, [x, w, tgt], F.linear_cross_entropy,
+                          lambda x, w, t: TF.linear_cross_entropy(x, w, t, options=chunked),
+                          flops.get, "GFLOP/s"))
+    return cases
 
 
 def gradient_penalty(hidden_layer, last_layer, mse_loss):
@@ -674,7 +700,7 @@ def summary_markdown(rows, name, ceiling_lines):
                   "| kernel | shape | fastops ms | torch ms | compile ms | vs torch | vs compile "
                   "| achieved | of ceiling | saved MB |" + (" peak MB |" if gpu else ""),
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "")]
-        for (dt, kernel, size, shape, mode), prov in by_key.items():
+        for (dt, kernel, _size, shape, mode), prov in by_key.items():
             if mode != "fwd+bwd" or dt != dtype:
                 continue
             ours = prov["fastops"]

@@ -929,3 +929,254 @@ def test_fused_mlp_bad_arguments():
         torch.ops.fastops.fused_mlp(x[:, :31], ws, bs, "relu", "none", False)
     with pytest.raises(RuntimeError, match="None"):
         torch.ops.fastops.fused_mlp(x, ws, [bs[0], None, bs[2]], "relu", "none", False)
+
+
+# ---- linear + cross entropy: row chunks, memory, determinism, bad targets ---------------------
+# The ops are called through their schemas (torch.ops.fastops), so that these tests say what the
+# CUDA kernels do whatever the Python layer above them.
+
+LCE_REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+
+
+def _lce(x, w, b, target, cw=None, reduction="mean", ignore_index=-100, smoothing=0.0,
+         z_loss=0.0, softcap=0.0, with_grad=True):
+    """(loss, lse, grad_input, grad_weight, grad_bias) of the fastops op."""
+    return torch.ops.fastops.linear_cross_entropy(
+        x, w, b, target, cw, LCE_REDUCTIONS[reduction], ignore_index, smoothing, z_loss, softcap,
+        with_grad)
+
+
+def _lce_reference(x, w, b, target, cw=None, reduction="mean", ignore_index=-100, smoothing=0.0,
+                   z_loss=0.0, softcap=0.0):
+    """The op's definition in torch ops, in the dtype of its arguments: (loss, lse)."""
+    z = TF.linear(x, w, b)
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    loss = TF.cross_entropy(z, target, weight=cw, reduction=reduction,
+                            ignore_index=ignore_index, label_smoothing=smoothing)
+    lse = torch.logsumexp(z.to(torch.float64 if z.dtype == torch.float64 else torch.float32), 1)
+    if target.is_floating_point():
+        keep = torch.ones_like(lse, dtype=torch.bool)
+        divisor = lse.new_tensor(float(x.shape[0]))
+    else:
+        keep = target != ignore_index
+        divisor = (cw[target[keep]].sum() if cw is not None else keep.sum()).to(lse.dtype)
+    lse = torch.where(keep, lse, torch.zeros_like(lse))
+    if z_loss:
+        zl = z_loss * lse ** 2
+        extra = {"none": zl, "sum": zl.sum()}.get(reduction, zl.sum() / divisor)
+        loss = loss + extra.to(loss.dtype)
+    return loss, lse
+
+
+def _lce_inputs(n, h, v, dtype, seed, soft=False, bias=True, weighted=False, ignore=0):
+    """x, w, b (or None), target (the first `ignore` rows set to ignore_index -100) and class
+    weights (or None), on the GPU."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, h, generator=gen).to("cuda", dtype)
+    w = (torch.randn(v, h, generator=gen) * h ** -0.5 * 3).to("cuda", dtype)
+    b = torch.randn(v, generator=gen).to("cuda", dtype) if bias else None
+    if soft:
+        target = torch.softmax(torch.randn(n, v, generator=gen) * 2, 1).to("cuda", dtype)
+    else:
+        target = torch.randint(0, v, (n,), generator=gen)
+        target[:ignore] = -100
+        target = target.cuda()
+    cw = (torch.rand(v, generator=gen) + 0.5).to("cuda", dtype) if weighted else None
+    return x, w, b, target, cw
+
+
+def _rel_err(got, ref):
+    ref = ref.double()
+    return ((got.double() - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+# (options, what they exercise); each run at a shape of several chunks of rows
+LCE_OPTIONS = [
+    dict(reduction="mean"),
+    dict(reduction="sum", weighted=True, ignore=37, smoothing=0.1, z_loss=1e-3, softcap=30.0),
+    dict(reduction="mean", weighted=True, ignore=5, smoothing=0.2),
+    dict(reduction="mean", soft=True, smoothing=0.1, z_loss=1e-4),
+    dict(reduction="sum", soft=True, weighted=True, bias=False, softcap=5.0),
+]
+LCE_FLOORS = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 2e-3}
+# a 16-bit loss is rounded once more on output (half an ulp: eps / 2 relative)
+LCE_LOSS_FLOORS = {torch.float64: 1e-12, torch.float32: 2e-5, torch.bfloat16: 4e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("opts", LCE_OPTIONS,
+                         ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_lce_across_row_chunks(dtype, opts):
+    """Loss, lse and the gradients computed in the forward, over 2-3 chunks of rows (the last one
+    ragged) with an odd vocabulary and hidden size, against the op's definition in float64: error
+    no worse than twice torch's own in the same dtype (and a floor for float64 / float32)."""
+    opts = dict(opts)
+    kw = {k: opts.pop(k) for k in ("soft", "bias", "weighted", "ignore") if k in opts}
+    n, h, v = 2178, 72, 32003  # chunks of 2048 rows (1024 in float64)
+    x, w, b, target, cw = _lce_inputs(n, h, v, dtype, seed=21, **kw)
+    loss, lse, gi, gw, gb = _lce(x, w, b, target, cw, **opts)
+
+    def ref_of(dt):
+        params = [t.detach().to(dt).requires_grad_() if t is not None else None for t in (x, w, b)]
+        tg = target.to(dt) if target.is_floating_point() else target
+        lo, ls = _lce_reference(*params, tg, cw.to(dt) if cw is not None else None, **opts)
+        grads = torch.autograd.grad(lo, [p for p in params if p is not None])
+        return lo.detach(), ls, grads
+
+    ref_loss, ref_lse, ref_grads = ref_of(torch.float64)
+    t_loss, _, t_grads = ref_of(dtype)
+    floor = LCE_FLOORS[dtype]
+    assert loss.dtype == dtype and loss.dim() == 0
+    assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert abs(loss.double() - ref_loss).item() <= max(
+        2 * abs(t_loss.double() - ref_loss).item(), LCE_LOSS_FLOORS[dtype] * abs(ref_loss).item())
+    assert _rel_err(lse, ref_lse) <= (1e-12 if dtype == torch.float64 else 2e-6)
+    ours = [gi, gw] + ([gb] if b is not None else [])
+    assert gb.numel() == (v if b is not None else 0)
+    for got, want, theirs in zip(ours, ref_grads, t_grads):
+        assert got.dtype == dtype and got.shape == want.shape
+        assert _rel_err(got, want) <= max(2 * _rel_err(theirs, want), floor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_lce_none_and_backward_op(dtype):
+    """Reduction 'none' (no gradients from the forward) and the backward op's recomputation
+    for a per-row grad_loss, every output_mask, across chunks."""
+    n, h, v = 2178, 40, 32003
+    x, w, b, target, cw = _lce_inputs(n, h, v, dtype, seed=22, weighted=True, ignore=11)
+    opts = dict(ignore_index=-100, smoothing=0.05, z_loss=1e-3, softcap=20.0)
+    loss, lse, gi, gw, gb = _lce(x, w, b, target, cw, reduction="none", **opts)
+    assert loss.shape == (n,) and gi.numel() == gw.numel() == gb.numel() == 0
+    assert torch.all(loss[:11] == 0) and torch.all(lse[:11] == 0)
+    params = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref_loss, ref_lse = _lce_reference(*params, target, cw.double(), reduction="none", **opts)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 1e-2
+    assert _rel_err(loss, ref_loss) <= tol
+    assert _rel_err(lse, ref_lse) <= (1e-12 if dtype == torch.float64 else 2e-6)
+    g = torch.randn(n, generator=torch.Generator().manual_seed(3)).to("cuda", dtype)
+    ref_grads = torch.autograd.grad(ref_loss, params, g.double())
+    for mask in ([True, True, True], [True, False, False], [False, True, True],
+                 [False, False, False]):
+        got = torch.ops.fastops.linear_cross_entropy_backward(
+            g, x, w, b, target, cw, lse, 0, -100, 0.05, 1e-3, 20.0, mask)
+        for m, ours, want in zip(mask, got, ref_grads):
+            if not m:
+                assert ours.numel() == 0
+                continue
+            assert ours.dtype == dtype and ours.shape == want.shape
+            assert _rel_err(ours, want) <= (1e-10 if dtype == torch.float64 else
+                                            1e-4 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lce_bitwise_deterministic(dtype):
+    """No atomics: the same call gives the same bits, gradients summed over chunks included."""
+    x, w, b, target, cw = _lce_inputs(2178, 72, 32003, dtype, seed=23, weighted=True, ignore=3)
+    first = _lce(x, w, b, target, cw, smoothing=0.1)
+    second = _lce(x, w, b, target, cw, smoothing=0.1)
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+
+
+def test_lce_runs_on_the_current_stream():
+    """Every launch (GEMMs, row kernel, sums) and every scratch buffer on the current stream:
+    inputs produced on a side stream and the result read after it are ordered with it."""
+    x, w, b, target, cw = _lce_inputs(2178, 72, 32003, torch.float32, seed=27, weighted=True)
+    want = _lce(x * 2, w, b, target, cw, smoothing=0.1)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got = _lce(x * 2, w, b, target, cw, smoothing=0.1)
+    side.synchronize()
+    for a, c in zip(got, want):
+        assert torch.equal(a, c)
+
+
+def test_lce_no_rows():
+    """N = 0: no chunk runs; 'mean' is NaN as in torch, the weight and bias gradients zeros."""
+    x, w, b, target, _ = _lce_inputs(0, 8, 11, torch.float32, seed=24)
+    loss, lse, gi, gw, gb = _lce(x, w, b, target)
+    assert torch.isnan(loss) and lse.shape == (0,) and gi.shape == (0, 8)
+    assert torch.equal(gw, torch.zeros(11, 8, device="cuda"))
+    assert torch.equal(gb, torch.zeros(11, device="cuda"))
+    loss, *_ = _lce(x, w, b, target, reduction="sum")
+    assert loss.item() == 0
+
+
+def test_lce_peak_memory_far_below_the_logits():
+    """Extra memory of a forward with gradients (beyond its inputs and outputs) is the chunk of
+    logits, far below the N x V float logits of the unfused op."""
+    n, h, v = 16384, 1024, 32000
+    x, w, b, target, _ = _lce_inputs(n, h, v, torch.float32, seed=25)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = _lce(x, w, b, target)
+    torch.cuda.synchronize()
+    outputs = sum(t.untyped_storage().nbytes() for t in out)
+    extra = torch.cuda.max_memory_allocated() - before - outputs
+    logits = n * v * 4
+    assert extra < logits / 6, f"{extra / 2**20:.0f} MB beyond the outputs"
+    assert torch.isfinite(out[0])
+
+
+@pytest.mark.slow
+def test_lce_llm_head_bfloat16():
+    """bfloat16 at an LLM head (8192 tokens, 4096 hidden, 128256 classes): loss and gradients
+    within twice torch's own bfloat16 error against float32, in less memory than torch's
+    unfused forward + backward."""
+    n, h, v = 8192, 4096, 128256
+    x, w, _, target, _ = _lce_inputs(n, h, v, torch.bfloat16, seed=26, bias=False, ignore=100)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss, _, gi, gw, _ = _lce(x, w, None, target)
+    torch.cuda.synchronize()
+    ours_peak = torch.cuda.max_memory_allocated() - before
+
+    def torch_run(dt):
+        xs, ws = x.to(dt).requires_grad_(), w.to(dt).requires_grad_()
+        lo = TF.cross_entropy(TF.linear(xs, ws), target)
+        return (lo.detach(), *torch.autograd.grad(lo, (xs, ws)))
+
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    theirs = torch_run(torch.bfloat16)
+    torch.cuda.synchronize()
+    torch_peak = torch.cuda.max_memory_allocated() - before
+    ref = torch_run(torch.float32)
+    for got, their, want, floor in zip((loss, gi, gw), theirs, ref, (4e-3, 2e-3, 2e-3)):
+        assert _rel_err(got, want) <= max(2 * _rel_err(their, want), floor)
+    assert ours_peak < torch_peak, (ours_peak / 2**20, torch_peak / 2**20)
+
+
+@pytest.mark.parametrize("call", [
+    "_lce(torch.tensor([0, 1, 7, 2], device='cuda'))",
+    "_lce(torch.tensor([0, -3, 1, 2], device='cuda'), reduction=0)",
+    "_lce(torch.tensor([0, 1, 5, 2], device='cuda'), with_grad=False)",
+    "torch.ops.fastops.linear_cross_entropy_backward(torch.ones(4, device='cuda'), x, w, None, "
+    "torch.tensor([0, 9, 1, -100], device='cuda'), None, torch.zeros(4, device='cuda'), 0, -100, "
+    "0.0, 0.0, 0.0, [True, True, False])",
+])
+def test_lce_out_of_range_target_is_an_error(call):
+    """A class target outside [0, V) that is not ignore_index is reported as an error to
+    Python, not read."""
+    result = run_python(f"""
+        import torch, fastops
+        x = torch.randn(4, 3, device='cuda')
+        w = torch.randn(5, 3, device='cuda')
+        def _lce(t, reduction=1, with_grad=True):
+            return torch.ops.fastops.linear_cross_entropy(x, w, None, t, None, reduction, -100,
+                                                          0.0, 0.0, 0.0, with_grad)
+        try:
+            out = {call}
+            torch.cuda.synchronize()
+        except (RuntimeError, IndexError) as e:
+            print("raised:", e)
+            raise SystemExit(3)
+        print("no error, got", out)
+        """)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "raised:" in result.stdout
