@@ -129,6 +129,21 @@ template <class T> FO_HD T fo_select(bool c, T a, T b) { return c ? a : b; }
 
 // sigmoid(x) = 1 / (1 + exp(-x)).
 template <class T> FO_HD T fo_sigmoid(T x) { return T(1) / (T(1) + fo_exp(-x)); }
+// In float on the host: fo_exp's value without its selects, which sat in front of the division
+// and made GCC divide twice (a masked division for the NaN lanes, another for the rest); here
+// they come after the one division. Below -87, 1 + exp(-87) rounds to 1, as 1 + 0 does: the
+// same bits as 1 / (1 + fo_exp(-x)) for every float but NaN, which now comes back as given.
+FO_HD float fo_sigmoid(float x) {
+#if defined(__CUDA_ARCH__)
+  return 1.0f / (1.0f + expf(-x));
+#else
+  const float nx = -x;
+  const float r = 1.0f / (1.0f + fo_exp_in_range(nx < -87.0f ? -87.0f
+                                                  : (nx > kExpMax ? kExpMax : nx)));
+  // 0 where exp(-x) overflows, as with expf; NaN passes
+  return nx > kExpMax ? 0.0f : (x != x ? x : r);
+#endif
+}
 
 // ---------------------------------------------------------------------------------------------
 // The activations. Parameters are stored as float (the compute type of every dtype but double,
