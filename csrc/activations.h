@@ -123,8 +123,27 @@ FO_HD void fo_normal_cdf_pdf(double x, double& cdf, double& pdf) {
   pdf = 0.39894228040143267794 * exp(-0.5 * x * x);
 }
 
+// c ? a : b, written as a call so that the piecewise-linear functors below also run on the SIMD
+// lane types of cpu/lanes.h, whose overload selects lane by lane.
+template <class T> FO_HD T fo_select(bool c, T a, T b) { return c ? a : b; }
+
 // sigmoid(x) = 1 / (1 + exp(-x)).
 template <class T> FO_HD T fo_sigmoid(T x) { return T(1) / (T(1) + fo_exp(-x)); }
+// In float on the host: fo_exp's value without its selects, which sat in front of the division
+// and made GCC divide twice (a masked division for the NaN lanes, another for the rest); here
+// they come after the one division. Below -87, 1 + exp(-87) rounds to 1, as 1 + 0 does: the
+// same bits as 1 / (1 + fo_exp(-x)) for every float but NaN, which now comes back as given.
+FO_HD float fo_sigmoid(float x) {
+#if defined(__CUDA_ARCH__)
+  return 1.0f / (1.0f + expf(-x));
+#else
+  const float nx = -x;
+  const float r = 1.0f / (1.0f + fo_exp_in_range(nx < -87.0f ? -87.0f
+                                                  : (nx > kExpMax ? kExpMax : nx)));
+  // 0 where exp(-x) overflows, as with expf; NaN passes
+  return nx > kExpMax ? 0.0f : (x != x ? x : r);
+#endif
+}
 
 // ---------------------------------------------------------------------------------------------
 // The activations. Parameters are stored as float (the compute type of every dtype but double,
@@ -135,12 +154,19 @@ template <class T> FO_HD T fo_sigmoid(T x) { return T(1) / (T(1) + fo_exp(-x)); 
 //   mask(x)               -> which of the two
 //   backward_masked(m, g) -> g * f'(x) from m alone
 // so their forward can save that predicate as one bit per element for backward, instead of the
-// input: 1/32 of the bytes of a float32 input to keep and to read back.
+// input: 1/32 of the bytes of a float32 input to keep and to read back. forward, mask and
+// backward_masked are written with fo_select, comparisons, !, &&, || and * only, so that the
+// CPU's masked loops can also run them on SIMD lanes (cpu/lanes.h), where mask gives a lane
+// mask rather than a bool.
 struct Relu {
-  template <class T> FO_HD T forward(T x) const { return x <= T(0) ? T(0) : x; }  // keeps NaN
+  template <class T> FO_HD T forward(T x) const {  // keeps NaN
+    return fo_select(x <= T(0), T(0), x);
+  }
   // true for NaN, whose gradient passes, as in torch
-  template <class T> FO_HD bool mask(T x) const { return !(x <= T(0)); }
-  template <class T> FO_HD T backward_masked(bool m, T g) const { return m ? g : T(0); }
+  template <class T> FO_HD auto mask(T x) const { return !(x <= T(0)); }
+  template <class M, class T> FO_HD T backward_masked(M m, T g) const {
+    return fo_select(m, g, T(0));
+  }
   template <class T> FO_HD T backward(T x, T g) const { return backward_masked(mask(x), g); }
   // f'' = 0 (torch: zeros, whatever g and gg hold); so for every piecewise-linear one
   template <class T> FO_HD T double_backward(T, T, T) const { return T(0); }
@@ -208,24 +234,28 @@ struct GeluTanh {
 
 struct Hardtanh {
   double min_val, max_val;
-  template <class T> FO_HD T forward(T x) const {
-    return x < T(min_val) ? T(min_val) : (x > T(max_val) ? T(max_val) : x);  // keeps NaN
+  template <class T> FO_HD T forward(T x) const {  // keeps NaN
+    return fo_select(x < T(min_val), T(min_val), fo_select(x > T(max_val), T(max_val), x));
   }
   // torch zeroes the gradient where x <= min_val or x >= max_val only: a NaN passes it
-  template <class T> FO_HD bool mask(T x) const {
+  template <class T> FO_HD auto mask(T x) const {
     return !(x <= T(min_val) || x >= T(max_val));
   }
-  template <class T> FO_HD T backward_masked(bool m, T g) const { return m ? g : T(0); }
+  template <class M, class T> FO_HD T backward_masked(M m, T g) const {
+    return fo_select(m, g, T(0));
+  }
   template <class T> FO_HD T backward(T x, T g) const { return backward_masked(mask(x), g); }
   template <class T> FO_HD T double_backward(T, T, T) const { return T(0); }
 };
 
 struct LeakyRelu {
   double negative_slope;
-  template <class T> FO_HD T forward(T x) const { return x > T(0) ? x : x * T(negative_slope); }
-  template <class T> FO_HD bool mask(T x) const { return x > T(0); }
-  template <class T> FO_HD T backward_masked(bool m, T g) const {
-    return m ? g : g * T(negative_slope);
+  template <class T> FO_HD T forward(T x) const {
+    return fo_select(x > T(0), x, x * T(negative_slope));
+  }
+  template <class T> FO_HD auto mask(T x) const { return x > T(0); }
+  template <class M, class T> FO_HD T backward_masked(M m, T g) const {
+    return fo_select(m, g, g * T(negative_slope));
   }
   template <class T> FO_HD T backward(T x, T g) const { return backward_masked(mask(x), g); }
   template <class T> FO_HD T double_backward(T, T, T) const { return T(0); }
@@ -277,13 +307,15 @@ template <class F> FO_HD FromOutput<F> from_output(const F& f) { return FromOutp
 
 struct Hardshrink {
   double lambd;
-  template <class T> FO_HD T forward(T x) const {
-    return (x >= T(-lambd) && x <= T(lambd)) ? T(0) : x;  // keeps NaN
+  template <class T> FO_HD T forward(T x) const {  // keeps NaN
+    return fo_select(x >= T(-lambd) && x <= T(lambd), T(0), x);
   }
-  template <class T> FO_HD bool mask(T x) const {  // true for NaN, whose gradient passes
+  template <class T> FO_HD auto mask(T x) const {  // true for NaN, whose gradient passes
     return !(x >= T(-lambd) && x <= T(lambd));
   }
-  template <class T> FO_HD T backward_masked(bool m, T g) const { return m ? g : T(0); }
+  template <class M, class T> FO_HD T backward_masked(M m, T g) const {
+    return fo_select(m, g, T(0));
+  }
   template <class T> FO_HD T backward(T x, T g) const { return backward_masked(mask(x), g); }
   template <class T> FO_HD T double_backward(T, T, T) const { return T(0); }
 };

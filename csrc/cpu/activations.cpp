@@ -12,6 +12,7 @@
 #include "../activation_checks.h"
 #include "../activations.h"
 #include "cpu_common.h"
+#include "lanes.h"
 #include "mask_bits.h"
 
 namespace fastops {
@@ -94,10 +95,12 @@ Tensor unary_double_backward(const Tensor& grad_grad, const Tensor& grad_output,
 
 // The masked forms of the piecewise-linear activations (see activations.h): the forward also
 // writes f.mask(x) packed 8 elements to a byte (bit j of byte i is element 8i + j), and the
-// backward needs only those bits, 1/32 of the bytes of a float32 input. Each runs over chunks of
-// kMaskChunk elements (mask_bits.h). The loops take restrict pointers: a byte pointer may alias
-// anything, and they would not vectorise. f by value: its parameters then cannot alias them
-// either.
+// backward needs only those bits, 1/32 of the bytes of a float32 input. float32 and float64 with
+// AVX-512 or AVX2 run the functors on SIMD lanes whose comparisons give the bits directly
+// (lanes.h). The other dtypes and the baseline ISA run over chunks of kMaskChunk elements
+// through a byte per element (mask_bits.h); those loops take restrict pointers: a byte pointer
+// may alias anything, and they would not vectorise. f by value: its parameters then cannot
+// alias them either.
 template <class scalar_t, class F>
 FO_ALWAYS_INLINE void masked_forward_chunk(const scalar_t* __restrict x, scalar_t* __restrict y,
                                            uint8_t* __restrict bytes, int64_t n, const F f) {
@@ -129,6 +132,19 @@ std::tuple<Tensor, Tensor> masked_forward(const Tensor& self, const F& f, const 
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
     uint8_t* mp = mask.mutable_data_ptr<uint8_t>();
+#if defined(FO_HAVE_LANES)
+    if constexpr (lanes::kHasLanes<scalar_t>) {
+      if (cpu_isa() != Isa::baseline) {
+        const F fl = params_in_dtype<scalar_t>(f);
+        const bool avx512 = cpu_isa() == Isa::avx512;
+        for_mask_bytes(n, [&](int64_t begin, int64_t end) {
+          if (avx512) lanes::masked_forward_avx512(fl, xp, yp, mp, begin, end);
+          else lanes::masked_forward_avx2(fl, xp, yp, mp, begin, end);
+        });
+        return;
+      }
+    }
+#endif
     for_mask_bytes(n, [&](int64_t begin, int64_t end) {
       dispatch_isa([&]() FO_INLINE_LAMBDA {
         const F fl = params_in_dtype<scalar_t>(f);
@@ -157,6 +173,18 @@ Tensor masked_backward(const Tensor& grad_output, const Tensor& mask, const F& f
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
     const uint8_t* mp = m.const_data_ptr<uint8_t>();
     scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+#if defined(FO_HAVE_LANES)
+    if constexpr (lanes::kHasLanes<scalar_t>) {
+      if (cpu_isa() != Isa::baseline) {
+        const bool avx512 = cpu_isa() == Isa::avx512;
+        for_mask_bytes(n, [&](int64_t begin, int64_t end) {
+          if (avx512) lanes::masked_backward_avx512(f, gp, mp, gxp, begin, end);
+          else lanes::masked_backward_avx2(f, gp, mp, gxp, begin, end);
+        });
+        return;
+      }
+    }
+#endif
     for_mask_bytes(n, [&](int64_t begin, int64_t end) {
       dispatch_isa([&]() FO_INLINE_LAMBDA {
         uint64_t words[kMaskChunk / 8];
