@@ -54,18 +54,27 @@ struct IdentityAct {
   template <class T> FO_HD T backward(T, T g) const { return g; }
 };
 
-// Calls fn(functor) with the functor of activation `name` ('none': IdentityAct) at torch's
-// default parameters (leaky_relu slope 0.01, elu alpha 1, hardtanh (-1, 1), hardshrink 0.5), as
-// the kernels of storage type T compare them (see params_in_dtype).
+// The parameters (a, b) of activation `name` in the op: torch's defaults (leaky_relu slope 0.01,
+// elu alpha 1, hardtanh (-1, 1), hardshrink 0.5); (0, 0) for the others. The CUDA kernels take
+// them as numbers, so they are kept here, once.
+struct FusedMlpActParams {
+  double a = 0, b = 0;
+};
+inline FusedMlpActParams fused_mlp_activation_params(const std::string& name) {
+  if (name == "leaky_relu") return {0.01, 0.0};
+  if (name == "elu") return {1.0, 0.0};
+  if (name == "hardtanh") return {-1.0, 1.0};
+  if (name == "hardshrink") return {0.5, 0.0};
+  return {};
+}
+
+// Calls fn(functor) with the functor of activation `name` ('none': IdentityAct) at the
+// parameters above, as the kernels of storage type T compare them (see params_in_dtype).
 template <class T, class Fn>
 void with_fused_mlp_activation(const std::string& name, const Fn& fn) {
   if (name == "none") return fn(IdentityAct{});
-  double a = 0, b = 0;
-  if (name == "leaky_relu") a = 0.01;
-  else if (name == "elu") a = 1.0;
-  else if (name == "hardtanh") a = -1.0, b = 1.0;
-  else if (name == "hardshrink") a = 0.5;
-  with_pointwise<T>(name, a, b, fn);
+  const FusedMlpActParams p = fused_mlp_activation_params(name);
+  with_pointwise<T>(name, p.a, p.b, fn);
 }
 
 }  // namespace fastops

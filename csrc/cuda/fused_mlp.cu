@@ -28,7 +28,7 @@
 #include <string>
 #include <vector>
 
-#include "../linear_checks.h"
+#include "../fused_mlp_checks.h"
 #include "cuda_common.cuh"
 #include "fused_mlp_plan.h"
 #include "gemm.cuh"
@@ -51,85 +51,20 @@ using mlp::kRowPad;
 using mlp::kWarpRows;
 using mlp::kWarps;
 
-// ---- arguments -------------------------------------------------------------------------------
+// ---- arguments (checked by fused_mlp_checks.h, shared with the CPU kernels) ----------------
 
-struct MlpDims {
-  int64_t rows, in, hidden, out, layers;
-  bool has_bias;
-};
-
-// input (N, in), weights[l] (out_l, in_l) chained from `in`, every hidden layer `hidden` wide,
-// biases one entry per layer, all present or all None; one dtype and device.
-MlpDims check_mlp(const char* op, const Tensor& input, at::TensorList weights,
-                  const c10::List<std::optional<Tensor>>& biases) {
-  TORCH_CHECK(input.dim() == 2, op, ": input must be 2-D (N, in_features), got ", input.dim(),
-              "-D");
-  check_floating(input, op, "input");
-  const int64_t L = static_cast<int64_t>(weights.size());
-  TORCH_CHECK(L >= 1, op, ": weights must hold at least one layer, got none");
-  TORCH_CHECK(static_cast<int64_t>(biases.size()) == L, op,
-              ": biases must have one entry (a tensor or None) per layer, expected ", L, ", got ",
-              biases.size());
-  MlpDims d{input.size(0), input.size(1), 0, 0, L, false};
-  int64_t prev = d.in;
-  int64_t present = 0;
-  for (int64_t l = 0; l < L; ++l) {
-    const Tensor& w = weights[l];
-    TORCH_CHECK(w.dim() == 2, op, ": weights[", l,
-                "] must be 2-D (out_features, in_features), got ", w.dim(), "-D");
-    TORCH_CHECK(w.scalar_type() == input.scalar_type(), op, ": weights[", l,
-                "] must have the dtype of input (", input.scalar_type(), "), got ",
-                w.scalar_type());
-    TORCH_CHECK(w.device() == input.device(), op, ": weights[", l,
-                "] must be on the device of input (", input.device(), "), got ", w.device());
-    TORCH_CHECK(w.size(1) == prev, op, ": weights[", l, "] must have ", prev, " input features (",
-                l == 0 ? "input.size(1)" : "the outputs of the layer before", "), got ",
-                w.size(1));
-    if (l == 0) d.hidden = w.size(0);
-    if (l < L - 1) {
-      TORCH_CHECK(w.size(0) == d.hidden, op, ": every hidden layer must be ", d.hidden,
-                  " wide (weights[0].size(0)), weights[", l, "] has ", w.size(0), " outputs");
-    }
-    prev = w.size(0);
-    const std::optional<Tensor> b = biases.get(l);
-    if (!b.has_value() || !b->defined()) continue;
-    ++present;
-    TORCH_CHECK(b->dim() == 1 && b->size(0) == w.size(0), op, ": biases[", l,
-                "] must have shape (", w.size(0), ",), got ", b->sizes());
-    TORCH_CHECK(b->scalar_type() == input.scalar_type() && b->device() == input.device(), op,
-                ": biases[", l, "] must have the dtype and device of input (",
-                input.scalar_type(), ", ", input.device(), "), got ", b->scalar_type(), ", ",
-                b->device());
-  }
-  TORCH_CHECK(present == 0 || present == L, op,
-              ": biases must be all tensors or all None, got ", present, " tensors for ", L,
-              " layers");
-  d.out = prev;
-  d.has_bias = present == L;
-  return d;
-}
-
-// An activation of the op with torch's default parameters.
+// An activation as the kernels take it: a number for their run-time switch (pointwise_switch.cuh)
+// and the parameters of fused_mlp_activation_params.
 struct MlpAct {
   int kind;  // PointwiseKind, or kActNone
   double a, b;
 };
 
-MlpAct parse_activation(const char* op, const char* arg, const std::string& name,
-                        bool allow_none) {
-  if (allow_none && name == "none") return {kActNone, 0.0, 0.0};
-  TORCH_CHECK(is_pointwise(name), op, ": ", arg, " must be one of ", allow_none ? "none, " : "",
-              "relu, leaky_relu, elu, gelu, gelu_tanh, hardtanh, hardshrink, sigmoid, tanh; got '",
-              name, "'");
-  double a = 0.0, b = 0.0;
-  if (name == "leaky_relu") a = 0.01;
-  if (name == "elu") a = 1.0;
-  if (name == "hardshrink") a = 0.5;
-  if (name == "hardtanh") {
-    a = -1.0;
-    b = 1.0;
-  }
-  return {static_cast<int>(pointwise_kind(name)), a, b};
+// name: checked by check_fused_mlp_activations.
+MlpAct mlp_act(const std::string& name) {
+  if (name == "none") return {kActNone, 0.0, 0.0};
+  const FusedMlpActParams p = fused_mlp_activation_params(name);
+  return {static_cast<int>(pointwise_kind(name)), p.a, p.b};
 }
 
 // ---- fused kernels ---------------------------------------------------------------------------
@@ -413,13 +348,13 @@ __global__ void __launch_bounds__(kWarps * 32, FusedOccupancy<W>::blocks)
 #endif
 }
 
-FusedArgs fused_args(const FusedPlan& plan, const MlpDims& d, const MlpAct& act,
+FusedArgs fused_args(const FusedPlan& plan, const FusedMlpDims& d, const MlpAct& act,
                      const MlpAct& out_act) {
   FusedArgs p{};
-  p.rows = d.rows;
+  p.rows = d.N;
   p.layers = plan.layers;
-  p.in = static_cast<int>(d.in);
-  p.out = static_cast<int>(d.out);
+  p.in = static_cast<int>(d.in_features);
+  p.out = static_cast<int>(d.out_features);
   p.hidden = static_cast<int>(d.hidden);
   p.kin_pad = plan.kin_pad;
   p.out_pad = plan.out_pad;
@@ -442,9 +377,10 @@ FusedArgs fused_args(const FusedPlan& plan, const MlpDims& d, const MlpAct& act,
 }
 
 // The shared-memory image of the plan, built with copies into a zeroed buffer: W_l (forward)
-// or W_l^T (backward) into the top-left corner of its padded block, then the biases (forward).
+// or W_l^T (backward) into the top-left corner of its padded block, then the biases (forward;
+// bias_list: one per layer, or empty when there are none).
 Tensor build_image(const FusedPlan& plan, at::TensorList weights,
-                   const c10::List<std::optional<Tensor>>& biases, bool has_bias, bool backward,
+                   const std::vector<Tensor>& bias_list, bool backward,
                    const at::TensorOptions& opts) {
   Tensor image = at::zeros({plan.image_elems}, opts);
   for (int l = 0; l < plan.layers; ++l) {
@@ -454,7 +390,9 @@ Tensor build_image(const FusedPlan& plan, at::TensorList weights,
     const Tensor block = image.narrow(0, plan.w_off[l], rows * ld).view({rows, ld});
     const Tensor src = backward ? w.t() : w;
     block.narrow(0, 0, src.size(0)).narrow(1, 0, src.size(1)).copy_(src);
-    if (!backward && has_bias) image.narrow(0, plan.b_off[l], w.size(0)).copy_(*biases.get(l));
+    if (!backward && !bias_list.empty()) {
+      image.narrow(0, plan.b_off[l], w.size(0)).copy_(bias_list[l]);
+    }
   }
   return image;
 }
@@ -502,12 +440,12 @@ constexpr bool kTensorCoreType =
 // The plan of the fused kernels for this MLP on the current device; plan.fused false when the
 // layer-by-layer path must run it.
 template <class T, bool Backward>
-FusedPlan fused_plan(const MlpDims& d) {
+FusedPlan fused_plan(const FusedMlpDims& d) {
   FusedPlan plan;
   if constexpr (kTensorCoreType<T>) {
     if (compute_capability() < 80) return plan;
-    plan = mlp::plan_fused_mlp(d.in, d.hidden, d.out, d.layers, sizeof(T), Backward,
-                               gemm::max_smem_optin());
+    plan = mlp::plan_fused_mlp(d.in_features, d.hidden, d.out_features, d.layers, sizeof(T),
+                               Backward, gemm::max_smem_optin());
     if (!plan.fused) return plan;
     with_width(plan.width, [&](auto w) {
       static std::atomic<int> cache[gemm::kMaxCachedDevices];
@@ -592,19 +530,20 @@ std::tuple<Tensor, Tensor, Tensor> fused_mlp_forward(
     const Tensor& input, at::TensorList weights, const c10::List<std::optional<Tensor>>& biases,
     c10::string_view activation, c10::string_view output_activation, bool save_for_backward) {
   const char* op = "fastops.fused_mlp";
-  const MlpDims d = check_mlp(op, input, weights, biases);
-  const MlpAct act = parse_activation(op, "activation", std::string(activation), false);
-  const MlpAct out_act =
-      parse_activation(op, "output_activation", std::string(output_activation), true);
+  const std::string act_name(activation), out_act_name(output_activation);
+  const FusedMlpDims d = check_fused_mlp(op, input, weights, biases);
+  check_fused_mlp_activations(op, act_name, out_act_name);
+  const std::vector<Tensor> bias_list = fused_mlp_biases(biases);
+  const MlpAct act = mlp_act(act_name), out_act = mlp_act(out_act_name);
   KernelScope scope(input);
   const auto opts = input.options();
-  Tensor out = at::empty({d.rows, d.out}, opts);
-  Tensor hidden = save_for_backward ? at::empty({d.layers - 1, d.rows, d.hidden}, opts)
+  Tensor out = at::empty({d.N, d.out_features}, opts);
+  Tensor hidden = save_for_backward ? at::empty({d.layers - 1, d.N, d.hidden}, opts)
                                     : at::empty({0}, opts);
   Tensor out_preact = save_for_backward && out_act.kind != kActNone
-                          ? at::empty({d.rows, d.out}, opts)
+                          ? at::empty({d.N, d.out_features}, opts)
                           : at::empty({0}, opts);
-  if (d.rows == 0) return {out, hidden, out_preact};
+  if (d.N == 0) return {out, hidden, out_preact};
   const Tensor x = input.contiguous();
 
   FO_DISPATCH_FLOATING(input.scalar_type(), [&] {
@@ -614,13 +553,13 @@ std::tuple<Tensor, Tensor, Tensor> fused_mlp_forward(
     const FusedPlan plan = fused_plan<T, false>(d);
     if constexpr (kTensorCoreType<T>) {
       if (plan.fused) {
-        const Tensor image = build_image(plan, weights, biases, d.has_bias, false, opts);
+        const Tensor image = build_image(plan, weights, bias_list, false, opts);
         const FusedArgs p = fused_args(plan, d, act, out_act);
         const T* xp = x.const_data_ptr<T>();
-        const bool vec_x = d.in % 8 == 0 && aligned16(xp);
+        const bool vec_x = d.in_features % 8 == 0 && aligned16(xp);
         with_width(plan.width, [&](auto w) {
           auto kernel = mlp_forward_kernel<T, decltype(w)::value>;
-          const unsigned int grid = fused_grid(kernel, plan.smem_bytes, d.rows);
+          const unsigned int grid = fused_grid(kernel, plan.smem_bytes, d.N);
           kernel<<<grid, kWarps * 32, plan.smem_bytes, scope.stream>>>(
               xp, out.mutable_data_ptr<T>(), hid, zo, image.const_data_ptr<T>(), p, vec_x);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -633,12 +572,12 @@ std::tuple<Tensor, Tensor, Tensor> fused_mlp_forward(
     const T* a_prev = x.const_data_ptr<T>();
     for (int64_t l = 0; l < d.layers; ++l) {
       const Tensor w = weights[l].contiguous();
-      const Tensor bias = d.has_bias ? biases.get(l)->contiguous() : Tensor();
+      const Tensor bias = d.has_bias ? bias_list[l].contiguous() : Tensor();
       const int64_t K = w.size(1), N = w.size(0);
       const bool last = l == d.layers - 1;
       Tensor& buf = bufs[l % 2];
-      if (!last && !buf.defined()) buf = at::empty({d.rows, d.hidden}, opts);
-      T* const preact = last ? zo : (hid != nullptr ? hid + l * d.rows * d.hidden : nullptr);
+      if (!last && !buf.defined()) buf = at::empty({d.N, d.hidden}, opts);
+      T* const preact = last ? zo : (hid != nullptr ? hid + l * d.N * d.hidden : nullptr);
       LayerForwardEpilogue<T> epi{last ? out.mutable_data_ptr<T>() : buf.mutable_data_ptr<T>(),
                                   preact,
                                   N,
@@ -646,7 +585,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_mlp_forward(
                                   last ? out_act.kind : act.kind,
                                   last ? out_act.a : act.a,
                                   last ? out_act.b : act.b};
-      gemm::gemm<T, true, true>(d.rows, N, K, Operand<T>{a_prev, K},
+      gemm::gemm<T, true, true>(d.N, N, K, Operand<T>{a_prev, K},
                                 Operand<T>{w.const_data_ptr<T>(), K}, epi, scope.stream);
       if (!last) a_prev = buf.const_data_ptr<T>();
     }
@@ -658,15 +597,15 @@ std::tuple<Tensor, Tensor, Tensor> fused_mlp_forward(
 
 // grad_W_l = delta_l^T a_prev and grad_b_l = delta_l^T 1 (rows: the reduction), as wanted.
 template <class T>
-void layer_param_grads(const KernelScope& scope, const MlpDims& d, const T* delta, int64_t N,
+void layer_param_grads(const KernelScope& scope, const FusedMlpDims& d, const T* delta, int64_t N,
                        const T* a_prev, int64_t K, const T* ones, Tensor& grad_w,
                        Tensor& grad_b) {
   if (grad_w.defined() && grad_w.numel() > 0) {
-    gemm::gemm<T, false, false>(N, K, d.rows, Operand<T>{delta, N}, Operand<T>{a_prev, K},
+    gemm::gemm<T, false, false>(N, K, d.N, Operand<T>{delta, N}, Operand<T>{a_prev, K},
                                 StoreEpilogue<T>{grad_w.mutable_data_ptr<T>(), K}, scope.stream);
   }
   if (grad_b.defined() && grad_b.numel() > 0) {
-    gemm::gemm<T, false, false>(N, 1, d.rows, Operand<T>{delta, N}, Operand<T>{ones, 1},
+    gemm::gemm<T, false, false>(N, 1, d.N, Operand<T>{delta, N}, Operand<T>{ones, 1},
                                 StoreEpilogue<T>{grad_b.mutable_data_ptr<T>(), 1}, scope.stream);
   }
 }
@@ -677,46 +616,22 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> fused_mlp_backward(
     const Tensor& out_preact, c10::string_view activation, c10::string_view output_activation,
     std::array<bool, 3> output_mask) {
   const char* op = "fastops.fused_mlp_backward";
-  const MlpDims d = check_mlp(op, input, weights, biases);
-  const MlpAct act = parse_activation(op, "activation", std::string(activation), false);
-  const MlpAct out_act =
-      parse_activation(op, "output_activation", std::string(output_activation), true);
-  TORCH_CHECK(grad_output.dim() == 2 && grad_output.size(0) == d.rows &&
-                  grad_output.size(1) == d.out,
-              op, ": grad_output must have shape (", d.rows, ", ", d.out, "), got ",
-              grad_output.sizes());
-  TORCH_CHECK(grad_output.scalar_type() == input.scalar_type() &&
-                  grad_output.device() == input.device(),
-              op, ": grad_output must have the dtype and device of input");
-  const bool any = output_mask[0] || output_mask[1] || (output_mask[2] && d.has_bias);
-  if (any && d.layers > 1) {
-    TORCH_CHECK(hidden.dim() == 3 && hidden.size(0) == d.layers - 1 && hidden.size(1) == d.rows &&
-                    hidden.size(2) == d.hidden,
-                op, ": hidden must have shape (", d.layers - 1, ", ", d.rows, ", ", d.hidden,
-                ") (the forward run with save_for_backward=True), got ", hidden.sizes());
-    TORCH_CHECK(hidden.scalar_type() == input.scalar_type() && hidden.device() == input.device(),
-                op, ": hidden must have the dtype and device of input");
-  }
-  if (any && out_act.kind != kActNone) {
-    TORCH_CHECK(out_preact.dim() == 2 && out_preact.size(0) == d.rows &&
-                    out_preact.size(1) == d.out,
-                op, ": out_preact must have shape (", d.rows, ", ", d.out,
-                ") when output_activation is not 'none', got ", out_preact.sizes());
-    TORCH_CHECK(out_preact.scalar_type() == input.scalar_type() &&
-                    out_preact.device() == input.device(),
-                op, ": out_preact must have the dtype and device of input");
-  }
+  const std::string act_name(activation), out_act_name(output_activation);
+  const FusedMlpDims d = check_fused_mlp(op, input, weights, biases);
+  check_fused_mlp_activations(op, act_name, out_act_name);
+  check_fused_mlp_backward(op, d, input, grad_output, hidden, out_preact, out_act_name);
+  const MlpAct act = mlp_act(act_name), out_act = mlp_act(out_act_name);
 
   KernelScope scope(input);
   const auto opts = input.options();
-  Tensor grad_in = at::empty(output_mask[0] ? at::IntArrayRef{d.rows, d.in} : at::IntArrayRef{0},
-                             opts);
+  Tensor grad_in = output_mask[0] ? at::empty({d.N, d.in_features}, opts) : at::empty({0}, opts);
   std::vector<Tensor> grad_w, grad_b;  // distinct empty tensors where not wanted (no aliasing)
   for (int64_t l = 0; l < d.layers; ++l) {
     grad_w.push_back(output_mask[1] ? at::empty(weights[l].sizes(), opts) : at::empty({0}, opts));
     grad_b.push_back(output_mask[2] && d.has_bias ? at::empty({weights[l].size(0)}, opts)
                                                   : at::empty({0}, opts));
   }
+  const bool any = output_mask[0] || output_mask[1] || (output_mask[2] && d.has_bias);
   if (!any) return {grad_in, grad_w, grad_b};
 
   const bool want_params = output_mask[1] || (output_mask[2] && d.has_bias);
@@ -724,11 +639,11 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> fused_mlp_backward(
   const Tensor x = input.contiguous();
   const Tensor z = d.layers > 1 ? hidden.contiguous() : Tensor();
   const Tensor zo = out_act.kind != kActNone ? out_preact.contiguous() : Tensor();
-  const Tensor ones = output_mask[2] && d.has_bias ? at::ones({d.rows, 1}, opts) : Tensor();
+  const Tensor ones = output_mask[2] && d.has_bias ? at::ones({d.N, 1}, opts) : Tensor();
 
   FO_DISPATCH_FLOATING(input.scalar_type(), [&] {
     using T = scalar_t;
-    if (d.rows == 0) {  // sums over no rows
+    if (d.N == 0) {  // sums over no rows
       for (auto& t : grad_w) t.zero_();
       for (auto& t : grad_b) t.zero_();
       return;
@@ -740,11 +655,11 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> fused_mlp_backward(
         // every delta_l and a_{l-1} to scratch, then the parameter GEMMs
         Tensor deltas, acts, delta_last;
         if (want_params) {
-          deltas = at::empty({d.layers - 1, d.rows, d.hidden}, opts);
-          delta_last = at::empty({d.rows, d.out}, opts);
+          deltas = at::empty({d.layers - 1, d.N, d.hidden}, opts);
+          delta_last = at::empty({d.N, d.out_features}, opts);
         }
-        if (output_mask[1]) acts = at::empty({d.layers - 1, d.rows, d.hidden}, opts);
-        const Tensor image = build_image(plan, weights, biases, false, true, opts);
+        if (output_mask[1]) acts = at::empty({d.layers - 1, d.N, d.hidden}, opts);
+        const Tensor image = build_image(plan, weights, {}, true, opts);
         const FusedArgs p = fused_args(plan, d, act, out_act);
         auto data_or_null = [](Tensor& t) -> T* {
           return t.defined() && t.numel() > 0 ? t.mutable_data_ptr<T>() : nullptr;
@@ -754,7 +669,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> fused_mlp_backward(
         T* const dl = data_or_null(delta_last);
         with_width(plan.width, [&](auto w) {
           auto kernel = mlp_backward_kernel<T, decltype(w)::value>;
-          const unsigned int grid = fused_grid(kernel, plan.smem_bytes, d.rows);
+          const unsigned int grid = fused_grid(kernel, plan.smem_bytes, d.N);
           kernel<<<grid, kWarps * 32, plan.smem_bytes, scope.stream>>>(
               g.const_data_ptr<T>(), ptr_or_null<T>(z), ptr_or_null<T>(zo),
               output_mask[0] ? grad_in.mutable_data_ptr<T>() : nullptr, dp, dl, ap,
@@ -764,10 +679,10 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> fused_mlp_backward(
         if (!want_params) return;
         for (int64_t l = 0; l < d.layers; ++l) {
           const bool last = l == d.layers - 1;
-          const T* delta = last ? dl : dp + l * d.rows * d.hidden;
+          const T* delta = last ? dl : dp + l * d.N * d.hidden;
           const T* a_prev =
               l == 0 ? x.const_data_ptr<T>()
-                     : (ap != nullptr ? ap + (l - 1) * d.rows * d.hidden : nullptr);
+                     : (ap != nullptr ? ap + (l - 1) * d.N * d.hidden : nullptr);
           layer_param_grads<T>(scope, d, delta, weights[l].size(0), a_prev, weights[l].size(1),
                                onesp, grad_w[l], grad_b[l]);
         }
@@ -780,8 +695,8 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> fused_mlp_backward(
     const T* delta = g.const_data_ptr<T>();
     Tensor delta_out;
     if (out_act.kind != kActNone) {
-      delta_out = at::empty({d.rows, d.out}, opts);
-      const int64_t n = d.rows * d.out;
+      delta_out = at::empty({d.N, d.out_features}, opts);
+      const int64_t n = d.N * d.out_features;
       if (n > 0) {
         output_delta_kernel<T><<<grid_for(n, kThreads), kThreads, 0, scope.stream>>>(
             delta, zo.const_data_ptr<T>(), delta_out.mutable_data_ptr<T>(), n, out_act.kind,
@@ -791,7 +706,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> fused_mlp_backward(
       delta = delta_out.const_data_ptr<T>();
     }
     Tensor bufs[2];
-    const Tensor a_buf = d.layers > 1 && output_mask[1] ? at::empty({d.rows, d.hidden}, opts)
+    const Tensor a_buf = d.layers > 1 && output_mask[1] ? at::empty({d.N, d.hidden}, opts)
                                                         : Tensor();
     for (int64_t l = d.layers - 1; l >= 0; --l) {
       const Tensor w = weights[l].contiguous();
@@ -800,21 +715,21 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> fused_mlp_backward(
       const T* next = nullptr;
       if (l > 0) {
         Tensor& buf = bufs[l % 2];
-        if (!buf.defined()) buf = at::empty({d.rows, d.hidden}, opts);
+        if (!buf.defined()) buf = at::empty({d.N, d.hidden}, opts);
         T* const ap = a_buf.defined() ? a_buf.mutable_data_ptr<T>() : nullptr;
-        LayerBackwardEpilogue<T> epi{z.const_data_ptr<T>() + (l - 1) * d.rows * d.hidden,
+        LayerBackwardEpilogue<T> epi{z.const_data_ptr<T>() + (l - 1) * d.N * d.hidden,
                                      buf.mutable_data_ptr<T>(),
                                      ap,
                                      K,
                                      act.kind,
                                      act.a,
                                      act.b};
-        gemm::gemm<T, true, false>(d.rows, K, N, Operand<T>{delta, N},
+        gemm::gemm<T, true, false>(d.N, K, N, Operand<T>{delta, N},
                                    Operand<T>{w.const_data_ptr<T>(), K}, epi, scope.stream);
         a_prev = ap;
         next = buf.const_data_ptr<T>();
       } else if (output_mask[0]) {
-        gemm::gemm<T, true, false>(d.rows, K, N, Operand<T>{delta, N},
+        gemm::gemm<T, true, false>(d.N, K, N, Operand<T>{delta, N},
                                    Operand<T>{w.const_data_ptr<T>(), K},
                                    StoreEpilogue<T>{grad_in.mutable_data_ptr<T>(), K},
                                    scope.stream);

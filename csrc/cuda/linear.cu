@@ -20,6 +20,7 @@
 #include "../linear_checks.h"
 #include "cuda_common.cuh"
 #include "gemm.cuh"
+#include "pointwise_switch.cuh"
 
 namespace fastops {
 namespace gpu {
@@ -29,44 +30,10 @@ namespace {
 using at::Tensor;
 using gemm::Operand;
 
-// The activation of the epilogue: a pointwise activation's number, or one of these.
-constexpr int kActIdentity = -1;
+// The activation of the epilogue: a pointwise activation's number (pointwise_switch.cuh), or one
+// of these.
+constexpr int kActIdentity = kActNone;
 constexpr int kActPrelu = -2;
-
-// T: the storage type, whose rounding params_in_dtype applies to the parameters (as torch does).
-template <class T, class A>
-__device__ __forceinline__ A pointwise_forward(int kind, A z, double a, double b) {
-  switch (kind) {
-#define FO_CASE(n, schema_params, cpp_params, make) \
-  case static_cast<int>(PointwiseKind::n):          \
-    return params_in_dtype<T>(FO_UNPAREN make).forward(z);
-    FASTOPS_POINTWISE_ACTIVATIONS(FO_CASE)
-#undef FO_CASE
-    default:
-      return z;
-  }
-}
-
-template <class T, class A>
-__device__ __forceinline__ A pointwise_backward(int kind, A z, A g, double a, double b) {
-  switch (kind) {
-#define FO_CASE(n, schema_params, cpp_params, make) \
-  case static_cast<int>(PointwiseKind::n):          \
-    return params_in_dtype<T>(FO_UNPAREN make).backward(z, g);
-    FASTOPS_POINTWISE_ACTIVATIONS(FO_CASE)
-#undef FO_CASE
-    default:
-      return g;
-  }
-}
-
-// Rounds a compute-type value to the storage type and back (the identity for float / double),
-// so the activation sees the same pre-activation as torch's F.linear followed by the activation.
-template <class T, class Acc>
-__device__ __forceinline__ Acc round_to(Acc v) {
-  if constexpr (std::is_same_v<T, Acc>) return v;
-  else return static_cast<Acc>(static_cast<T>(v));
-}
 
 // out[row, col] = act(round(v + bias[col])) and, when preact is set, preact[row, col] =
 // round(v + bias[col]); row-major with leading dimension ld.
@@ -90,7 +57,7 @@ struct LinearEpilogue {
     Acc y;
     if (kind == kActIdentity) y = z;
     else if (kind == kActPrelu) y = Prelu{}.forward(z, static_cast<Acc>(slope[col * slope_step]));
-    else y = pointwise_forward<T>(kind, z, a, b);
+    else y = act_forward<T>(kind, z, a, b);
     out[o] = static_cast<T>(y);
   }
 };
@@ -232,8 +199,8 @@ __global__ void __launch_bounds__(kColTile * kRowLanes)
       if constexpr (Mode == GradMode::plain) {
         v = p.g[o];
       } else if constexpr (Mode == GradMode::pointwise) {
-        v = static_cast<T>(pointwise_backward<T>(p.kind, static_cast<Acc>(p.z[o]),
-                                                 static_cast<Acc>(p.g[o]), p.a, p.b));
+        v = static_cast<T>(act_backward<T>(p.kind, static_cast<Acc>(p.z[o]),
+                                           static_cast<Acc>(p.g[o]), p.a, p.b));
       } else if constexpr (Mode == GradMode::prelu) {
         const Acc zv = static_cast<Acc>(p.z[o]), gv = static_cast<Acc>(p.g[o]);
         v = static_cast<T>(Prelu{}.backward(zv, slope, gv));
