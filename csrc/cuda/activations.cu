@@ -19,7 +19,7 @@
 //   the input; maxout_with_indices is the forward that also saves it (one byte per output), and
 //   maxout_indices_backward scatters grad_output by those bytes.
 // Which mask bytes and maxout outputs a thread handles: activation_layout.h (checked on the CPU
-// by tests/test_activation_layout.py).
+// by tests/test_cuda_host_math.py).
 #include <torch/library.h>
 
 #include <algorithm>

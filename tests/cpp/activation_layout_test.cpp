@@ -2,7 +2,7 @@
 // the CPU the way the kernels walk it, for every thread of a grid: each element, mask byte and
 // maxout output is handled exactly once, and nothing outside a tensor is read or written.
 // Prints "ok", or the first failures and exits 1. Built and run by
-// tests/test_activation_layout.py.
+// tests/test_cuda_host_math.py.
 #include <cstdint>
 #include <cstdio>
 #include <vector>

@@ -5,7 +5,7 @@
 // one layer's output tiles into the next layer's A fragments, the row tiles covering every row
 // once, the kernels' fragment addressing against the PTX layouts of mma.m16n8k16, and one warp's
 // forward and input gradient emulated register by register against a plain loop. Built and run
-// by tests/test_fused_mlp_plan.py; prints each failure and exits non-zero
+// by tests/test_cuda_host_math.py; prints each failure and exits non-zero
 // if there is any.
 #include <cmath>
 #include <cstdint>

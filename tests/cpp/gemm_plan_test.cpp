@@ -1,7 +1,7 @@
 // Checks the host-side GEMM planning of csrc/cuda/gemm_plan.h over many shapes: the split-K plan
 // (every k tile in exactly one split, in order, none empty, splits only where they pay, bounded
 // splits and workspace) and the access width of the tensor-core loader. Built and run by
-// tests/test_gemm_plan.py; prints each failure and exits non-zero if there is any.
+// tests/test_cuda_host_math.py; prints each failure and exits non-zero if there is any.
 #include <cstdint>
 #include <cstdio>
 #include <vector>

@@ -2,7 +2,7 @@
 // many shapes: the row chunks (every row in exactly one chunk, in order, none empty, a multiple
 // of the GEMM tile but the last, the float logits of a chunk within the budget whenever one
 // tile of rows fits it, a bounded grid) and the threads of the row kernel. Built and run by
-// tests/test_lce_plan.py; prints each failure and exits non-zero if there is any.
+// tests/test_cuda_host_math.py; prints each failure and exits non-zero if there is any.
 #include <cstdint>
 #include <cstdio>
 #include <vector>

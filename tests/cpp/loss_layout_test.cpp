@@ -1,6 +1,6 @@
 // The S > 1 thread layout of the CUDA loss kernels (csrc/cuda/loss_layout.h), checked on the CPU
 // by running its arithmetic for every thread of every block of a simulated grid. Built and run
-// by tests/test_loss_layout.py; prints "ok" and exits 0 when every check holds.
+// by tests/test_cuda_host_math.py; prints "ok" and exits 0 when every check holds.
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
