@@ -23,7 +23,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
+#include <type_traits>
+#include <utility>
 
 #include "cpu_common.h"
 
@@ -102,9 +105,57 @@ struct Scratch {
   }
 };
 
+// A W x W block transposed in registers: out row k = lanes (in row 0, k), (in row 1, k), ...
+// log2(W) rounds of the perfect shuffle (interleave the halves of the rows i and i + W/2) turn
+// the rows into the columns; each interleave is one two-source permute with AVX-512. This is
+// what makes the packing of a transposed operand (W^T in x W^T, or rows of A contiguous along
+// k) cost a fraction of a cycle per element instead of a scalar gather.
+template <class V, size_t... I>
+FO_ALWAYS_INLINE V interleave_lo(V a, V b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b, (I / 2 + (I % 2) * sizeof...(I))...);
+}
+template <class V, size_t... I>
+FO_ALWAYS_INLINE V interleave_hi(V a, V b, std::index_sequence<I...>) {
+  return __builtin_shufflevector(a, b, (sizeof...(I) / 2 + I / 2 + (I % 2) * sizeof...(I))...);
+}
+template <int W, class V>
+FO_ALWAYS_INLINE void transpose_in_registers(V (&r)[W]) {
+  constexpr auto idx = std::make_index_sequence<W>();
+#pragma GCC unroll 8
+  for (int round = 1; round < W; round *= 2) {
+    V t[W];
+#pragma GCC unroll 16
+    for (int i = 0; i < W / 2; ++i) {
+      t[2 * i] = interleave_lo(r[i], r[i + W / 2], idx);
+      t[2 * i + 1] = interleave_hi(r[i], r[i + W / 2], idx);
+    }
+#pragma GCC unroll 16
+    for (int i = 0; i < W; ++i) r[i] = t[i];
+  }
+}
+
+// dst[k * ldd + i] = src[i * lds + k] for i < rows (<= W), k < W: rows contiguous along k
+// become columns. Lanes past rows are not written (the rows past it read as zeros).
+template <int W, class Acc>
+FO_ALWAYS_INLINE void transpose_block(const Acc* src, int64_t lds, int rows, Acc* dst,
+                                      int64_t ldd) {
+  using V = typename VecT<Acc, W>::type;
+  using VU = typename VecT<Acc, W>::unaligned;
+  V r[W];
+#pragma GCC unroll 16
+  for (int i = 0; i < W; ++i)
+    r[i] = i < rows ? *reinterpret_cast<const VU*>(src + i * lds) : V{};
+  transpose_in_registers<W>(r);
+#pragma GCC unroll 16
+  for (int k = 0; k < W; ++k) {
+    if (rows == W) *reinterpret_cast<VU*>(dst + k * ldd) = r[k];
+    else std::memcpy(dst + k * ldd, &r[k], sizeof(Acc) * rows);
+  }
+}
+
 // Packs rows [0, mc) x cols [0, kc) of A into MR-high micro-panels: panel p holds
-// out[p * MR * kc + k * MR + i] = A(p * MR + i, k), zero rows past mc.
-template <int MR, class Acc, class T>
+// out[p * MR * kc + k * MR + i] = A(p * MR + i, k), zero rows past mc. W: the ISA's lanes.
+template <int MR, int W, class Acc, class T>
 FO_ALWAYS_INLINE void pack_a(const T* a, int64_t rs, int64_t cs, int64_t mc, int64_t kc,
                              Acc* __restrict out) {
   for (int64_t ip = 0; ip < mc; ip += MR) {
@@ -112,12 +163,15 @@ FO_ALWAYS_INLINE void pack_a(const T* a, int64_t rs, int64_t cs, int64_t mc, int
     Acc* __restrict o = out + ip * kc;
     const T* ap = a + ip * rs;
     if (mr == MR && cs == 1) {
-      // rows contiguous along k: transpose through blocks of 16 k's
+      // rows contiguous along k: transposed W x W blocks at a time
       int64_t k0 = 0;
-      for (; k0 + 16 <= kc; k0 += 16)
-        for (int i = 0; i < MR; ++i)
-          for (int k = 0; k < 16; ++k)
-            o[(k0 + k) * MR + i] = static_cast<Acc>(ap[i * rs + k0 + k]);
+      if constexpr (std::is_same_v<T, Acc>) {
+        for (; k0 + W <= kc; k0 += W)
+#pragma GCC unroll 4
+          for (int i0 = 0; i0 < MR; i0 += W)
+            transpose_block<W>(ap + i0 * rs + k0, rs, std::min(W, MR - i0), o + k0 * MR + i0,
+                               MR);
+      }
       for (int i = 0; i < MR; ++i)
         for (int64_t k = k0; k < kc; ++k) o[k * MR + i] = static_cast<Acc>(ap[i * rs + k]);
     } else if (mr == MR && rs == 1) {
@@ -133,20 +187,22 @@ FO_ALWAYS_INLINE void pack_a(const T* a, int64_t rs, int64_t cs, int64_t mc, int
 }
 
 // Packs rows [0, kc) x cols [0, nc) of B into NR-wide micro-panels: panel p holds
-// out[p * NR * kc + k * NR + j] = B(k, p * NR + j), zero columns past nc.
-template <int NR, class Acc, class T>
+// out[p * NR * kc + k * NR + j] = B(k, p * NR + j), zero columns past nc. W: the ISA's lanes.
+template <int NR, int W, class Acc, class T>
 FO_ALWAYS_INLINE void pack_b_panel(const T* b, int64_t rs, int64_t cs, int64_t nr, int64_t kc,
                                    Acc* __restrict o) {
   if (nr == NR && cs == 1) {
     for (int64_t k = 0; k < kc; ++k)
       for (int j = 0; j < NR; ++j) o[k * NR + j] = static_cast<Acc>(b[k * rs + j]);
   } else if (nr == NR && rs == 1) {
-    // columns contiguous along k (B = W^T in the forward pass): transpose by blocks of 16 k's
+    // columns contiguous along k (B = W^T in the forward pass): transposed W x W blocks
     int64_t k0 = 0;
-    for (; k0 + 16 <= kc; k0 += 16)
-      for (int j = 0; j < NR; ++j)
-        for (int k = 0; k < 16; ++k)
-          o[(k0 + k) * NR + j] = static_cast<Acc>(b[j * cs + k0 + k]);
+    if constexpr (std::is_same_v<T, Acc>) {
+      for (; k0 + W <= kc; k0 += W)
+#pragma GCC unroll 4
+        for (int j0 = 0; j0 < NR; j0 += W)
+          transpose_block<W>(b + j0 * cs + k0, cs, W, o + k0 * NR + j0, NR);
+    }
     for (int j = 0; j < NR; ++j)
       for (int64_t k = k0; k < kc; ++k) o[k * NR + j] = static_cast<Acc>(b[j * cs + k]);
   } else {
@@ -274,7 +330,7 @@ void gemm_isa(int64_t M, int64_t N, int64_t K, MatView<TA> A, MatView<TB> B, Acc
         run_isa<I>([&]() FO_INLINE_LAMBDA {
           for (int64_t p = p0; p < p1; ++p) {
             const int64_t j = p * NR;
-            pack_b_panel<NR>(B.data + pc * B.rs + (jc + j) * B.cs, B.rs, B.cs,
+            pack_b_panel<NR, W>(B.data + pc * B.rs + (jc + j) * B.cs, B.rs, B.cs,
                              std::min<int64_t>(NR, nc - j), kc, bpack + p * NR * kc);
           }
         });
@@ -291,7 +347,7 @@ void gemm_isa(int64_t M, int64_t N, int64_t K, MatView<TA> A, MatView<TB> B, Acc
             const int64_t m0 = im * mcb;
             const int64_t mc = std::min(mcb, M - m0);
             if (im != packed_block) {
-              pack_a<MR>(A.data + m0 * A.rs + pc * A.cs, A.rs, A.cs, mc, kc, apack);
+              pack_a<MR, W>(A.data + m0 * A.rs + pc * A.cs, A.rs, A.cs, mc, kc, apack);
               packed_block = im;
             }
             const int64_t p_end = std::min(npanels, (in + 1) * panels_per_task);

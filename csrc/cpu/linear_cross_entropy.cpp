@@ -333,7 +333,7 @@ void run_chunks_isa(const LceDims& d, const Tensor& x, const Tensor& w, const ac
           for (int64_t k0 = 0; k0 < std::max<int64_t>(H, 1); k0 += kDepth) {
             const int64_t kc = std::min(kDepth, H - k0);
             for (int64_t p = 0; p < npan; ++p)  // W_block^T: B(h, v) = W[v, h]
-              gemm::pack_b_panel<NR>(wp + (v0 + p * NR) * ws0 + k0 * ws1, ws1, ws0,
+              gemm::pack_b_panel<NR, W>(wp + (v0 + p * NR) * ws0 + k0 * ws1, ws1, ws0,
                                      std::min<int64_t>(NR, nv - p * NR), kc, wpack + p * NR * kc);
             for (int64_t p = 0; p < npan; ++p) {
               const int64_t j0 = v0 + p * NR;
@@ -399,9 +399,9 @@ void run_chunks_isa(const LceDims& d, const Tensor& x, const Tensor& w, const ac
             }
             if (wk.want_gi) {
               // grad_input partial += G[:, block] W_block: A = G (c x nv), B = W_block (nv x H)
-              gemm::pack_a<MR>(L + v0, V, 1, c, nv, gpack);
+              gemm::pack_a<MR, W>(L + v0, V, 1, c, nv, gpack);
               for (int64_t q = 0; q * NR < H; ++q)
-                gemm::pack_b_panel<NR>(wp + v0 * ws0 + q * NR * ws1, ws0, ws1,
+                gemm::pack_b_panel<NR, W>(wp + v0 * ws0 + q * NR * ws1, ws0, ws1,
                                        std::min<int64_t>(NR, H - q * NR), nv, wpack + q * NR * nv);
               for (int64_t q = 0; q * NR < H; ++q) {
                 const int nr = static_cast<int>(std::min<int64_t>(NR, H - q * NR));
@@ -413,7 +413,7 @@ void run_chunks_isa(const LceDims& d, const Tensor& x, const Tensor& w, const ac
             }
             if (wk.want_gw) {
               // grad_W[block] (+)= G[:, block]^T x_c: A = G^T (nv x c), B = x_c (c x H)
-              gemm::pack_a<MR>(L + v0, 1, V, nv, c, gtpack);
+              gemm::pack_a<MR, W>(L + v0, 1, V, nv, c, gtpack);
               for (int64_t q = 0; q * NR < H; ++q) {  // a panel of x_c, then all of G^T
                 const int nr = static_cast<int>(std::min<int64_t>(NR, H - q * NR));
                 for (int64_t ip = 0; ip < nv; ip += MR)
