@@ -213,6 +213,57 @@ FO_ALWAYS_INLINE void pack_b_panel(const T* b, int64_t rs, int64_t cs, int64_t n
   }
 }
 
+// Packs all of B (kc x n, rows contiguous: element (k, j) at b[k * rs + j]) into NR-wide
+// micro-panels as pack_b_panel does, walking B row by row so the reads are sequential (the
+// hardware prefetcher follows them) where panel by panel they would stride across B's rows.
+template <int NR, int W, class Acc, class T>
+FO_ALWAYS_INLINE void pack_b_rowwise(const T* b, int64_t rs, int64_t n, int64_t kc,
+                                     Acc* __restrict o) {
+  using VU = typename VecT<Acc, W>::unaligned;
+  const int64_t full = n / NR * NR;
+  for (int64_t k = 0; k < kc; ++k) {
+    const T* row = b + k * rs;
+    for (int64_t j0 = 0; j0 < full; j0 += NR) {
+      Acc* dst = o + j0 * kc + k * NR;
+      if constexpr (std::is_same_v<T, Acc>) {
+#pragma GCC unroll 4
+        for (int v = 0; v < NR / W; ++v)
+          *reinterpret_cast<VU*>(dst + v * W) = *reinterpret_cast<const VU*>(row + j0 + v * W);
+      } else {
+        for (int j = 0; j < NR; ++j) dst[j] = static_cast<Acc>(row[j0 + j]);
+      }
+    }
+    if (full < n) {
+      Acc* dst = o + full * kc + k * NR;
+      for (int64_t j = 0; j < NR; ++j)
+        dst[j] = full + j < n ? static_cast<Acc>(row[full + j]) : Acc(0);
+    }
+  }
+}
+
+// Prefetches a set of rows (rows of row_bytes, stride bytes apart) into L2 a few cache lines
+// per step, spread over a loop of `steps` steps: the next block's operands arrive while this
+// block computes, instead of stalling the packing or the tiles that first touch them.
+struct Prefetcher {
+  const char* base = nullptr;
+  int64_t stride = 0, row_bytes = 0, rows = 0, per_step = 0, r = 0, off = 0;
+  Prefetcher() = default;
+  Prefetcher(const void* p, int64_t nrows, int64_t row_b, int64_t stride_b, int64_t steps)
+      : base(static_cast<const char*>(p)), stride(stride_b), row_bytes(row_b), rows(nrows) {
+    per_step = ceil_div(ceil_div(row_bytes, 64) * rows, std::max<int64_t>(steps, 1));
+  }
+  FO_ALWAYS_INLINE void step() {
+    for (int64_t n = 0; n < per_step && r < rows; ++n) {
+      __builtin_prefetch(base + r * stride + off, 0, 2);
+      off += 64;
+      if (off >= row_bytes) {
+        off = 0;
+        ++r;
+      }
+    }
+  }
+};
+
 // One MR x NR tile: c = (c_in or 0) + sum_k ap[k * MR + i] * bp[k * NR + j], with MR x NV
 // vector accumulators. c_in (row stride ldi) is read when not null; the result goes to c_out
 // (row stride ldo), e.g. the partial sums themselves or a local tile.

@@ -24,6 +24,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -217,9 +218,12 @@ FO_ALWAYS_INLINE void row_grad(const RowCtx<T, A>& r, A* s, int64_t row, A lse, 
 //   the groups' partial sums of grad_input are added in group order.
 // The groups are fixed by the shapes (kGroups of them), not by the thread count: the sums, and
 // so the results, are the same whatever the number of threads.
+// Memory, not arithmetic, is what stalls the tiles at a large vocabulary: while a block computes,
+// the thread prefetches its next block's rows of W and of the logits, and grad_W's tiles two
+// ahead (they went back to memory after the previous chunk).
 
 constexpr int64_t kGroups = 8;            // grad_input partial sums per chunk
-constexpr int64_t kBlockBytes = 256 << 10;  // a block of W (vb x H, compute type)
+constexpr int64_t kBlockBytes = 384 << 10;  // a block of W (vb x H, compute type)
 constexpr int64_t kDepth = 512;             // k block of the logits' GEMM
 
 // What one call computes. lse is written by the forward (stats) and read by the backward.
@@ -269,13 +273,16 @@ void run_chunks_isa(const LceDims& d, const Tensor& x, const Tensor& w, const ac
   const bool grads = wk.want_gi || wk.want_gw || wk.want_gb;
   const int64_t C = std::min(chunk_rows<A>(V), n);
   const int64_t Cp = round_up(C, MR), Hn = round_up(H, NR);
-  // vocabulary blocks of vb classes (a multiple of NR): W's block (vb x H) and the logits' block
-  // (C x vb) about kBlockBytes each, but at least 4 NR deep for grad_input's GEMM (whose partial
-  // sums go through memory once per block)
+  // vocabulary blocks of vb classes, a multiple of both tile sides (so that only the last block
+  // has edge tiles): W's block (vb x H) and the logits' block (C x vb) about kBlockBytes each,
+  // but at least 4 NR deep for grad_input's GEMM (whose partial sums go through L2 once per
+  // block)
+  constexpr int64_t unit = std::lcm(MR, NR);
   const int64_t vb = std::min(
       round_up(V, NR),
-      std::max<int64_t>(4 * NR,
-                        kBlockBytes / (sizeof(A) * std::max<int64_t>({H, C, 1})) / NR * NR));
+      round_up(std::max<int64_t>(4 * NR, kBlockBytes / (sizeof(A) * std::max<int64_t>({H, C, 1}))
+                                             / unit * unit),
+               unit));
   const int64_t nblocks = ceil_div(V, vb);
   const int64_t per_group = ceil_div(nblocks, std::min(kGroups, nblocks));
   const int64_t groups = ceil_div(nblocks, per_group);  // none of them empty
@@ -321,6 +328,14 @@ void run_chunks_isa(const LceDims& d, const Tensor& x, const Tensor& w, const ac
         }
     });
 
+    // W's rows of vocabulary block blk (none for -1), to be fetched over `steps` tiles; only
+    // when W's rows are contiguous (its transpose is read column by column anyway)
+    const auto prefetch_w_rows = [&](int64_t blk, int64_t steps) {
+      if (blk < 0 || ws1 != 1) return gemm::Prefetcher();
+      return gemm::Prefetcher(wp + blk * vb * ws0, std::min(vb, V - blk * vb),
+                              H * static_cast<int64_t>(sizeof(T)), ws0 * sizeof(T), steps);
+    };
+
     // phase 1: the logits, block by block of the vocabulary, by k blocks of kDepth features
     // (x_c's slice of a k block and W's block stay in L2)
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
@@ -330,15 +345,19 @@ void run_chunks_isa(const LceDims& d, const Tensor& x, const Tensor& w, const ac
         for (int64_t blk = b0; blk < b1; ++blk) {
           const int64_t v0 = blk * vb, nv = std::min(vb, V - v0);
           const int64_t npan = ceil_div(nv, NR);
+          // the rows of W of this thread's next block, fetched while this one computes
+          gemm::Prefetcher next_w = prefetch_w_rows(blk + 1 < b1 ? blk + 1 : -1,
+                                                    npan * ceil_div(c, MR) * ceil_div(H, kDepth));
           for (int64_t k0 = 0; k0 < std::max<int64_t>(H, 1); k0 += kDepth) {
             const int64_t kc = std::min(kDepth, H - k0);
             for (int64_t p = 0; p < npan; ++p)  // W_block^T: B(h, v) = W[v, h]
               gemm::pack_b_panel<NR, W>(wp + (v0 + p * NR) * ws0 + k0 * ws1, ws1, ws0,
-                                     std::min<int64_t>(NR, nv - p * NR), kc, wpack + p * NR * kc);
+                                        std::min<int64_t>(NR, nv - p * NR), kc,
+                                        wpack + p * NR * kc);
             for (int64_t p = 0; p < npan; ++p) {
               const int64_t j0 = v0 + p * NR;
               const int nr = static_cast<int>(std::min<int64_t>(NR, V - j0));
-              for (int64_t ip = 0; ip < c; ip += MR)
+              for (int64_t ip = 0; ip < c; ip += MR, next_w.step())
                 tile_update<A, W, MR, NV>(kc, xa + ip * H + k0 * MR, wpack + p * NR * kc, k0 > 0,
                                           L + ip * V + j0, V,
                                           static_cast<int>(std::min<int64_t>(MR, c - ip)), nr);
@@ -392,6 +411,20 @@ void run_chunks_isa(const LceDims& d, const Tensor& x, const Tensor& w, const ac
           for (int64_t blk = g * per_group; blk < bend; ++blk) {
             const int64_t v0 = blk * vb, nv = std::min(vb, V - v0);
             const bool first_block = blk == g * per_group;
+            // this thread's next block: its logits and W's rows, fetched over this block's tiles
+            const int64_t next = blk + 1 < std::min(nblocks, g1 * per_group) ? blk + 1 : -1;
+            const int64_t tiles = (wk.want_gi ? ceil_div(c, MR) : 0) * ceil_div(H, NR) +
+                                  (wk.want_gw ? ceil_div(nv, MR) * ceil_div(H, NR) : 0);
+            gemm::Prefetcher next_l =
+                next < 0 ? gemm::Prefetcher()
+                         : gemm::Prefetcher(L + next * vb, c,
+                                            std::min(vb, V - next * vb) * sizeof(A),
+                                            V * sizeof(A), tiles);
+            gemm::Prefetcher next_w = prefetch_w_rows(wk.want_gi ? next : -1, tiles);
+            const auto prefetch_step = [&]() FO_INLINE_LAMBDA {
+              next_l.step();
+              next_w.step();
+            };
             for (int64_t i = 0; i < c; ++i) {
               const int64_t row = rows[i];
               row_grad(r, L + i * V, row, wk.lse[row],
@@ -400,12 +433,16 @@ void run_chunks_isa(const LceDims& d, const Tensor& x, const Tensor& w, const ac
             if (wk.want_gi) {
               // grad_input partial += G[:, block] W_block: A = G (c x nv), B = W_block (nv x H)
               gemm::pack_a<MR, W>(L + v0, V, 1, c, nv, gpack);
-              for (int64_t q = 0; q * NR < H; ++q)
-                gemm::pack_b_panel<NR, W>(wp + v0 * ws0 + q * NR * ws1, ws0, ws1,
-                                       std::min<int64_t>(NR, H - q * NR), nv, wpack + q * NR * nv);
+              if (ws1 == 1)
+                gemm::pack_b_rowwise<NR, W>(wp + v0 * ws0, ws0, H, nv, wpack);
+              else
+                for (int64_t q = 0; q * NR < H; ++q)
+                  gemm::pack_b_panel<NR, W>(wp + v0 * ws0 + q * NR * ws1, ws0, ws1,
+                                            std::min<int64_t>(NR, H - q * NR), nv,
+                                            wpack + q * NR * nv);
               for (int64_t q = 0; q * NR < H; ++q) {
                 const int nr = static_cast<int>(std::min<int64_t>(NR, H - q * NR));
-                for (int64_t ip = 0; ip < c; ip += MR)
+                for (int64_t ip = 0; ip < c; ip += MR, prefetch_step())
                   tile_update<A, W, MR, NV>(nv, gpack + ip * nv, wpack + q * NR * nv,
                                             !first_block, part + ip * H + q * NR, H,
                                             static_cast<int>(std::min<int64_t>(MR, c - ip)), nr);
@@ -414,12 +451,19 @@ void run_chunks_isa(const LceDims& d, const Tensor& x, const Tensor& w, const ac
             if (wk.want_gw) {
               // grad_W[block] (+)= G[:, block]^T x_c: A = G^T (nv x c), B = x_c (c x H)
               gemm::pack_a<MR, W>(L + v0, 1, V, nv, c, gtpack);
-              for (int64_t q = 0; q * NR < H; ++q) {  // a panel of x_c, then all of G^T
-                const int nr = static_cast<int>(std::min<int64_t>(NR, H - q * NR));
-                for (int64_t ip = 0; ip < nv; ip += MR)
+              for (int64_t ip = 0; ip < nv; ip += MR) {  // MR rows of grad_W, left to right
+                const int mr = static_cast<int>(std::min<int64_t>(MR, nv - ip));
+                for (int64_t q = 0; q * NR < H; ++q, prefetch_step()) {
+                  A* tile = gw + (v0 + ip) * H + q * NR;
+                  // two tiles ahead, for writing: their rows are in memory since the last chunk
+                  if (!first_chunk && (q + 2) * NR < H)
+                    for (int i = 0; i < mr; ++i)
+                      for (int j = 0; j < NR; j += 64 / static_cast<int>(sizeof(A)))
+                        __builtin_prefetch(tile + i * H + 2 * NR + j, 1, 3);
                   tile_update<A, W, MR, NV>(c, gtpack + ip * c, xb + q * NR * c, !first_chunk,
-                                            gw + (v0 + ip) * H + q * NR, H,
-                                            static_cast<int>(std::min<int64_t>(MR, nv - ip)), nr);
+                                            tile, H, mr,
+                                            static_cast<int>(std::min<int64_t>(NR, H - q * NR)));
+                }
               }
             }
             if (wk.want_gb)
