@@ -195,13 +195,15 @@ FO_ALWAYS_INLINE void pack_b_panel(const T* b, int64_t rs, int64_t cs, int64_t n
     for (int64_t k = 0; k < kc; ++k)
       for (int j = 0; j < NR; ++j) o[k * NR + j] = static_cast<Acc>(b[k * rs + j]);
   } else if (nr == NR && rs == 1) {
-    // columns contiguous along k (B = W^T in the forward pass): transposed W x W blocks
+    // columns contiguous along k (B = W^T in the forward pass): transposed W x W blocks, W
+    // columns at a time (W sequential streams for the hardware prefetcher, not NR)
     int64_t k0 = 0;
     if constexpr (std::is_same_v<T, Acc>) {
-      for (; k0 + W <= kc; k0 += W)
-#pragma GCC unroll 4
-        for (int j0 = 0; j0 < NR; j0 += W)
-          transpose_block<W>(b + j0 * cs + k0, cs, W, o + k0 * NR + j0, NR);
+      const int64_t kv = kc / W * W;
+      for (int j0 = 0; j0 < NR; j0 += W)
+        for (int64_t k = 0; k < kv; k += W)
+          transpose_block<W>(b + j0 * cs + k, cs, W, o + k * NR + j0, NR);
+      k0 = kv;
     }
     for (int j = 0; j < NR; ++j)
       for (int64_t k = k0; k < kc; ++k) o[k * NR + j] = static_cast<Acc>(b[j * cs + k]);
