@@ -19,11 +19,23 @@ pytestmark = pytest.mark.skipif(not fastops.cuda_available(),
                                 reason="needs a GPU and a build with the CUDA kernels")
 
 
-def run_python(code):
-    """Runs code in a fresh interpreter (a device-side assert poisons the CUDA context of the
-    process that hits it) and returns the completed process."""
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, timeout=300, cwd=SUBPROCESS_CWD)
+def assert_raises_in_fresh_process(prelude, call, errors="RuntimeError, IndexError"):
+    """Runs prelude, then call and a device synchronisation, in a fresh interpreter (a
+    device-side assert poisons the CUDA context of the process that hits it), and asserts that
+    one of errors reached Python."""
+    code = textwrap.dedent(prelude) + textwrap.dedent(f"""
+        try:
+            out = {call}
+            torch.cuda.synchronize()
+        except ({errors}) as e:
+            print("raised:", e)
+            raise SystemExit(3)
+        print("no error, got", out)
+        """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300, cwd=SUBPROCESS_CWD)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "raised:" in result.stdout
 
 
 @pytest.mark.parametrize("call", [
@@ -37,19 +49,10 @@ def run_python(code):
 ])
 def test_out_of_range_target_is_an_error(call):
     """A class target outside [0, C) is reported as an error to Python, not read."""
-    result = run_python(f"""
+    assert_raises_in_fresh_process("""
         import torch, fastops
         import fastops.functional as F
-        try:
-            out = {call}
-            torch.cuda.synchronize()
-        except (RuntimeError, IndexError) as e:
-            print("raised:", e)
-            raise SystemExit(3)
-        print("no error, got", out)
-        """)
-    assert result.returncode == 3, result.stdout + result.stderr
-    assert "raised:" in result.stdout
+        """, call)
 
 
 def test_wrong_device_arguments():
@@ -470,22 +473,13 @@ def test_small_spatial_bitwise_deterministic(shape, dtype):
 def test_small_spatial_out_of_range_target_is_an_error(call):
     """A class target outside [0, C) in the last packed row fails on the device, forward and
     backward, and is not read."""
-    result = run_python(f"""
+    assert_raises_in_fresh_process("""
         import torch, fastops
         import fastops.functional as F
         x = torch.randn(4097, 10, 7, device='cuda')
         t = torch.randint(0, 10, (4097, 7), device='cuda')
         t[4096, 6] = 10
-        try:
-            out = {call}
-            torch.cuda.synchronize()
-        except (RuntimeError, IndexError) as e:
-            print("raised:", e)
-            raise SystemExit(3)
-        print("no error, got", out)
-        """)
-    assert result.returncode == 3, result.stdout + result.stderr
-    assert "raised:" in result.stdout
+        """, call)
 
 
 # ---- masked activations and maxout with saved indices: every access path of their kernels ----
@@ -712,21 +706,12 @@ def test_masked_relu_beyond_int32_elements():
 def test_maxout_saved_index_out_of_range_is_an_error(shape):
     """A saved index past the pool (not from maxout_with_indices) is reported, not followed:
     members side by side, 16-byte vectors and single elements along the inner positions."""
-    result = run_python(f"""
+    assert_raises_in_fresh_process(f"""
         import torch, fastops
         g = torch.randn({shape}, device='cuda')
         idx = torch.zeros({shape}, dtype=torch.uint8, device='cuda')
         idx.view(-1)[-1] = 2
-        try:
-            grad = torch.ops.fastops.maxout_indices_backward(g, idx, 2)
-            torch.cuda.synchronize()
-        except RuntimeError as e:
-            print("raised:", e)
-            raise SystemExit(3)
-        print("no error, got", grad)
-        """)
-    assert result.returncode == 3, result.stdout + result.stderr
-    assert "raised:" in result.stdout
+        """, 'torch.ops.fastops.maxout_indices_backward(g, idx, 2)', errors="RuntimeError")
 
 
 # ------------------------------------------------------------------------------------------
@@ -1163,20 +1148,11 @@ def test_lce_llm_head_bfloat16():
 def test_lce_out_of_range_target_is_an_error(call):
     """A class target outside [0, V) that is not ignore_index is reported as an error to
     Python, not read."""
-    result = run_python(f"""
+    assert_raises_in_fresh_process("""
         import torch, fastops
         x = torch.randn(4, 3, device='cuda')
         w = torch.randn(5, 3, device='cuda')
         def _lce(t, reduction=1, with_grad=True):
             return torch.ops.fastops.linear_cross_entropy(x, w, None, t, None, reduction, -100,
                                                           0.0, 0.0, 0.0, with_grad)
-        try:
-            out = {call}
-            torch.cuda.synchronize()
-        except (RuntimeError, IndexError) as e:
-            print("raised:", e)
-            raise SystemExit(3)
-        print("no error, got", out)
-        """)
-    assert result.returncode == 3, result.stdout + result.stderr
-    assert "raised:" in result.stdout
+        """, call)
