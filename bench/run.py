@@ -667,6 +667,9 @@ def main(argv=None):
                     })
             del fns
         print()
+    if not rows:
+        p.error(f"no case matches --ops {args.ops!r}, --sizes {','.join(sizes)!r} and --modes "
+                f"{args.modes!r} on {args.device}")
     out = args.out or os.path.join(RESULTS_DIR, f"{name}.csv")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w", newline="") as f:
