@@ -384,7 +384,7 @@ void gemm_isa(int64_t M, int64_t N, int64_t K, MatView<TA> A, MatView<TB> B, Acc
           for (int64_t p = p0; p < p1; ++p) {
             const int64_t j = p * NR;
             pack_b_panel<NR, W>(B.data + pc * B.rs + (jc + j) * B.cs, B.rs, B.cs,
-                             std::min<int64_t>(NR, nc - j), kc, bpack + p * NR * kc);
+                                std::min<int64_t>(NR, nc - j), kc, bpack + p * NR * kc);
           }
         });
       });
