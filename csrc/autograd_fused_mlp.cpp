@@ -29,42 +29,45 @@ BiasList bias_list(at::TensorList biases) {
 struct FusedMlpFn : torch::autograd::Function<FusedMlpFn> {
   // the op this node differentiates, called below autograd
   static const auto& op() {
-    static const auto handle = typed_op<std::tuple<Tensor, Tensor, Tensor>(
+    static const auto handle = typed_op<std::tuple<Tensor, std::vector<Tensor>, Tensor>(
         const Tensor&, at::TensorList, const BiasList&, c10::string_view, c10::string_view,
         bool)>("fastops::fused_mlp");
     return handle;
   }
-  // Variables: input, the L weights, the biases (none or L). Returns (output, hidden,
-  // out_preact), the saved tensors being non-differentiable outputs.
+  // Variables: input, the L weights, the biases (none or L). Returns (output, out_preact,
+  // hidden...), the saved tensors being non-differentiable outputs.
   static tensor_list forward(AutogradContext* ctx, const Tensor& input, at::TensorList weights,
                              at::TensorList biases, c10::string_view activation,
                              c10::string_view output_activation, bool save_for_backward) {
-    Tensor out, hidden, out_preact;
+    Tensor out, out_preact;
+    std::vector<Tensor> hidden;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
       std::tie(out, hidden, out_preact) = op().call(input, weights, bias_list(biases), activation,
                                                     output_activation, save_for_backward);
     }
     ctx->set_materialize_grads(false);
-    ctx->mark_non_differentiable({hidden, out_preact});
+    tensor_list result{out, out_preact};
+    result.insert(result.end(), hidden.begin(), hidden.end());
+    ctx->mark_non_differentiable(tensor_list(result.begin() + 1, result.end()));
     std::vector<Tensor> saved{input};
     saved.insert(saved.end(), weights.begin(), weights.end());
     saved.insert(saved.end(), biases.begin(), biases.end());
-    saved.push_back(hidden);
     saved.push_back(out_preact);
+    saved.insert(saved.end(), hidden.begin(), hidden.end());
     ctx->save_for_backward(saved);
     ctx->saved_data["layers"] = static_cast<int64_t>(weights.size());
     ctx->saved_data["has_bias"] = !biases.empty();
     ctx->saved_data["activation"] = std::string(activation);
     ctx->saved_data["output_activation"] = std::string(output_activation);
     ctx->saved_data["saved"] = save_for_backward;
-    return {out, hidden, out_preact};
+    return result;
   }
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     static const auto backward_op = typed_op<std::tuple<Tensor, std::vector<Tensor>,
                                                         std::vector<Tensor>>(
-        const Tensor&, const Tensor&, at::TensorList, const BiasList&, const Tensor&,
+        const Tensor&, const Tensor&, at::TensorList, const BiasList&, at::TensorList,
         const Tensor&, c10::string_view, c10::string_view, std::array<bool, 3>)>(
         "fastops::fused_mlp_backward");
     const int64_t L = ctx->saved_data["layers"].toInt();
@@ -88,8 +91,8 @@ struct FusedMlpFn : torch::autograd::Function<FusedMlpFn> {
     const auto saved = ctx->get_saved_variables();
     const std::vector<Tensor> weights(saved.begin() + 1, saved.begin() + 1 + L);
     const std::vector<Tensor> biases(saved.begin() + 1 + L, saved.begin() + 1 + L + nb);
-    const Tensor& hidden = saved[1 + L + nb];
-    const Tensor& out_preact = saved[2 + L + nb];
+    const Tensor& out_preact = saved[1 + L + nb];
+    const std::vector<Tensor> hidden(saved.begin() + 2 + L + nb, saved.end());
     auto [gi, gw, gb] = backward_op.call(
         grads[0], saved[0], weights, bias_list(biases), hidden, out_preact,
         ctx->saved_data["activation"].toStringRef(),
@@ -103,7 +106,7 @@ struct FusedMlpFn : torch::autograd::Function<FusedMlpFn> {
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor> fused_mlp_autograd(
+std::tuple<Tensor, std::vector<Tensor>, Tensor> fused_mlp_autograd(
     const Tensor& input, at::TensorList weights, const BiasList& biases,
     c10::string_view activation, c10::string_view output_activation, bool save_for_backward) {
   bool wants_graph = at::GradMode::is_enabled() && input.requires_grad();
@@ -127,7 +130,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_mlp_autograd(
   if (wants_graph && (bias_tensors.empty() || bias_tensors.size() == biases.size())) {
     const tensor_list out = FusedMlpFn::apply(input, weights, at::TensorList(bias_tensors),
                                               activation, output_activation, save_for_backward);
-    return {out[0], out[1], out[2]};
+    return {out[0], std::vector<Tensor>(out.begin() + 2, out.end()), out[1]};
   }
   at::AutoDispatchBelowADInplaceOrView guard;
   return FusedMlpFn::op().call(input, weights, biases, activation, output_activation,

@@ -76,7 +76,7 @@ void check_fused_mlp_activations(const char* op, const std::string& activation,
 }
 
 void check_fused_mlp_backward(const char* op, const FusedMlpDims& d, const Tensor& input,
-                              const Tensor& grad_output, const Tensor& hidden,
+                              const Tensor& grad_output, at::TensorList hidden,
                               const Tensor& out_preact, const std::string& output_activation) {
   check_floating(grad_output, op, "grad_output");
   check_same_dtype(input, grad_output, op, "input", "grad_output");
@@ -86,14 +86,18 @@ void check_fused_mlp_backward(const char* op, const FusedMlpDims& d, const Tenso
               op, ": expected grad_output of shape (", d.N, ", ", d.out_features, "), got ",
               grad_output.sizes());
   const char* hint = "; pass what fused_mlp returned with save_for_backward=True";
-  check_floating(hidden, op, "hidden");
-  check_same_dtype(input, hidden, op, "input", "hidden");
-  check_same_device(input, hidden, op, "input", "hidden");
-  if (d.layers > 1) {
-    TORCH_CHECK(hidden.dim() == 3 && hidden.size(0) == d.layers - 1 && hidden.size(1) == d.N &&
-                    hidden.size(2) == d.hidden,
-                op, ": expected hidden (the saved pre-activations) of shape (", d.layers - 1,
-                ", ", d.N, ", ", d.hidden, "), got ", hidden.sizes(), hint);
+  const int64_t want = d.layers - 1;
+  TORCH_CHECK(static_cast<int64_t>(hidden.size()) == want, op, ": expected hidden (the saved "
+              "pre-activations) to hold ", want, " tensors, one per hidden layer, got ",
+              hidden.size(), hint);
+  for (int64_t l = 0; l < want; ++l) {
+    const std::string name = "hidden[" + std::to_string(l) + "]";
+    check_floating(hidden[l], op, name.c_str());
+    check_same_dtype(input, hidden[l], op, "input", name.c_str());
+    check_same_device(input, hidden[l], op, "input", name.c_str());
+    TORCH_CHECK(hidden[l].dim() == 2 && hidden[l].size(0) == d.N && hidden[l].size(1) == d.hidden,
+                op, ": expected ", name, " (a saved pre-activation) of shape (", d.N, ", ",
+                d.hidden, "), got ", hidden[l].sizes(), hint);
   }
   if (output_activation != "none") {
     check_floating(out_preact, op, "out_preact");

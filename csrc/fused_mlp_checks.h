@@ -6,9 +6,10 @@
 // means no biases). Every hidden layer has the width `hidden` = out_0 = ... = out_{L-2}:
 //   z_l = a_{l-1} W_l^T + b_l (a_{-1} = input), a_l = act(z_l) for l < L-1,
 //   output = out_act(z_{L-1}).
-// Saved for backward: hidden (L-1, N, hidden), the pre-activations z_0 .. z_{L-2}, and
-// out_preact (N, out_features) = z_{L-1} when out_act is not 'none'; empty (0,) tensors
-// otherwise.
+// Saved for backward: hidden, L-1 tensors (N, hidden), the pre-activations z_0 .. z_{L-2} (one
+// tensor per layer: one allocation of them all would, past the C library's mmap threshold, be
+// fresh pages every call), and out_preact (N, out_features) = z_{L-1} when out_act is not
+// 'none'; an empty list and an empty (0,) tensor otherwise.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -42,7 +43,7 @@ void check_fused_mlp_activations(const char* op, const std::string& activation,
 // fused_mlp_backward's grad_output (N, out_features) and the saved hidden / out_preact against
 // the dims (each must be what fused_mlp returned with save_for_backward=True).
 void check_fused_mlp_backward(const char* op, const FusedMlpDims& d, const at::Tensor& input,
-                              const at::Tensor& grad_output, const at::Tensor& hidden,
+                              const at::Tensor& grad_output, at::TensorList hidden,
                               const at::Tensor& out_preact, const std::string& output_activation);
 
 // The biases as a list of defined tensors (empty when there are none).

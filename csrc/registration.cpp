@@ -195,18 +195,18 @@ TORCH_LIBRARY(fastops, m) {
       "float margin, Tensor? weight, int reduction) -> Tensor");
 
   // The fully fused MLP (fused_mlp_checks.h): every layer of a small MLP in one kernel per pass.
-  // hidden: the hidden layers' pre-activations (L-1, N, hidden_features) and out_preact: the
-  // output layer's (N, out_features) when output_activation is not 'none', both only when
-  // save_for_backward (else empty (0,) tensors). The backward returns the gradients of input,
+  // hidden: the hidden layers' pre-activations, L-1 tensors (N, hidden_features), and
+  // out_preact: the output layer's (N, out_features) when output_activation is not 'none', both
+  // only when save_for_backward (else an empty list and an empty (0,) tensor). The backward returns the gradients of input,
   // of every weight and of every bias; an empty (0,) tensor where output_mask (input, weights,
   // biases) is false or the biases are None.
   m.def(
       "fused_mlp(Tensor input, Tensor[] weights, Tensor?[] biases, str activation, "
       "str output_activation, bool save_for_backward) "
-      "-> (Tensor output, Tensor hidden, Tensor out_preact)");
+      "-> (Tensor output, Tensor[] hidden, Tensor out_preact)");
   m.def(
       "fused_mlp_backward(Tensor grad_output, Tensor input, Tensor[] weights, Tensor?[] biases, "
-      "Tensor hidden, Tensor out_preact, str activation, str output_activation, "
+      "Tensor[] hidden, Tensor out_preact, str activation, str output_activation, "
       "bool[3] output_mask) -> (Tensor grad_input, Tensor[] grad_weights, Tensor[] grad_biases)");
 
   // The CPU instruction set the kernels run with: "avx512", "avx2" or "baseline".

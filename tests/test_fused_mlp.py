@@ -216,8 +216,10 @@ def test_bad_backward_inputs():
         torch.ops.fastops.fused_mlp_backward(g[:, :1], x, ws, bs, hidden, out_preact, "relu",
                                              "tanh", mask)
     with pytest.raises(RuntimeError, match="save_for_backward=True"):
-        torch.ops.fastops.fused_mlp_backward(g, x, ws, bs, hidden[:, :2], out_preact, "relu",
-                                             "tanh", mask)
+        torch.ops.fastops.fused_mlp_backward(g, x, ws, bs, [hidden[0][:, :2]], out_preact,
+                                             "relu", "tanh", mask)
+    with pytest.raises(RuntimeError, match="one per hidden layer"):
+        torch.ops.fastops.fused_mlp_backward(g, x, ws, bs, [], out_preact, "relu", "tanh", mask)
     with pytest.raises(RuntimeError, match="out_preact"):
         torch.ops.fastops.fused_mlp_backward(g, x, ws, bs, hidden, x.new_empty(0), "relu",
                                              "tanh", mask)

@@ -401,7 +401,8 @@ void pack_weight_panels(int nr, const Tensor& w, bool for_forward, Acc* out) {
 
 template <class T, Isa I>
 void forward_isa(const Net<T>& net, at::TensorList weights, const std::vector<Tensor>& biases,
-                 const ActFns<T>& hid, const ActFns<T>& outf, T* y, T* hidden, T* out_preact) {
+                 const ActFns<T>& hid, const ActFns<T>& outf, T* y,
+                 const std::vector<T*>& hidden, T* out_preact) {
   using Acc = acc_t<T>;
   using Cfg = gemm::Config<Acc, I>;
   constexpr int W = Cfg::W, MR = Cfg::MR, NV = Cfg::NV, NR = W * NV;
@@ -474,7 +475,7 @@ void forward_isa(const Net<T>& net, at::TensorList weights, const std::vector<Te
               e.bias = pack + boff[l] + j0;
               const int64_t row = r0 + ip;
               e.z = last ? (out_preact ? out_preact + row * Nl + j0 : nullptr)
-                         : (hidden ? hidden + (l * N + row) * Nl + j0 : nullptr);
+                         : (hidden.empty() ? nullptr : hidden[l] + row * Nl + j0);
               e.ldz = Nl;
               e.a = last ? nullptr : nxt + ip * ld + j0;
               e.lda = ld;
@@ -501,8 +502,9 @@ struct Grads {
 
 template <class T, Isa I>
 void backward_isa(const Net<T>& net, at::TensorList weights, const ActFns<T>& hid,
-                  const ActFns<T>& outf, const T* g, int64_t gs0, int64_t gs1, const T* hidden,
-                  const T* out_preact, const Grads<T>& grads) {
+                  const ActFns<T>& outf, const T* g, int64_t gs0, int64_t gs1,
+                  const std::vector<const T*>& hidden, const T* out_preact,
+                  const Grads<T>& grads) {
   using Acc = acc_t<T>;
   using Cfg = gemm::Config<Acc, I>;
   constexpr int W = Cfg::W, MR = Cfg::MR, NV = Cfg::NV, NR = W * NV;
@@ -604,7 +606,7 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const ActFns<T>& hi
               if (l == 0) {
                 load_input(net, r0, n, X);
               } else {
-                ActRows<T> e{hidden + ((l - 1) * N + r0) * H, H, n, H, P, ld};
+                ActRows<T> e{hidden[l - 1] + r0 * H, H, n, H, P, ld};
                 hid.act(hid.self, e);
               }
               // the rows of the accumulator come from A (transposed: A(i, k) = a[k ld + i]),
@@ -645,7 +647,7 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const ActFns<T>& hi
                   e.ldt = nrl;
                   e.mr = mr;
                   e.nc = nc;
-                  e.z = hidden + ((l - 1) * N + r0 + ip) * H + j0;
+                  e.z = hidden[l - 1] + (r0 + ip) * H + j0;
                   e.ldz = H;
                   e.d = d2 + ip * ld + j0;
                   e.ldd = ld;
@@ -697,7 +699,7 @@ void with_isa(const Fn& fn) {
   }
 }
 
-std::tuple<Tensor, Tensor, Tensor> fused_mlp_forward(
+std::tuple<Tensor, std::vector<Tensor>, Tensor> fused_mlp_forward(
     const Tensor& input, at::TensorList weights, const c10::List<c10::optional<Tensor>>& biases,
     c10::string_view activation, c10::string_view output_activation, bool save_for_backward) {
   const char* op = "fastops.fused_mlp";
@@ -707,8 +709,10 @@ std::tuple<Tensor, Tensor, Tensor> fused_mlp_forward(
   const std::vector<Tensor> bias_list = fused_mlp_biases(biases);
   const auto opts = input.options();
   Tensor y = empty_output({d.N, d.out_features}, opts);
-  Tensor hidden = save_for_backward ? empty_output({d.layers - 1, d.N, d.hidden}, opts)
-                                    : at::empty({0}, opts);
+  std::vector<Tensor> hidden;
+  if (save_for_backward)
+    for (int64_t l = 0; l + 1 < d.layers; ++l)
+      hidden.push_back(empty_output({d.N, d.hidden}, opts));
   Tensor out_preact = save_for_backward && out_act != "none"
                           ? empty_output({d.N, d.out_features}, opts)
                           : at::empty({0}, opts);
@@ -718,7 +722,8 @@ std::tuple<Tensor, Tensor, Tensor> fused_mlp_forward(
     const Net<T> net = make_net<T>(d, input);
     const ActFns<T>& hid = activation_fns<T>(act);
     const ActFns<T>& outf = activation_fns<T>(out_act);
-    T* hp = hidden.numel() > 0 ? hidden.mutable_data_ptr<T>() : nullptr;
+    std::vector<T*> hp;
+    for (Tensor& h : hidden) hp.push_back(h.mutable_data_ptr<T>());
     T* op_ = out_preact.numel() > 0 ? out_preact.mutable_data_ptr<T>() : nullptr;
     with_isa([&](auto isa) {
       forward_isa<T, decltype(isa)::value>(net, weights, bias_list, hid, outf,
@@ -730,7 +735,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_mlp_forward(
 
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> fused_mlp_backward(
     const Tensor& grad_output, const Tensor& input, at::TensorList weights,
-    const c10::List<c10::optional<Tensor>>& biases, const Tensor& hidden_in,
+    const c10::List<c10::optional<Tensor>>& biases, at::TensorList hidden_in,
     const Tensor& out_preact_in, c10::string_view activation,
     c10::string_view output_activation, std::array<bool, 3> output_mask) {
   const char* op = "fastops.fused_mlp_backward";
@@ -752,7 +757,8 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> fused_mlp_backward(
     for (auto& t : gb) t.zero_();
     return {gi, gw, gb};
   }
-  const Tensor hidden = d.layers > 1 ? hidden_in.contiguous() : hidden_in;
+  std::vector<Tensor> hidden;
+  for (const Tensor& h : hidden_in) hidden.push_back(h.contiguous());
   const Tensor out_preact = out_act != "none" ? out_preact_in.contiguous() : out_preact_in;
   FO_DISPATCH_FLOATING(input.scalar_type(), [&] {
     using T = scalar_t;
@@ -765,7 +771,8 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> fused_mlp_backward(
       for (auto& t : gw) grads.grad_weights.push_back(t.mutable_data_ptr<T>());
     if (want_b)
       for (auto& t : gb) grads.grad_biases.push_back(t.mutable_data_ptr<T>());
-    const T* hp = d.layers > 1 ? hidden.const_data_ptr<T>() : nullptr;
+    std::vector<const T*> hp;
+    for (const Tensor& h : hidden) hp.push_back(h.const_data_ptr<T>());
     const T* opp = out_act != "none" ? out_preact.const_data_ptr<T>() : nullptr;
     with_isa([&](auto isa) {
       backward_isa<T, decltype(isa)::value>(net, weights, hid, outf,

@@ -80,6 +80,13 @@ struct FusedArgs {
   double act_a, act_b, out_a, out_b;
 };
 
+// The saved pre-activations z_l of the hidden layers, one (rows, hidden) tensor each (null when
+// not saved), as a kernel argument.
+template <class T>
+struct HiddenPtrs {
+  T* z[kMaxLayers];
+};
+
 template <class T>
 __device__ __forceinline__ uint32_t lds32(const T* p) {  // p: 4-byte aligned shared memory
   return *reinterpret_cast<const uint32_t*>(p);
@@ -139,7 +146,7 @@ template <int W> struct FusedOccupancy { static constexpr int blocks = W <= 64 ?
 
 template <class T, int W>
 __global__ void __launch_bounds__(kWarps * 32, FusedOccupancy<W>::blocks)
-    mlp_forward_kernel(const T* __restrict__ x, T* __restrict__ out, T* __restrict__ hidden,
+    mlp_forward_kernel(const T* __restrict__ x, T* __restrict__ out, HiddenPtrs<T> hidden,
                        T* __restrict__ out_preact, const T* __restrict__ image, FusedArgs p,
                        bool vec_x) {
 #ifdef FO_MLP_SM80
@@ -194,7 +201,7 @@ __global__ void __launch_bounds__(kWarps * 32, FusedOccupancy<W>::blocks)
       if (l < p.layers - 1) {
         // z = round(acc + b) to `hidden`; the next layer's A fragments = round(act(z)): the
         // C fragment of n8 tiles 2 kc and 2 kc + 1 is the A fragment of k16 chunk kc
-        T* hz = hidden != nullptr ? hidden + static_cast<int64_t>(l) * p.rows * p.hidden : nullptr;
+        T* const hz = hidden.z[l];
 #pragma unroll
         for (int j = 0; j < W / 8; ++j) {
           if (j >= nt) break;
@@ -242,11 +249,12 @@ __global__ void __launch_bounds__(kWarps * 32, FusedOccupancy<W>::blocks)
 #endif
 }
 
-// deltas: (L-1, rows, hidden) delta_l of the hidden layers, delta_last (rows, out), acts:
+// hidden: z_l of the hidden layers. deltas: (L-1, rows, hidden) delta_l of the hidden layers,
+// delta_last (rows, out), acts:
 // (L-1, rows, hidden) act(z_l); each null when not wanted. grad_in null: stop at delta_0.
 template <class T, int W>
 __global__ void __launch_bounds__(kWarps * 32, FusedOccupancy<W>::blocks)
-    mlp_backward_kernel(const T* __restrict__ grad_out, const T* __restrict__ hidden,
+    mlp_backward_kernel(const T* __restrict__ grad_out, HiddenPtrs<const T> hidden,
                         const T* __restrict__ out_preact, T* __restrict__ grad_in,
                         T* __restrict__ deltas, T* __restrict__ delta_last, T* __restrict__ acts,
                         const T* __restrict__ image, FusedArgs p) {
@@ -300,6 +308,7 @@ __global__ void __launch_bounds__(kWarps * 32, FusedOccupancy<W>::blocks)
       warp_layer<T, W>(acc, a, sw + p.w_off[l], p.n_pad[l] + kRowPad, p.n_pad[l] / 16, nt, g, t);
       if (l > 0) {
         const int64_t base = static_cast<int64_t>(l - 1) * p.rows * p.hidden;
+        const T* const z = hidden.z[l - 1];
 #pragma unroll
         for (int j = 0; j < W / 8; ++j) {
           if (j >= nt) break;
@@ -310,8 +319,8 @@ __global__ void __launch_bounds__(kWarps * 32, FusedOccupancy<W>::blocks)
             float d0 = 0.f, d1 = 0.f;
             if (row < p.rows) {
               const int64_t o = base + row * p.hidden + col;
-              const float z0 = static_cast<float>(hidden[o]);
-              const float z1 = static_cast<float>(hidden[o + 1]);
+              const float z0 = static_cast<float>(z[row * p.hidden + col]);
+              const float z1 = static_cast<float>(z[row * p.hidden + col + 1]);
               d0 = round_to<T>(act_backward<T>(p.act, z0, round_to<T>(acc[j][2 * h]), p.act_a,
                                                p.act_b));
               d1 = round_to<T>(act_backward<T>(p.act, z1, round_to<T>(acc[j][2 * h + 1]),
@@ -526,7 +535,7 @@ const T* ptr_or_null(const Tensor& t) {
 
 // ---- forward ---------------------------------------------------------------------------------
 
-std::tuple<Tensor, Tensor, Tensor> fused_mlp_forward(
+std::tuple<Tensor, std::vector<Tensor>, Tensor> fused_mlp_forward(
     const Tensor& input, at::TensorList weights, const c10::List<std::optional<Tensor>>& biases,
     c10::string_view activation, c10::string_view output_activation, bool save_for_backward) {
   const char* op = "fastops.fused_mlp";
@@ -538,8 +547,9 @@ std::tuple<Tensor, Tensor, Tensor> fused_mlp_forward(
   KernelScope scope(input);
   const auto opts = input.options();
   Tensor out = at::empty({d.N, d.out_features}, opts);
-  Tensor hidden = save_for_backward ? at::empty({d.layers - 1, d.N, d.hidden}, opts)
-                                    : at::empty({0}, opts);
+  std::vector<Tensor> hidden;
+  if (save_for_backward)
+    for (int64_t l = 0; l + 1 < d.layers; ++l) hidden.push_back(at::empty({d.N, d.hidden}, opts));
   Tensor out_preact = save_for_backward && out_act.kind != kActNone
                           ? at::empty({d.N, d.out_features}, opts)
                           : at::empty({0}, opts);
@@ -548,7 +558,8 @@ std::tuple<Tensor, Tensor, Tensor> fused_mlp_forward(
 
   FO_DISPATCH_FLOATING(input.scalar_type(), [&] {
     using T = scalar_t;
-    T* const hid = save_for_backward && d.layers > 1 ? hidden.mutable_data_ptr<T>() : nullptr;
+    std::vector<T*> hid(d.layers, nullptr);  // z_l, or null when not saved
+    for (size_t l = 0; l < hidden.size(); ++l) hid[l] = hidden[l].mutable_data_ptr<T>();
     T* const zo = out_preact.numel() > 0 ? out_preact.mutable_data_ptr<T>() : nullptr;
     const FusedPlan plan = fused_plan<T, false>(d);
     if constexpr (kTensorCoreType<T>) {
@@ -557,17 +568,19 @@ std::tuple<Tensor, Tensor, Tensor> fused_mlp_forward(
         const FusedArgs p = fused_args(plan, d, act, out_act);
         const T* xp = x.const_data_ptr<T>();
         const bool vec_x = d.in_features % 8 == 0 && aligned16(xp);
+        HiddenPtrs<T> hz{};
+        for (int l = 0; l < plan.layers; ++l) hz.z[l] = hid[l];
         with_width(plan.width, [&](auto w) {
           auto kernel = mlp_forward_kernel<T, decltype(w)::value>;
           const unsigned int grid = fused_grid(kernel, plan.smem_bytes, d.N);
           kernel<<<grid, kWarps * 32, plan.smem_bytes, scope.stream>>>(
-              xp, out.mutable_data_ptr<T>(), hid, zo, image.const_data_ptr<T>(), p, vec_x);
+              xp, out.mutable_data_ptr<T>(), hz, zo, image.const_data_ptr<T>(), p, vec_x);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
         return;
       }
     }
-    // layer by layer: a_l in one of two buffers, z_l straight into its slice of `hidden`
+    // layer by layer: a_l in one of two buffers, z_l straight into its tensor of `hidden`
     Tensor bufs[2];
     const T* a_prev = x.const_data_ptr<T>();
     for (int64_t l = 0; l < d.layers; ++l) {
@@ -577,7 +590,7 @@ std::tuple<Tensor, Tensor, Tensor> fused_mlp_forward(
       const bool last = l == d.layers - 1;
       Tensor& buf = bufs[l % 2];
       if (!last && !buf.defined()) buf = at::empty({d.N, d.hidden}, opts);
-      T* const preact = last ? zo : (hid != nullptr ? hid + l * d.N * d.hidden : nullptr);
+      T* const preact = last ? zo : hid[l];
       LayerForwardEpilogue<T> epi{last ? out.mutable_data_ptr<T>() : buf.mutable_data_ptr<T>(),
                                   preact,
                                   N,
@@ -612,7 +625,7 @@ void layer_param_grads(const KernelScope& scope, const FusedMlpDims& d, const T*
 
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> fused_mlp_backward(
     const Tensor& grad_output, const Tensor& input, at::TensorList weights,
-    const c10::List<std::optional<Tensor>>& biases, const Tensor& hidden,
+    const c10::List<std::optional<Tensor>>& biases, at::TensorList hidden,
     const Tensor& out_preact, c10::string_view activation, c10::string_view output_activation,
     std::array<bool, 3> output_mask) {
   const char* op = "fastops.fused_mlp_backward";
@@ -637,7 +650,8 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> fused_mlp_backward(
   const bool want_params = output_mask[1] || (output_mask[2] && d.has_bias);
   const Tensor g = grad_output.contiguous();
   const Tensor x = input.contiguous();
-  const Tensor z = d.layers > 1 ? hidden.contiguous() : Tensor();
+  std::vector<Tensor> z;  // z_l of the hidden layers
+  for (const Tensor& h : hidden) z.push_back(h.contiguous());
   const Tensor zo = out_act.kind != kActNone ? out_preact.contiguous() : Tensor();
   const Tensor ones = output_mask[2] && d.has_bias ? at::ones({d.N, 1}, opts) : Tensor();
 
@@ -667,11 +681,13 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> fused_mlp_backward(
         T* const dp = data_or_null(deltas);
         T* const ap = data_or_null(acts);
         T* const dl = data_or_null(delta_last);
+        HiddenPtrs<const T> hz{};
+        for (size_t l = 0; l < z.size(); ++l) hz.z[l] = z[l].const_data_ptr<T>();
         with_width(plan.width, [&](auto w) {
           auto kernel = mlp_backward_kernel<T, decltype(w)::value>;
           const unsigned int grid = fused_grid(kernel, plan.smem_bytes, d.N);
           kernel<<<grid, kWarps * 32, plan.smem_bytes, scope.stream>>>(
-              g.const_data_ptr<T>(), ptr_or_null<T>(z), ptr_or_null<T>(zo),
+              g.const_data_ptr<T>(), hz, ptr_or_null<T>(zo),
               output_mask[0] ? grad_in.mutable_data_ptr<T>() : nullptr, dp, dl, ap,
               image.const_data_ptr<T>(), p);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -717,7 +733,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> fused_mlp_backward(
         Tensor& buf = bufs[l % 2];
         if (!buf.defined()) buf = at::empty({d.N, d.hidden}, opts);
         T* const ap = a_buf.defined() ? a_buf.mutable_data_ptr<T>() : nullptr;
-        LayerBackwardEpilogue<T> epi{z.const_data_ptr<T>() + (l - 1) * d.N * d.hidden,
+        LayerBackwardEpilogue<T> epi{z[l - 1].const_data_ptr<T>(),
                                      buf.mutable_data_ptr<T>(),
                                      ap,
                                      K,

@@ -2,9 +2,9 @@
 
 torch.ops.fastops.fused_mlp(input, weights, biases, activation, output_activation,
 save_for_backward) runs every layer of a small MLP in one kernel call and returns (output,
-hidden, out_preact): hidden holds the hidden layers' pre-activations and out_preact the output
-layer's (when output_activation is not 'none'), both kept for backward only when
-save_for_backward is true. fused_mlp_backward gives the gradients of the input, of every weight
+hidden, out_preact): hidden is a list of the hidden layers' pre-activations, one (N, hidden)
+tensor per layer, and out_preact the output layer's (when output_activation is not 'none'),
+both kept for backward only when save_for_backward is true. fused_mlp_backward gives the gradients of the input, of every weight
 and of every bias in one call. The op carries a C++ autograd node (csrc/autograd_fused_mlp.cpp);
 FusedMLPFunction is its Python twin, which torch.func transforms run.
 """
@@ -52,10 +52,9 @@ def _dims(input, weights):
 @torch.library.register_fake("fastops::fused_mlp")
 def _fused_mlp_fake(input, weights, biases, activation, output_activation, save_for_backward):
     n, hidden, out = _dims(input, weights)
-    empty = input.new_empty(0)
     y = input.new_empty((n, out))
-    saved_hidden = (input.new_empty((len(weights) - 1, n, hidden)) if save_for_backward
-                    else empty)
+    saved_hidden = ([input.new_empty((n, hidden)) for _ in weights[1:]] if save_for_backward
+                    else [])
     out_preact = (input.new_empty((n, out))
                   if save_for_backward and output_activation != "none" else input.new_empty(0))
     return y, saved_hidden, out_preact
@@ -78,27 +77,30 @@ class FusedMLPFunction(torch.autograd.Function):
     """The fused MLP with its own backward.
 
     apply(activation, output_activation, layers, input, *weights, *biases) returns (output,
-    hidden, out_preact), the last two non-differentiable; the biases are all given or left out.
+    out_preact, *hidden), all but the output non-differentiable (the op's own order is (output,
+    hidden, out_preact), hidden a list); the biases are all given or left out.
     A second derivative is not supported (the backward raises when it is recorded).
     """
 
     @staticmethod
     def forward(activation, output_activation, layers, input, *params):
         weights, biases = list(params[:layers]), list(params[layers:])
-        return _ops.fused_mlp(input, weights, biases, activation, output_activation, True)
+        out, hidden, out_preact = _ops.fused_mlp(input, weights, biases, activation,
+                                                 output_activation, True)
+        return (out, out_preact, *hidden)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         activation, output_activation, layers, input, *params = inputs
-        _, hidden, out_preact = output
-        ctx.mark_non_differentiable(hidden, out_preact)
+        _, out_preact, *hidden = output
+        ctx.mark_non_differentiable(out_preact, *hidden)
         ctx.set_materialize_grads(False)
         ctx.names = (activation, output_activation)
         ctx.layers = layers
-        ctx.save_for_backward(input, *params, hidden, out_preact)
+        ctx.save_for_backward(input, *params, out_preact, *hidden)
 
     @staticmethod
-    def backward(ctx, grad_output, _grad_hidden, _grad_out_preact):
+    def backward(ctx, grad_output, _grad_out_preact, *_grad_hidden):
         need = ctx.needs_input_grad
         layers = ctx.layers
         n_bias = len(need) - 4 - layers
@@ -107,8 +109,9 @@ class FusedMLPFunction(torch.autograd.Function):
         if grad_output is None or not any(mask):
             return none
         # a second derivative (through fused_mlp_backward, which has none) raises when taken
-        input, *params, hidden, out_preact = ctx.saved_tensors
-        weights, biases = params[:layers], params[layers:]
+        input, *rest = ctx.saved_tensors
+        weights, biases = rest[:layers], rest[layers:len(need) - 4]
+        out_preact, hidden = rest[len(need) - 4], rest[len(need) - 3:]
         gi, gw, gb = _ops.fused_mlp_backward(grad_output, input, weights, biases, hidden,
                                              out_preact, *ctx.names, mask)
         grads = [None, None, None, gi if mask[0] else None]
@@ -119,8 +122,9 @@ class FusedMLPFunction(torch.autograd.Function):
 
 def _transforms_impl(input, weights, biases, activation, output_activation, save_for_backward):
     given = [b for b in biases if b is not None]
-    return FusedMLPFunction.apply(activation, output_activation, len(weights), input, *weights,
-                                  *given)
+    out, out_preact, *hidden = FusedMLPFunction.apply(activation, output_activation, len(weights),
+                                                      input, *weights, *given)
+    return out, hidden, out_preact
 
 
 _dispatch.transforms_use("fused_mlp", _transforms_impl)
