@@ -105,9 +105,6 @@ FO_ALWAYS_INLINE void tile_kernel(int64_t kc, const Acc* __restrict a, int64_t l
 
 // ---- activation epilogues ---------------------------------------------------------------------
 
-// The largest NR of any configuration (float, AVX-512: 2 vectors of 16).
-constexpr int kMaxNR = 32;
-
 // A finished forward tile: rows i < mr, columns j < nc of tile (leading dimension ldt).
 template <class T>
 struct FwdTile {
@@ -160,22 +157,36 @@ struct ActRows {
   int64_t lda;
 };
 
-template <class T, class F>
-FO_ALWAYS_INLINE void fwd_tile(const FwdTile<T>& e, const F& f) {
+// One loop per row with every store in it: copies out of a local row would become memcpy calls.
+template <class T, class F, bool kZ, bool kA, bool kY>
+FO_ALWAYS_INLINE void fwd_rows(const FwdTile<T>& e, const F& f) {
   using Acc = acc_t<T>;
   for (int i = 0; i < e.mr; ++i) {
     const Acc* t = e.tile + i * e.ldt;
-    Acc zr[kMaxNR], ar[kMaxNR];
+    T* zo = e.z + i * e.ldz;
+    Acc* ao = e.a + i * e.lda;
+    T* yo = e.y + i * e.ldy;
     for (int j = 0; j < e.nc; ++j) {
-      zr[j] = round_to<T>(t[j] + e.bias[j]);
-      ar[j] = round_to<T>(static_cast<Acc>(f.forward(zr[j])));
+      const Acc z = round_to<T>(t[j] + e.bias[j]);
+      const Acc a = round_to<T>(static_cast<Acc>(f.forward(z)));
+      if constexpr (kZ) zo[j] = static_cast<T>(z);
+      if constexpr (kA) ao[j] = a;
+      if constexpr (kY) yo[j] = static_cast<T>(a);
     }
-    if (e.z != nullptr)
-      for (int j = 0; j < e.nc; ++j) e.z[i * e.ldz + j] = static_cast<T>(zr[j]);
-    if (e.a != nullptr)
-      for (int j = 0; j < e.nc; ++j) e.a[i * e.lda + j] = ar[j];
-    if (e.y != nullptr)
-      for (int j = 0; j < e.nc; ++j) e.y[i * e.ldy + j] = static_cast<T>(ar[j]);
+  }
+}
+
+// A hidden layer's tile writes a (and z when saved), the output layer's y (and z when saved).
+template <class T, class F>
+FO_ALWAYS_INLINE void fwd_tile(const FwdTile<T>& e, const F& f) {
+  const bool z = e.z != nullptr;
+  if (e.a != nullptr) {
+    if (z) fwd_rows<T, F, true, true, false>(e, f);
+    else fwd_rows<T, F, false, true, false>(e, f);
+  } else if (z) {
+    fwd_rows<T, F, true, false, true>(e, f);
+  } else {
+    fwd_rows<T, F, false, false, true>(e, f);
   }
 }
 
@@ -563,6 +574,25 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const ActFns<T>& hi
   Acc* accs = static_cast<Acc*>(acc_scratch.get(sizeof(Acc) * acc_size * blk.chunks));
   std::fill(accs, accs + acc_size * blk.chunks, Acc(0));
 
+  // A block's layer l reads z_{l-1} (hidden[l-1]) from memory, layer 0 the input rows, and then
+  // the next block starts at z_{L-2}: each is prefetched while the layer before it computes,
+  // a few cache lines per tile, instead of stalling the first pass over it.
+  const auto prefetch_after = [&](int64_t bi, int64_t blast, int64_t l, int64_t tiles) {
+    const int64_t r0 = bi * blk.rows_per_block;
+    const int64_t n = std::min(blk.rows_per_block, N - r0);
+    const int64_t hb = H * static_cast<int64_t>(sizeof(T));
+    if (l >= 2) return gemm::Prefetcher(hidden[l - 2] + r0 * H, n, hb, hb, tiles);
+    if (l == 1) {
+      if (!want_w || net.xs1 != 1 || net.xs0 != net.in) return gemm::Prefetcher();
+      const int64_t xb = net.in * static_cast<int64_t>(sizeof(T));
+      return gemm::Prefetcher(net.x + r0 * net.in, n, xb, xb, tiles);
+    }
+    const int64_t r1 = r0 + blk.rows_per_block;
+    if (L < 2 || bi + 1 >= blast) return gemm::Prefetcher();
+    return gemm::Prefetcher(hidden[L - 2] + r1 * H, std::min(blk.rows_per_block, N - r1), hb, hb,
+                            tiles);
+  };
+
   const auto run_chunks = [&](int64_t c0, int64_t c1) {
     thread_local Scratch block_scratch;
     Acc* base = block_buffer<Acc>(block_scratch, 3 * buf + xbuf + MR * NR);
@@ -597,6 +627,12 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const ActFns<T>& hi
           }
           for (int64_t l = L - 1; l >= 0; --l) {
             const int64_t K = net.lin[l], Nl = net.lout[l];
+            const bool input_tiles = l > 0 || want_x;
+            const int64_t tiles =
+                (want_w ? ceil_div(wtrans[l] ? K : Nl, gwmr[l]) * ceil_div(wtrans[l] ? Nl : K, NR)
+                        : 0) +
+                (input_tiles ? ceil_div(K, lnr[l]) * (nrp / MR) : 0);
+            gemm::Prefetcher ahead = prefetch_after(bi, blast, l, tiles);
             if (want_b) {
               Acc* gb = acc + gboff[l];
               for (int64_t r = 0; r < n; ++r)
@@ -627,15 +663,17 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const ActFns<T>& hi
                   else
                     tile_kernel<Acc, W, MR, NV, false>(n, A + i0, lda, B + j0, ldb,
                                                        gw + i0 * gl + j0, gl, true);
+                  ahead.step();
                 }
             }
-            if (l == 0 && !want_x) break;
+            if (!input_tiles) break;
             const Acc* wp = pack + woff[l];
             const int nrl = lnr[l];
             for (int64_t j0 = 0; j0 < K; j0 += nrl) {
               const int nc = static_cast<int>(std::min<int64_t>(nrl, K - j0));
               for (int64_t ip = 0; ip < nrp; ip += MR) {
                 row_tile<Acc, W, MR, NV>(nrl, Nl, d + ip * ld, ld, wp + j0 * Nl, tile);
+                ahead.step();
                 const int mr = static_cast<int>(std::min<int64_t>(MR, n - ip));
                 if (l == 0) {
                   T* gi = grads.grad_input + (r0 + ip) * K + j0;
