@@ -167,6 +167,25 @@ def test_cross_entropy_soft_targets(shape, reduction, weighted, smoothing, dtype
                     reduction=reduction, label_smoothing=smoothing, device=device)
 
 
+# Rows of fewer classes than the kernels' 16 lanes run 16 rows at a time, class-major, the last
+# block partial; 40000 x 2 is enough blocks for two threads.
+@pytest.mark.parametrize("shape", [(37, 3), (16, 10), (1, 15), (40000, 2)],
+                         ids=["37x3", "16x10", "1x15", "40000x2"])
+@pytest.mark.parametrize("soft", [False, True], ids=["hard", "soft"])
+@pytest.mark.parametrize("weighted", [False, True], ids=["now", "weight"])
+def test_cross_entropy_few_classes(shape, soft, weighted, dtype, device):
+    C = shape[1]
+    x, gen = _inputs(shape, dtype)
+    if soft:
+        t = torch.rand(shape, generator=gen, dtype=torch.float64).softmax(1).to(dtype)
+    else:
+        t = _target(shape, C, gen, ignore=-100, frac=0.2)
+    w = torch.rand(C, generator=gen, dtype=torch.float64).to(dtype) if weighted else None
+    for reduction, smoothing in [("none", 0.0), ("mean", 0.1)]:
+        _check_vs_torch(L.cross_entropy, F.cross_entropy, x, dtype, t, weight=w,
+                        reduction=reduction, label_smoothing=smoothing, device=device)
+
+
 def test_cross_entropy_soft_target_grad():
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
     y = torch.rand(4, 6, dtype=torch.float64).softmax(1).requires_grad_(True)

@@ -190,7 +190,8 @@ def test_exp_is_finite_up_to_floats_limit(device):
 
 # ---- softmax losses: a NaN must reach its row, whichever chunk holds it -----------------------
 # Contiguous rows are processed in chunks of 2048 classes, strided rows (S > 1) in blocks of 64
-# classes: rows of -inf with one finite value and one NaN, each in any chunk.
+# classes, rows of fewer than 16 classes 16 rows at a time: rows of -inf with one finite value
+# and one NaN, each in any chunk.
 
 def nan_rows(C, dtype, device, S=1):
     """(rows, C, S): row r holds a finite value at fin[r] and a NaN at nan[r], -inf elsewhere;
@@ -211,7 +212,7 @@ def nan_rows(C, dtype, device, S=1):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("C,S", [(4500, 1), (2049, 1), (300, 3), (150, 17)])
+@pytest.mark.parametrize("C,S", [(4500, 1), (2049, 1), (3, 1), (300, 3), (150, 17)])
 def test_softmax_losses_nan_in_every_chunk(C, S, dtype, device):
     x, target = nan_rows(C, dtype, device, S)
     xe = x.double()

@@ -5,7 +5,8 @@
 // with S the product of the spatial dims; a "row" is the C values of one (n, s). For S == 1 a
 // row is contiguous and is processed in chunks that stay in L1 (an online softmax: running max
 // and rescaled sum of exponentials, one pass over memory). For S > 1 the loops run over the
-// classes with 16 neighbouring positions s in the SIMD lanes.
+// classes with 16 neighbouring positions s in the SIMD lanes; cross entropy over rows of fewer
+// than 16 classes runs 16 rows at a time the same way, through a class-major copy of the block.
 //
 // Determinism: per-row losses are summed in a fixed order (fixed blocks of rows, then the blocks
 // in order), whatever the number of threads; there are no atomics.
@@ -21,6 +22,7 @@
 
 #include "../activations.h"
 #include "../loss_checks.h"
+#include "../loss_functors.h"
 #include "cpu_common.h"
 
 namespace fastops {
@@ -41,8 +43,10 @@ FO_ALWAYS_INLINE A fmax_(A a, A b) { return a > b ? a : b; }  // drops a NaN in 
 template <class A>
 FO_ALWAYS_INLINE A neg_inf() { return -std::numeric_limits<A>::infinity(); }
 
+// fo_log (about 1 ulp, as torch's vectorised log) vectorises over the lanes of lane_stats;
+// libm's logf is a call per row.
 template <class A>
-FO_ALWAYS_INLINE A log_(A v) { return std::log(v); }
+FO_ALWAYS_INLINE A log_(A v) { return fo_log(v); }
 
 // The running max of 16 lanes in float. GCC does not vectorise `a > b ? a : b` over an array
 // (it is not a MAX_EXPR without -ffast-math), so the max loops hold a vector-extension value.
@@ -268,6 +272,18 @@ FO_ALWAYS_INLINE void lane_stats(const T* x, const T* y, const T* w, int64_t C, 
   }
 }
 
+// Rows with fewer classes than lanes run kLanes rows at a time as the lanes of the kernels above:
+// a row alone would leave most of a vector empty and pay a horizontal reduction per row. The
+// block's values go class-major into dst (dst[c * kLanes + j] = row j's class c), zero in the
+// lanes past the last row. Every per-lane sum runs over the classes in order, as row_stats sums
+// a row of fewer than kLanes classes: the same sums as a row at a time.
+template <class T>
+FO_ALWAYS_INLINE void rows_to_lanes(const T* src, int64_t C, int64_t nl, T* dst) {
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t j = 0; j < kLanes; ++j)
+      dst[c * kLanes + j] = j < nl ? src[j * C + c] : static_cast<T>(0);
+}
+
 // ---- cross entropy ---------------------------------------------------------------------------
 
 struct CEParams {
@@ -363,7 +379,30 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_fwd(const Tensor& self, const T
       };
       dispatch_mode(mode, [&](auto mode_c) {
         constexpr int MODE = decltype(mode_c)::value;
-        if (r.S == 1) {
+        if (r.S == 1 && r.C < kLanes) {
+          const int64_t nblk = (rows + kLanes - 1) / kLanes;
+          const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, r.C));
+          at::parallel_for(0, nblk, grain, [&](int64_t b, int64_t e) {
+            dispatch_isa([&]() FO_INLINE_LAMBDA {
+              scalar_t xt[kLanes * kLanes], yt[kLanes * kLanes];
+              for (int64_t blk = b; blk < e; ++blk) {
+                const int64_t row0 = blk * kLanes;
+                const int64_t nl = std::min<int64_t>(kLanes, rows - row0);
+                rows_to_lanes(xp + row0 * r.C, r.C, nl, xt);
+                if (yp) rows_to_lanes(yp + row0 * r.C, r.C, nl, yt);
+                A l[kLanes], a[kLanes], d[kLanes];
+                lane_stats<kLanes, MODE>(xt, yp ? yt : yp, wp, r.C, kLanes, om_eps, eps_c, l, a,
+                                         d);
+                for (int64_t j = 0; j < nl; ++j) {
+                  const int64_t n = row0 + j;
+                  lp[n] = l[j];
+                  store(n, ce_row_loss<MODE>(l[j], a[j], d[j], xp + n * r.C, 1, wp, tp, n,
+                                             ignore_index, om_eps, eps_c, wsum));
+                }
+              }
+            });
+          });
+        } else if (r.S == 1) {
           const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, r.C));
           at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
             dispatch_isa([&]() FO_INLINE_LAMBDA {
@@ -467,9 +506,94 @@ Tensor cross_entropy_bwd(const Tensor& grad_output, const Tensor& self, const Te
       if (!soft) check_targets_total_weight(tp, rows, wp, r.C, ignore_index, op);
       dispatch_mode(mode, [&](auto mode_c) {
         constexpr int MODE = decltype(mode_c)::value;
+        // The lanes of one task: kLanes rows (positions s of one n, or rows of fewer classes than
+        // lanes) whose class c values are xb[c * S + j] (yb soft targets, gb the gradient); rows
+        // row0 .. row0 + nl are real, and `computed` lanes are computed (all kLanes where the
+        // lanes past nl are padding).
+        const auto lane_task = [&](const scalar_t* xb, const scalar_t* yb, scalar_t* gb,
+                                   int64_t S, int64_t row0, int64_t nl,
+                                   int64_t computed) FO_INLINE_LAMBDA {
+          // Per-lane coefficients; an ignored row gets coef = cw = 0 (and NaN-free zeros
+          // below through the select).
+          A coef[kLanes], cwl[kLanes], l[kLanes], keep[kLanes];
+          for (int j = 0; j < kLanes; ++j) coef[j] = 0, cwl[j] = 0, l[j] = 0, keep[j] = 0;
+          for (int64_t j = 0; j < nl; ++j) {
+            const A gn = reduction == kNone ? gp[row0 + j] : gscale;
+            l[j] = lp[row0 + j];
+            if constexpr (MODE >= 3) {
+              A a = 0;
+              for (int64_t c = 0; c < r.C; ++c) {
+                A yv = static_cast<A>(yb[c * S + j]) * om_eps + eps_c;
+                if constexpr (MODE == 4) yv *= static_cast<A>(wp[c]);
+                a += yv;
+              }
+              coef[j] = gn * a;
+              cwl[j] = gn;
+              keep[j] = 1;
+            } else {
+              const int64_t ti = static_cast<int64_t>(tp[row0 + j]);
+              if (ti == ignore_index) continue;
+              const A wt = wp ? static_cast<A>(wp[ti]) : A(1);
+              coef[j] = MODE == 0 ? gn * wt : gn * (om_eps * wt + eps_c * wsum);
+              cwl[j] = gn * eps_c;
+              keep[j] = 1;
+            }
+          }
+          auto body = [&](auto nl_c) FO_INLINE_LAMBDA {
+            constexpr int NL = decltype(nl_c)::value;
+            for (int64_t c = 0; c < r.C; ++c) {
+              const scalar_t* xc = xb + c * S;
+              scalar_t* gc = gb + c * S;
+              A wc = 1;
+              if constexpr (MODE == 2 || MODE == 4) wc = static_cast<A>(wp[c]);
+              for (int j = 0; j < NL; ++j) {
+                A v = fo_exp(static_cast<A>(xc[j]) - l[j]) * coef[j];
+                if constexpr (MODE == 1) v -= cwl[j];
+                if constexpr (MODE == 2) v -= cwl[j] * wc;
+                if constexpr (MODE >= 3) {
+                  A yv = static_cast<A>(yb[c * S + j]) * om_eps + eps_c;
+                  if constexpr (MODE == 4) yv *= wc;
+                  v -= cwl[j] * yv;
+                }
+                gc[j] = static_cast<scalar_t>(keep[j] != 0 ? v : A(0));
+              }
+            }
+          };
+          if (computed == kLanes) {
+            body(std::integral_constant<int, kLanes>());
+          } else {
+            for (int64_t c = 0; c < r.C; ++c)
+              for (int64_t j = 0; j < computed; ++j) {
+                A v = fo_exp(static_cast<A>(xb[c * S + j]) - l[j]) * coef[j];
+                A wc = 1;
+                if constexpr (MODE == 2 || MODE == 4) wc = static_cast<A>(wp[c]);
+                if constexpr (MODE == 1) v -= cwl[j];
+                if constexpr (MODE == 2) v -= cwl[j] * wc;
+                if constexpr (MODE >= 3) {
+                  A yv = static_cast<A>(yb[c * S + j]) * om_eps + eps_c;
+                  if constexpr (MODE == 4) yv *= wc;
+                  v -= cwl[j] * yv;
+                }
+                gb[c * S + j] = static_cast<scalar_t>(keep[j] != 0 ? v : A(0));
+              }
+          }
+          if constexpr (MODE < 3) {
+            for (int64_t j = 0; j < nl; ++j) {  // the target class
+              if (keep[j] == 0) continue;
+              const int64_t ti = static_cast<int64_t>(tp[row0 + j]);
+              const A gn = reduction == kNone ? gp[row0 + j] : gscale;
+              const A wt = wp ? static_cast<A>(wp[ti]) : A(1);
+              const int64_t at = ti * S + j;
+              A v = fo_exp(static_cast<A>(xb[at]) - l[j]) * coef[j];
+              if constexpr (MODE == 1) v -= cwl[j];
+              if constexpr (MODE == 2) v -= cwl[j] * wt;
+              gb[at] = static_cast<scalar_t>(v - (MODE == 0 ? gn * wt : gn * om_eps * wt));
+            }
+          }
+        };
         // Row coefficients: grad_c = g * (p_c * coef - cw * w_c [- y'_c w_c for soft]) and
         // at the target class additionally - g * (1 - eps) * w_t.
-        if (r.S == 1) {
+        if (r.S == 1 && r.C >= kLanes) {
           const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, r.C));
           at::parallel_for(0, rows, grain, [&](int64_t b, int64_t e) {
             dispatch_isa([&]() FO_INLINE_LAMBDA {
@@ -526,6 +650,24 @@ Tensor cross_entropy_bwd(const Tensor& grad_output, const Tensor& self, const Te
               }
             });
           });
+        } else if (r.S == 1) {  // fewer classes than lanes
+          const int64_t nblk = (rows + kLanes - 1) / kLanes;
+          const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, r.C));
+          at::parallel_for(0, nblk, grain, [&](int64_t b, int64_t e) {
+            dispatch_isa([&]() FO_INLINE_LAMBDA {
+              scalar_t xt[kLanes * kLanes], yt[kLanes * kLanes], gt[kLanes * kLanes];
+              for (int64_t blk = b; blk < e; ++blk) {
+                const int64_t row0 = blk * kLanes;
+                const int64_t nl = std::min<int64_t>(kLanes, rows - row0);
+                rows_to_lanes(xp + row0 * r.C, r.C, nl, xt);
+                if (yp) rows_to_lanes(yp + row0 * r.C, r.C, nl, yt);
+                lane_task(xt, yp ? yt : yp, gt, kLanes, row0, nl, kLanes);
+                scalar_t* g0 = op_ + row0 * r.C;
+                for (int64_t j = 0; j < nl; ++j)
+                  for (int64_t c = 0; c < r.C; ++c) g0[j * r.C + c] = gt[c * kLanes + j];
+              }
+            });
+          });
         } else {
           const int64_t nblk = (r.S + kLanes - 1) / kLanes;
           const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, r.C));
@@ -535,84 +677,7 @@ Tensor cross_entropy_bwd(const Tensor& grad_output, const Tensor& self, const Te
                 const int64_t n = task / nblk, s0 = (task % nblk) * kLanes;
                 const int64_t nl = std::min<int64_t>(kLanes, r.S - s0);
                 const int64_t base = n * r.C * r.S + s0;
-                const int64_t row0 = n * r.S + s0;
-                // Per-lane coefficients; an ignored row gets coef = cw = 0 (and NaN-free zeros
-                // below through the select).
-                A coef[kLanes], cwl[kLanes], l[kLanes], keep[kLanes];
-                for (int j = 0; j < kLanes; ++j) coef[j] = 0, cwl[j] = 0, l[j] = 0, keep[j] = 0;
-                for (int64_t j = 0; j < nl; ++j) {
-                  const A gn = reduction == kNone ? gp[row0 + j] : gscale;
-                  l[j] = lp[row0 + j];
-                  if constexpr (MODE >= 3) {
-                    A a = 0;
-                    for (int64_t c = 0; c < r.C; ++c) {
-                      A yv = static_cast<A>(yp[base + c * r.S + j]) * om_eps + eps_c;
-                      if constexpr (MODE == 4) yv *= static_cast<A>(wp[c]);
-                      a += yv;
-                    }
-                    coef[j] = gn * a;
-                    cwl[j] = gn;
-                    keep[j] = 1;
-                  } else {
-                    const int64_t ti = static_cast<int64_t>(tp[row0 + j]);
-                    if (ti == ignore_index) continue;
-                    const A wt = wp ? static_cast<A>(wp[ti]) : A(1);
-                    coef[j] = MODE == 0 ? gn * wt : gn * (om_eps * wt + eps_c * wsum);
-                    cwl[j] = gn * eps_c;
-                    keep[j] = 1;
-                  }
-                }
-                auto body = [&](auto nl_c) FO_INLINE_LAMBDA {
-                  constexpr int NL = decltype(nl_c)::value;
-                  for (int64_t c = 0; c < r.C; ++c) {
-                    const scalar_t* xc = xp + base + c * r.S;
-                    scalar_t* gc = op_ + base + c * r.S;
-                    A wc = 1;
-                    if constexpr (MODE == 2 || MODE == 4) wc = static_cast<A>(wp[c]);
-                    for (int j = 0; j < NL; ++j) {
-                      A v = fo_exp(static_cast<A>(xc[j]) - l[j]) * coef[j];
-                      if constexpr (MODE == 1) v -= cwl[j];
-                      if constexpr (MODE == 2) v -= cwl[j] * wc;
-                      if constexpr (MODE >= 3) {
-                        A yv = static_cast<A>(yp[base + c * r.S + j]) * om_eps + eps_c;
-                        if constexpr (MODE == 4) yv *= wc;
-                        v -= cwl[j] * yv;
-                      }
-                      gc[j] = static_cast<scalar_t>(keep[j] != 0 ? v : A(0));
-                    }
-                  }
-                };
-                if (nl == kLanes) {
-                  body(std::integral_constant<int, kLanes>());
-                } else {
-                  for (int64_t c = 0; c < r.C; ++c)
-                    for (int64_t j = 0; j < nl; ++j) {
-                      A v = fo_exp(static_cast<A>(xp[base + c * r.S + j]) - l[j]) * coef[j];
-                      A wc = 1;
-                      if constexpr (MODE == 2 || MODE == 4) wc = static_cast<A>(wp[c]);
-                      if constexpr (MODE == 1) v -= cwl[j];
-                      if constexpr (MODE == 2) v -= cwl[j] * wc;
-                      if constexpr (MODE >= 3) {
-                        A yv = static_cast<A>(yp[base + c * r.S + j]) * om_eps + eps_c;
-                        if constexpr (MODE == 4) yv *= wc;
-                        v -= cwl[j] * yv;
-                      }
-                      op_[base + c * r.S + j] = static_cast<scalar_t>(keep[j] != 0 ? v : A(0));
-                    }
-                }
-                if constexpr (MODE < 3) {
-                  for (int64_t j = 0; j < nl; ++j) {  // the target class
-                    if (keep[j] == 0) continue;
-                    const int64_t ti = static_cast<int64_t>(tp[row0 + j]);
-                    const A gn = reduction == kNone ? gp[row0 + j] : gscale;
-                    const A wt = wp ? static_cast<A>(wp[ti]) : A(1);
-                    const int64_t at = base + ti * r.S + j;
-                    A v = fo_exp(static_cast<A>(xp[at]) - l[j]) * coef[j];
-                    if constexpr (MODE == 1) v -= cwl[j];
-                    if constexpr (MODE == 2) v -= cwl[j] * wt;
-                    op_[at] = static_cast<scalar_t>(v - (MODE == 0 ? gn * wt : gn * om_eps * wt));
-                  }
-                }
+                lane_task(xp + base, yp ? yp + base : yp, op_ + base, r.S, n * r.S + s0, nl, nl);
               }
             });
           });
