@@ -163,9 +163,9 @@ FO_ALWAYS_INLINE void fwd_rows(const FwdTile<T>& e, const F& f) {
   using Acc = acc_t<T>;
   for (int i = 0; i < e.mr; ++i) {
     const Acc* t = e.tile + i * e.ldt;
-    T* zo = e.z + i * e.ldz;
-    Acc* ao = e.a + i * e.lda;
-    T* yo = e.y + i * e.ldy;
+    T* zo = kZ ? e.z + i * e.ldz : nullptr;
+    Acc* ao = kA ? e.a + i * e.lda : nullptr;
+    T* yo = kY ? e.y + i * e.ldy : nullptr;
     for (int j = 0; j < e.nc; ++j) {
       const Acc z = round_to<T>(t[j] + e.bias[j]);
       const Acc a = round_to<T>(static_cast<Acc>(f.forward(z)));

@@ -4,9 +4,10 @@ torch.ops.fastops.fused_mlp(input, weights, biases, activation, output_activatio
 save_for_backward) runs every layer of a small MLP in one kernel call and returns (output,
 hidden, out_preact): hidden is a list of the hidden layers' pre-activations, one (N, hidden)
 tensor per layer, and out_preact the output layer's (when output_activation is not 'none'),
-both kept for backward only when save_for_backward is true. fused_mlp_backward gives the gradients of the input, of every weight
-and of every bias in one call. The op carries a C++ autograd node (csrc/autograd_fused_mlp.cpp);
-FusedMLPFunction is its Python twin, which torch.func transforms run.
+both kept for backward only when save_for_backward is true. fused_mlp_backward gives the
+gradients of the input, of every weight and of every bias in one call. The op carries a C++
+autograd node (csrc/autograd_fused_mlp.cpp); FusedMLPFunction is its Python twin, which
+torch.func transforms run.
 """
 
 import torch
