@@ -197,9 +197,9 @@ TORCH_LIBRARY(fastops, m) {
   // The fully fused MLP (fused_mlp_checks.h): every layer of a small MLP in one kernel per pass.
   // hidden: the hidden layers' pre-activations, L-1 tensors (N, hidden_features), and
   // out_preact: the output layer's (N, out_features) when output_activation is not 'none', both
-  // only when save_for_backward (else an empty list and an empty (0,) tensor). The backward returns the gradients of input,
-  // of every weight and of every bias; an empty (0,) tensor where output_mask (input, weights,
-  // biases) is false or the biases are None.
+  // only when save_for_backward (else an empty list and an empty (0,) tensor). The backward
+  // returns the gradients of input, of every weight and of every bias; an empty (0,) tensor
+  // where output_mask (input, weights, biases) is false or the biases are None.
   m.def(
       "fused_mlp(Tensor input, Tensor[] weights, Tensor?[] biases, str activation, "
       "str output_activation, bool save_for_backward) "
