@@ -539,14 +539,15 @@ Tensor cross_entropy_bwd(const Tensor& grad_output, const Tensor& self, const Te
               keep[j] = 1;
             }
           }
-          auto body = [&](auto nl_c) FO_INLINE_LAMBDA {
-            constexpr int NL = decltype(nl_c)::value;
+          // lanes j < n of every class: n a compile-time kLanes (the vectorised loop) or the
+          // count of a partial task
+          const auto grads = [&](auto n) FO_INLINE_LAMBDA {
             for (int64_t c = 0; c < r.C; ++c) {
               const scalar_t* xc = xb + c * S;
               scalar_t* gc = gb + c * S;
               A wc = 1;
               if constexpr (MODE == 2 || MODE == 4) wc = static_cast<A>(wp[c]);
-              for (int j = 0; j < NL; ++j) {
+              for (int j = 0; j < n; ++j) {
                 A v = fo_exp(static_cast<A>(xc[j]) - l[j]) * coef[j];
                 if constexpr (MODE == 1) v -= cwl[j];
                 if constexpr (MODE == 2) v -= cwl[j] * wc;
@@ -559,24 +560,8 @@ Tensor cross_entropy_bwd(const Tensor& grad_output, const Tensor& self, const Te
               }
             }
           };
-          if (computed == kLanes) {
-            body(std::integral_constant<int, kLanes>());
-          } else {
-            for (int64_t c = 0; c < r.C; ++c)
-              for (int64_t j = 0; j < computed; ++j) {
-                A v = fo_exp(static_cast<A>(xb[c * S + j]) - l[j]) * coef[j];
-                A wc = 1;
-                if constexpr (MODE == 2 || MODE == 4) wc = static_cast<A>(wp[c]);
-                if constexpr (MODE == 1) v -= cwl[j];
-                if constexpr (MODE == 2) v -= cwl[j] * wc;
-                if constexpr (MODE >= 3) {
-                  A yv = static_cast<A>(yb[c * S + j]) * om_eps + eps_c;
-                  if constexpr (MODE == 4) yv *= wc;
-                  v -= cwl[j] * yv;
-                }
-                gb[c * S + j] = static_cast<scalar_t>(keep[j] != 0 ? v : A(0));
-              }
-          }
+          if (computed == kLanes) grads(std::integral_constant<int, kLanes>());
+          else grads(static_cast<int>(computed));
           if constexpr (MODE < 3) {
             for (int64_t j = 0; j < nl; ++j) {  // the target class
               if (keep[j] == 0) continue;
