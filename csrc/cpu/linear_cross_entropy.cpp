@@ -219,8 +219,9 @@ FO_ALWAYS_INLINE void row_grad(const RowCtx<T, A>& r, A* s, int64_t row, A lse, 
 // The groups are fixed by the shapes (kGroups of them), not by the thread count: the sums, and
 // so the results, are the same whatever the number of threads.
 // Memory, not arithmetic, is what stalls the tiles at a large vocabulary: while a block computes,
-// the thread prefetches its next block's rows of W and of the logits, and grad_W's tiles two
-// ahead (they went back to memory after the previous chunk).
+// the thread prefetches its next block's rows of W and of the logits, and the tiles of partial
+// sums two updates ahead: grad_W's (back in memory since the previous chunk, also across row
+// panels and into the next block) and grad_input's (pushed out of L2 by the block's other work).
 
 constexpr int64_t kGroups = 8;            // grad_input partial sums per chunk
 constexpr int64_t kBlockBytes = 384 << 10;  // a block of W (vb x H, compute type)
@@ -257,6 +258,22 @@ FO_ALWAYS_INLINE void tile_update(int64_t kc, const A* ap, const A* bp, bool acc
   gemm::micro_kernel<A, W, MR, NV>(kc, ap, bp, accumulate ? tile : nullptr, NR, tile, NR);
   for (int i = 0; i < mr; ++i)
     for (int j = 0; j < nr; ++j) c[i * ldc + j] = tile[i * NR + j];
+}
+
+// Fetches rows [0, rows) x columns [0, cols) of c (row stride ldc; rows <= MR, cols <= NR)
+// into L1 for writing: the tile of partial sums that an update a little later reads and writes.
+template <class A, int MR, int NR>
+FO_ALWAYS_INLINE void prefetch_tile(A* c, int64_t ldc, int64_t rows, int64_t cols) {
+  constexpr int kLine = 64 / static_cast<int>(sizeof(A));
+  if (rows == MR && cols == NR) {
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; j += kLine) __builtin_prefetch(c + i * ldc + j, 1, 3);
+    return;
+  }
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; j += kLine) __builtin_prefetch(c + i * ldc + j, 1, 3);
 }
 
 template <class T, Isa I>
@@ -425,6 +442,30 @@ void run_chunks_isa(const LceDims& d, const Tensor& x, const Tensor& w, const ac
               next_l.step();
               next_w.step();
             };
+            // grad_W's tile t of this block (tiles by MR-row panels, nq per panel; past the
+            // block: the next block's, when this thread runs it), fetched two updates ahead:
+            // its rows went back to memory after the last chunk
+            const int64_t nq = ceil_div(H, NR);
+            const int64_t gw_end = next >= 0 ? std::min(V, v0 + nv + vb) : v0 + nv;
+            const auto prefetch_gw = [&](int64_t t) FO_INLINE_LAMBDA {
+              if (first_chunk || !wk.want_gw) return;
+              const int64_t r0 = v0 + t / nq * MR, j0 = t % nq * NR;
+              prefetch_tile<A, MR, NR>(gw + r0 * H + j0, H, std::min<int64_t>(MR, gw_end - r0),
+                                       std::min<int64_t>(NR, H - j0));
+            };
+            // the same for the grad_input partial sums (tiles by NR-column panels, nip per
+            // panel), which the other GEMMs of the block pushed out of L2
+            const int64_t nip = ceil_div(c, MR);
+            const auto prefetch_gi = [&](int64_t t) FO_INLINE_LAMBDA {
+              if (first_block || t >= nip * nq) return;
+              const int64_t r0 = t % nip * MR, j0 = t / nip * NR;
+              prefetch_tile<A, MR, NR>(part + r0 * H + j0, H, std::min<int64_t>(MR, c - r0),
+                                       std::min<int64_t>(NR, H - j0));
+            };
+            if (blk == g0 * per_group) {  // this thread's first block: nothing fetched it yet
+              prefetch_gw(0);
+              prefetch_gw(1);
+            }
             for (int64_t i = 0; i < c; ++i) {
               const int64_t row = rows[i];
               row_grad(r, L + i * V, row, wk.lse[row],
@@ -440,12 +481,16 @@ void run_chunks_isa(const LceDims& d, const Tensor& x, const Tensor& w, const ac
                   gemm::pack_b_panel<NR, W>(wp + v0 * ws0 + q * NR * ws1, ws0, ws1,
                                             std::min<int64_t>(NR, H - q * NR), nv,
                                             wpack + q * NR * nv);
+              prefetch_gi(0);
+              prefetch_gi(1);
               for (int64_t q = 0; q * NR < H; ++q) {
                 const int nr = static_cast<int>(std::min<int64_t>(NR, H - q * NR));
-                for (int64_t ip = 0; ip < c; ip += MR, prefetch_step())
+                for (int64_t ip = 0; ip < c; ip += MR, prefetch_step()) {
+                  prefetch_gi(q * nip + ip / MR + 2);
                   tile_update<A, W, MR, NV>(nv, gpack + ip * nv, wpack + q * NR * nv,
                                             !first_block, part + ip * H + q * NR, H,
                                             static_cast<int>(std::min<int64_t>(MR, c - ip)), nr);
+                }
               }
             }
             if (wk.want_gw) {
@@ -455,11 +500,7 @@ void run_chunks_isa(const LceDims& d, const Tensor& x, const Tensor& w, const ac
                 const int mr = static_cast<int>(std::min<int64_t>(MR, nv - ip));
                 for (int64_t q = 0; q * NR < H; ++q, prefetch_step()) {
                   A* tile = gw + (v0 + ip) * H + q * NR;
-                  // two tiles ahead, for writing: their rows are in memory since the last chunk
-                  if (!first_chunk && (q + 2) * NR < H)
-                    for (int i = 0; i < mr; ++i)
-                      for (int j = 0; j < NR; j += 64 / static_cast<int>(sizeof(A)))
-                        __builtin_prefetch(tile + i * H + 2 * NR + j, 1, 3);
+                  prefetch_gw(ip / MR * nq + q + 2);
                   tile_update<A, W, MR, NV>(c, gtpack + ip * c, xb + q * NR * c, !first_chunk,
                                             tile, H, mr,
                                             static_cast<int>(std::min<int64_t>(NR, H - q * NR)));
