@@ -504,6 +504,22 @@ void forward_isa(const Net<T>& net, at::TensorList weights, const std::vector<Te
   else at::parallel_for(0, blk.blocks, 1, run_blocks);
 }
 
+// gb[j] += the sum over rows r < n of d[r * ld + j], for the NVec * W columns j: each column
+// summed over the rows in order, NVec vectors of columns at a time (independent chains of adds,
+// where one vector at a time would wait on each add's latency).
+template <class Acc, int W, int NVec>
+FO_ALWAYS_INLINE void column_sums(Acc* gb, const Acc* d, int64_t ld, int64_t n) {
+  using VU = typename gemm::VecT<Acc, W>::unaligned;
+  typename gemm::VecT<Acc, W>::type s[NVec];
+#pragma GCC unroll 4
+  for (int v = 0; v < NVec; ++v) s[v] = *reinterpret_cast<const VU*>(gb + v * W);
+  for (int64_t r = 0; r < n; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NVec; ++v) s[v] += *reinterpret_cast<const VU*>(d + r * ld + v * W);
+#pragma GCC unroll 4
+  for (int v = 0; v < NVec; ++v) *reinterpret_cast<VU*>(gb + v * W) = s[v];
+}
+
 template <class T>
 struct Grads {
   T* grad_input;                 // (N, in) or null
@@ -634,9 +650,15 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const ActFns<T>& hi
                 (input_tiles ? ceil_div(K, lnr[l]) * (nrp / MR) : 0);
             gemm::Prefetcher ahead = prefetch_after(bi, blast, l, tiles);
             if (want_b) {
+              // (gb is padded to whole vectors, and d's rows to ld >= that)
               Acc* gb = acc + gboff[l];
-              for (int64_t r = 0; r < n; ++r)
-                for (int64_t j = 0; j < Nl; ++j) gb[j] += d[r * ld + j];
+              for (int64_t j0 = 0; j0 < Nl; j0 += 4 * W) {
+                const int64_t nvec = std::min<int64_t>(4, ceil_div(Nl - j0, W));
+                if (nvec == 4) column_sums<Acc, W, 4>(gb + j0, d + j0, ld, n);
+                else if (nvec == 3) column_sums<Acc, W, 3>(gb + j0, d + j0, ld, n);
+                else if (nvec == 2) column_sums<Acc, W, 2>(gb + j0, d + j0, ld, n);
+                else column_sums<Acc, W, 1>(gb + j0, d + j0, ld, n);
+              }
             }
             if (want_w) {
               if (l == 0) {
