@@ -237,7 +237,10 @@ FO_ALWAYS_INLINE void lane_stats(const T* x, const T* y, const T* w, int64_t C, 
     if constexpr (std::is_same_v<A, float> && NL == 16) {
       v16f mv = v16f{} + neg_inf<float>();
       for (int64_t c = c0; c < c1; ++c) mv = vmax16(load16(x + c * S), mv);
-      for (int j = 0; j < NL; ++j) nm[j] = fmax_(mv[j], nm[j]);
+      v16f nv;
+      __builtin_memcpy(&nv, nm, sizeof(nv));
+      nv = vmax16(mv, nv);  // fmax_ lane by lane
+      __builtin_memcpy(nm, &nv, sizeof(nv));
     } else {
       for (int64_t c = c0; c < c1; ++c)
         for (int j = 0; j < NL; ++j) nm[j] = fmax_(static_cast<A>(x[c * S + j]), nm[j]);
@@ -279,9 +282,26 @@ FO_ALWAYS_INLINE void lane_stats(const T* x, const T* y, const T* w, int64_t C, 
 // a row of fewer than kLanes classes: the same sums as a row at a time.
 template <class T>
 FO_ALWAYS_INLINE void rows_to_lanes(const T* src, int64_t C, int64_t nl, T* dst) {
+  if (nl == kLanes) {  // a full block: no select in the loop
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t j = 0; j < kLanes; ++j) dst[c * kLanes + j] = src[j * C + c];
+    return;
+  }
   for (int64_t c = 0; c < C; ++c)
     for (int64_t j = 0; j < kLanes; ++j)
       dst[c * kLanes + j] = j < nl ? src[j * C + c] : static_cast<T>(0);
+}
+
+// The inverse for the first nl lanes: row j's class c = src[c * kLanes + j].
+template <class T>
+FO_ALWAYS_INLINE void lanes_to_rows(const T* src, int64_t C, int64_t nl, T* dst) {
+  if (nl == kLanes) {  // a full block: a fixed-length inner loop
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t j = 0; j < kLanes; ++j) dst[j * C + c] = src[c * kLanes + j];
+    return;
+  }
+  for (int64_t j = 0; j < nl; ++j)
+    for (int64_t c = 0; c < C; ++c) dst[j * C + c] = src[c * kLanes + j];
 }
 
 // ---- cross entropy ---------------------------------------------------------------------------
@@ -514,9 +534,12 @@ Tensor cross_entropy_bwd(const Tensor& grad_output, const Tensor& self, const Te
                                    int64_t S, int64_t row0, int64_t nl,
                                    int64_t computed) FO_INLINE_LAMBDA {
           // Per-lane coefficients; an ignored row gets coef = cw = 0 (and NaN-free zeros
-          // below through the select).
-          A coef[kLanes], cwl[kLanes], l[kLanes], keep[kLanes];
-          for (int j = 0; j < kLanes; ++j) coef[j] = 0, cwl[j] = 0, l[j] = 0, keep[j] = 0;
+          // below through the select). Hard targets: lane j's target class tl[j] (-1 where
+          // none) takes tsub[j] off, in the same vector loop as the other classes.
+          A coef[kLanes], cwl[kLanes], l[kLanes], keep[kLanes], tsub[kLanes];
+          int64_t tl[kLanes];
+          for (int j = 0; j < kLanes; ++j)
+            coef[j] = 0, cwl[j] = 0, l[j] = 0, keep[j] = 0, tsub[j] = 0, tl[j] = -1;
           for (int64_t j = 0; j < nl; ++j) {
             const A gn = reduction == kNone ? gp[row0 + j] : gscale;
             l[j] = lp[row0 + j];
@@ -537,6 +560,8 @@ Tensor cross_entropy_bwd(const Tensor& grad_output, const Tensor& self, const Te
               coef[j] = MODE == 0 ? gn * wt : gn * (om_eps * wt + eps_c * wsum);
               cwl[j] = gn * eps_c;
               keep[j] = 1;
+              tl[j] = ti;
+              tsub[j] = MODE == 0 ? gn * wt : gn * om_eps * wt;
             }
           }
           // lanes j < n of every class: n a compile-time kLanes (the vectorised loop) or the
@@ -555,6 +580,8 @@ Tensor cross_entropy_bwd(const Tensor& grad_output, const Tensor& self, const Te
                   A yv = static_cast<A>(yb[c * S + j]) * om_eps + eps_c;
                   if constexpr (MODE == 4) yv *= wc;
                   v -= cwl[j] * yv;
+                } else {
+                  v -= c == tl[j] ? tsub[j] : A(0);
                 }
                 gc[j] = static_cast<scalar_t>(keep[j] != 0 ? v : A(0));
               }
@@ -562,19 +589,6 @@ Tensor cross_entropy_bwd(const Tensor& grad_output, const Tensor& self, const Te
           };
           if (computed == kLanes) grads(std::integral_constant<int, kLanes>());
           else grads(static_cast<int>(computed));
-          if constexpr (MODE < 3) {
-            for (int64_t j = 0; j < nl; ++j) {  // the target class
-              if (keep[j] == 0) continue;
-              const int64_t ti = static_cast<int64_t>(tp[row0 + j]);
-              const A gn = reduction == kNone ? gp[row0 + j] : gscale;
-              const A wt = wp ? static_cast<A>(wp[ti]) : A(1);
-              const int64_t at = ti * S + j;
-              A v = fo_exp(static_cast<A>(xb[at]) - l[j]) * coef[j];
-              if constexpr (MODE == 1) v -= cwl[j];
-              if constexpr (MODE == 2) v -= cwl[j] * wt;
-              gb[at] = static_cast<scalar_t>(v - (MODE == 0 ? gn * wt : gn * om_eps * wt));
-            }
-          }
         };
         // Row coefficients: grad_c = g * (p_c * coef - cw * w_c [- y'_c w_c for soft]) and
         // at the target class additionally - g * (1 - eps) * w_t.
@@ -647,9 +661,7 @@ Tensor cross_entropy_bwd(const Tensor& grad_output, const Tensor& self, const Te
                 rows_to_lanes(xp + row0 * r.C, r.C, nl, xt);
                 if (yp) rows_to_lanes(yp + row0 * r.C, r.C, nl, yt);
                 lane_task(xt, yp ? yt : yp, gt, kLanes, row0, nl, kLanes);
-                scalar_t* g0 = op_ + row0 * r.C;
-                for (int64_t j = 0; j < nl; ++j)
-                  for (int64_t c = 0; c < r.C; ++c) g0[j * r.C + c] = gt[c * kLanes + j];
+                lanes_to_rows(gt, r.C, nl, op_ + row0 * r.C);
               }
             });
           });
