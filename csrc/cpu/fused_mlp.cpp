@@ -724,26 +724,29 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const ActFns<T>& hi
   if (blk.chunks == 1) run_chunks(0, 1);
   else at::parallel_for(0, blk.chunks, 1, run_chunks);
 
-  // the chunks' sums, added in chunk order
+  // the chunks' sums, added in chunk order: whole accumulator arrays at a time (a sum per entry
+  // over the chunks would be one chain of dependent adds each)
+  thread_local Scratch sum_scratch;
+  Acc* sums = static_cast<Acc*>(sum_scratch.get(sizeof(Acc) * acc_size));
+  gemm::run_isa<I>([&]() FO_INLINE_LAMBDA {
+    std::fill(sums, sums + acc_size, Acc(0));
+    for (int64_t c = 0; c < blk.chunks; ++c) {
+      const Acc* part = accs + c * acc_size;
+      for (int64_t e = 0; e < acc_size; ++e) sums[e] += part[e];
+    }
+  });
   for (int64_t l = 0; l < L; ++l) {
     const int64_t K = net.lin[l], Nl = net.lout[l];
     if (want_w) {
       T* o = grads.grad_weights[l];
+      const Acc* gw = sums + gwoff[l];
       for (int64_t i = 0; i < Nl; ++i)
-        for (int64_t k = 0; k < K; ++k) {
-          Acc s = 0;
-          const int64_t at = wtrans[l] ? k * gwld[l] + i : i * gwld[l] + k;
-          for (int64_t c = 0; c < blk.chunks; ++c) s += accs[c * acc_size + gwoff[l] + at];
-          o[i * K + k] = static_cast<T>(s);
-        }
+        for (int64_t k = 0; k < K; ++k)
+          o[i * K + k] = static_cast<T>(gw[wtrans[l] ? k * gwld[l] + i : i * gwld[l] + k]);
     }
     if (want_b) {
       T* o = grads.grad_biases[l];
-      for (int64_t j = 0; j < Nl; ++j) {
-        Acc s = 0;
-        for (int64_t c = 0; c < blk.chunks; ++c) s += accs[c * acc_size + gboff[l] + j];
-        o[j] = static_cast<T>(s);
-      }
+      for (int64_t j = 0; j < Nl; ++j) o[j] = static_cast<T>(sums[gboff[l] + j]);
     }
   }
 }
