@@ -90,11 +90,19 @@ void check_fused_mlp_backward(const char* op, const FusedMlpDims& d, const Tenso
   TORCH_CHECK(static_cast<int64_t>(hidden.size()) == want, op, ": expected hidden (the saved "
               "pre-activations) to hold ", want, " tensors, one per hidden layer, got ",
               hidden.size(), hint);
+  const bool recomputed = fused_mlp_recomputes_z0(d, input);
   for (int64_t l = 0; l < want; ++l) {
     const std::string name = "hidden[" + std::to_string(l) + "]";
     check_floating(hidden[l], op, name.c_str());
     check_same_dtype(input, hidden[l], op, "input", name.c_str());
     check_same_device(input, hidden[l], op, "input", name.c_str());
+    if (l == 0 && recomputed) {
+      TORCH_CHECK(hidden[0].dim() == 1 && hidden[0].size(0) == 0, op, ": expected hidden[0] "
+                  "empty (the backward recomputes the first layer's pre-activation on the CPU "
+                  "when in_features <= ", kFusedMlpRecomputeIn, "), got ", hidden[0].sizes(),
+                  hint);
+      continue;
+    }
     TORCH_CHECK(hidden[l].dim() == 2 && hidden[l].size(0) == d.N && hidden[l].size(1) == d.hidden,
                 op, ": expected ", name, " (a saved pre-activation) of shape (", d.N, ", ",
                 d.hidden, "), got ", hidden[l].sizes(), hint);

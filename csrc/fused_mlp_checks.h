@@ -9,7 +9,9 @@
 // Saved for backward: hidden, L-1 tensors (N, hidden), the pre-activations z_0 .. z_{L-2} (one
 // tensor per layer: one allocation of them all would, past the C library's mmap threshold, be
 // fresh pages every call), and out_preact (N, out_features) = z_{L-1} when out_act is not
-// 'none'; an empty list and an empty (0,) tensor otherwise.
+// 'none'; an empty list and an empty (0,) tensor otherwise. One exception, on the CPU: a first
+// layer of at most kFusedMlpRecomputeIn inputs is recomputed by the backward, so hidden[0] is
+// an empty (0,) tensor there (fused_mlp_recomputes_z0).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -39,6 +41,15 @@ FusedMlpDims check_fused_mlp(const char* op, const at::Tensor& input, at::Tensor
 // them; otherwise an error that lists the valid names.
 void check_fused_mlp_activations(const char* op, const std::string& activation,
                                  const std::string& output_activation);
+
+// On the CPU the backward recomputes z_0 = input W_0^T + b_0 of a first layer this narrow
+// rather than reading it back: in_features multiply-adds per value cost less than writing z_0
+// in the forward and reading it again (the spiral net's 2 -> 100 layer: a 1.2 MB round trip
+// at 3000 rows, for 2 multiply-adds per value).
+constexpr int64_t kFusedMlpRecomputeIn = 16;
+inline bool fused_mlp_recomputes_z0(const FusedMlpDims& d, const at::Tensor& input) {
+  return input.is_cpu() && d.layers >= 2 && d.in_features <= kFusedMlpRecomputeIn;
+}
 
 // fused_mlp_backward's grad_output (N, out_features) and the saved hidden / out_preact against
 // the dims (each must be what fused_mlp returned with save_for_backward=True).

@@ -83,11 +83,49 @@ def test_output_activations(device, output_activation):
 
 @pytest.mark.parametrize("rows", [0, 1, 2, 13, 121, 250, 1000, 3001])
 @pytest.mark.parametrize("layers", [0, 1, 3])
-def test_batch_sizes_and_depths(device, rows, layers):
-    # 1000 and 3001 rows run in parallel, in several row blocks and gradient chunks
-    fused, seq = make_mlp(5, 3, 33, layers, "relu", "none", True, torch.float32, device)
-    x = torch.randn(rows, 5, device=device)
+@pytest.mark.parametrize("in_features", [5, 17])
+def test_batch_sizes_and_depths(device, rows, layers, in_features):
+    # 1000 and 3001 rows run in parallel, in several row blocks and gradient chunks; on the CPU
+    # the first layer's pre-activation is recomputed by the backward at 5 inputs, saved at 17
+    fused, seq = make_mlp(in_features, 3, 33, layers, "relu", "none", True, torch.float32,
+                          device)
+    x = torch.randn(rows, in_features, device=device)
     assert_matches(fused, seq, x, torch.randn(rows, 3, device=device), torch.float32, slack=10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_recomputed_first_layer_is_bitwise_the_saved_one(dtype, activation):
+    """On the CPU the backward recomputes z_0 of a first layer of <= 16 inputs instead of
+    saving it. The same net with a 17th input that is zero (and a zero weight column) saves
+    z_0, and every value and gradient must agree bit for bit."""
+    torch.manual_seed(0)
+    rows, hidden = 1000, 40
+    x16 = torch.randn(rows, 16, dtype=dtype)
+    ws16 = [torch.randn(hidden, 16, dtype=dtype) / 4, torch.randn(hidden, hidden, dtype=dtype) / 6,
+            torch.randn(3, hidden, dtype=dtype) / 6]
+    bs = [torch.randn(hidden, dtype=dtype), torch.randn(hidden, dtype=dtype),
+          torch.randn(3, dtype=dtype)]
+    x17 = torch.cat([x16, x16.new_zeros(rows, 1)], 1)
+    ws17 = [torch.cat([ws16[0], ws16[0].new_zeros(hidden, 1)], 1), *ws16[1:]]
+    g = torch.randn(rows, 3, dtype=dtype)
+
+    def run(x, ws):
+        x = x.clone().requires_grad_(True)
+        ws = [w.clone().requires_grad_(True) for w in ws]
+        b = [t.clone().requires_grad_(True) for t in bs]
+        out, hid, _ = torch.ops.fastops.fused_mlp(x, ws, b, activation, "none", True)
+        grads = torch.autograd.grad(out, [x, *ws, *b], g)
+        return out, hid, grads
+
+    out16, hid16, g16 = run(x16, ws16)
+    out17, hid17, g17 = run(x17, ws17)
+    assert hid16[0].numel() == 0 and hid17[0].shape == (rows, hidden)  # recomputed, saved
+    assert torch.equal(out16, out17)
+    assert torch.equal(g16[0], g17[0][:, :16])
+    assert torch.equal(g16[1], g17[1][:, :16])
+    for a, b in zip(g16[2:], g17[2:]):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -216,7 +254,7 @@ def test_bad_backward_inputs():
         torch.ops.fastops.fused_mlp_backward(g[:, :1], x, ws, bs, hidden, out_preact, "relu",
                                              "tanh", mask)
     with pytest.raises(RuntimeError, match="save_for_backward=True"):
-        torch.ops.fastops.fused_mlp_backward(g, x, ws, bs, [hidden[0][:, :2]], out_preact,
+        torch.ops.fastops.fused_mlp_backward(g, x, ws, bs, [x.new_zeros(4, 2)], out_preact,
                                              "relu", "tanh", mask)
     with pytest.raises(RuntimeError, match="one per hidden layer"):
         torch.ops.fastops.fused_mlp_backward(g, x, ws, bs, [], out_preact, "relu", "tanh", mask)

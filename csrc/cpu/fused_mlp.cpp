@@ -12,7 +12,8 @@
 //   backward, per block, from the last layer down:
 //                      delta_{L-1} = grad_output * out_act'(z_{L-1})
 //                      grad_b_l += sum_rows delta_l, grad_W_l += delta_l^T a_{l-1}
-//                        (a_{l-1} = act(z_{l-1}) recomputed from `hidden`, or the input)
+//                        (a_{l-1} = act(z_{l-1}) recomputed from `hidden`, or the input;
+//                        a narrow first layer's z_0 from the input, fused_mlp_recomputes_z0)
 //                      delta_{l-1} = (delta_l W_l) * act'(z_{l-1}) in the epilogue of that tile
 //                        (for l = 0: grad_input = delta_0 W_0).
 //
@@ -410,6 +411,58 @@ void pack_weight_panels(int nr, const Tensor& w, bool for_forward, Acc* out) {
   else pack_weight<NR / 2, T>(w, for_forward, out);  // one vector: every config has NV = 2
 }
 
+// The packed bias of layer l: out_l values, zeros up to a whole tile (NR).
+template <int NR, class T, class Acc>
+void pack_bias(const std::vector<Tensor>& biases, int64_t l, int64_t out_l, Acc* b) {
+  std::fill(b, b + round_up(out_l, NR), Acc(0));
+  if (biases.empty()) return;
+  const T* bp = biases[l].const_data_ptr<T>();
+  const int64_t bs = biases[l].stride(0);
+  for (int64_t j = 0; j < out_l; ++j) b[j] = static_cast<Acc>(bp[j * bs]);
+}
+
+// Where a layer's forward epilogue writes, at the block's first row: z (when not null), a =
+// act(z) for the next layer, or the output y.
+template <class T>
+struct LayerOut {
+  T* z = nullptr;
+  int64_t ldz = 0;
+  acc_t<T>* a = nullptr;
+  int64_t lda = 0;
+  T* y = nullptr;
+  int64_t ldy = 0;
+};
+
+// One layer's forward over a block's n rows: tiles of A W_l^T (A row-major, row stride lda; W_l
+// packed in panels of width nr at wp, K = in_l), each finished by the activation's epilogue.
+template <class T, int W, int MR, int NV>
+FO_ALWAYS_INLINE void forward_layer(const ActFns<T>& fns, int nr, int64_t K, int64_t Nl,
+                                    int64_t n, const acc_t<T>* A, int64_t lda,
+                                    const acc_t<T>* wp, const acc_t<T>* bias,
+                                    const LayerOut<T>& o, acc_t<T>* tile) {
+  const int64_t nrp = round_up(n, MR);
+  for (int64_t j0 = 0; j0 < Nl; j0 += nr) {
+    const acc_t<T>* bp = wp + j0 * K;
+    const int nc = static_cast<int>(std::min<int64_t>(nr, Nl - j0));
+    for (int64_t ip = 0; ip < nrp; ip += MR) {
+      row_tile<acc_t<T>, W, MR, NV>(nr, K, A + ip * lda, lda, bp, tile);
+      FwdTile<T> e;
+      e.tile = tile;
+      e.ldt = nr;
+      e.mr = static_cast<int>(std::min<int64_t>(MR, n - ip));
+      e.nc = nc;
+      e.bias = bias + j0;
+      e.z = o.z ? o.z + ip * o.ldz + j0 : nullptr;
+      e.ldz = o.ldz;
+      e.a = o.a ? o.a + ip * o.lda + j0 : nullptr;
+      e.lda = o.lda;
+      e.y = o.y ? o.y + ip * o.ldy + j0 : nullptr;
+      e.ldy = o.ldy;
+      fns.fwd(fns.self, e);
+    }
+  }
+}
+
 template <class T, Isa I>
 void forward_isa(const Net<T>& net, at::TensorList weights, const std::vector<Tensor>& biases,
                  const ActFns<T>& hid, const ActFns<T>& outf, T* y,
@@ -436,13 +489,7 @@ void forward_isa(const Net<T>& net, at::TensorList weights, const std::vector<Te
   Acc* pack = static_cast<Acc*>(pack_scratch.get(sizeof(Acc) * std::max<int64_t>(total, 1)));
   for (int64_t l = 0; l < L; ++l) {
     pack_weight_panels<NR, T>(lnr[l], weights[l], true, pack + woff[l]);
-    Acc* b = pack + boff[l];
-    std::fill(b, b + round_up(net.lout[l], NR), Acc(0));
-    if (!biases.empty()) {
-      const T* bp = biases[l].const_data_ptr<T>();
-      const int64_t bs = biases[l].stride(0);
-      for (int64_t j = 0; j < net.lout[l]; ++j) b[j] = static_cast<Acc>(bp[j * bs]);
-    }
+    pack_bias<NR, T>(biases, l, net.lout[l], pack + boff[l]);
   }
 
   const Blocking blk = blocking(N, MR, weights_total);
@@ -461,40 +508,27 @@ void forward_isa(const Net<T>& net, at::TensorList weights, const std::vector<Te
       for (int64_t bi = b0; bi < b1; ++bi) {
         const int64_t r0 = bi * blk.rows_per_block;
         const int64_t n = std::min(blk.rows_per_block, N - r0);
-        const int64_t nrp = round_up(n, MR);
         Acc* cur = cur0;
         Acc* nxt = cur0 + buf;
         // (the rows of the last panel past n keep what an earlier block left: their results
         // are never stored)
         load_input(net, r0, n, X);
         for (int64_t l = 0; l < L; ++l) {
-          const int64_t K = net.lin[l], Nl = net.lout[l];
+          const int64_t Nl = net.lout[l];
           const bool last = l == L - 1;
-          const ActFns<T>& fns = last ? outf : hid;
-          const int nrl = lnr[l];
-          for (int64_t j0 = 0; j0 < Nl; j0 += nrl) {
-            const Acc* bp = pack + woff[l] + j0 * K;
-            const int nc = static_cast<int>(std::min<int64_t>(nrl, Nl - j0));
-            for (int64_t ip = 0; ip < nrp; ip += MR) {
-              const Acc* A = l == 0 ? X + ip * net.in : cur + ip * ld;
-              row_tile<Acc, W, MR, NV>(nrl, K, A, l == 0 ? net.in : ld, bp, tile);
-              FwdTile<T> e;
-              e.tile = tile;
-              e.ldt = nrl;
-              e.mr = static_cast<int>(std::min<int64_t>(MR, n - ip));
-              e.nc = nc;
-              e.bias = pack + boff[l] + j0;
-              const int64_t row = r0 + ip;
-              e.z = last ? (out_preact ? out_preact + row * Nl + j0 : nullptr)
-                         : (hidden.empty() ? nullptr : hidden[l] + row * Nl + j0);
-              e.ldz = Nl;
-              e.a = last ? nullptr : nxt + ip * ld + j0;
-              e.lda = ld;
-              e.y = last ? y + row * Nl + j0 : nullptr;
-              e.ldy = Nl;
-              fns.fwd(fns.self, e);
-            }
+          LayerOut<T> o;
+          o.ldz = o.ldy = Nl;
+          if (last) {
+            o.z = out_preact ? out_preact + r0 * Nl : nullptr;
+            o.y = y + r0 * Nl;
+          } else {
+            o.z = hidden.empty() || !hidden[l] ? nullptr : hidden[l] + r0 * Nl;
+            o.a = nxt;
+            o.lda = ld;
           }
+          forward_layer<T, W, MR, NV>(last ? outf : hid, lnr[l], net.lin[l], Nl, n,
+                                      l == 0 ? X : cur, l == 0 ? net.in : ld,
+                                      pack + woff[l], pack + boff[l], o, tile);
           std::swap(cur, nxt);
         }
       }
@@ -528,8 +562,8 @@ struct Grads {
 };
 
 template <class T, Isa I>
-void backward_isa(const Net<T>& net, at::TensorList weights, const ActFns<T>& hid,
-                  const ActFns<T>& outf, const T* g, int64_t gs0, int64_t gs1,
+void backward_isa(const Net<T>& net, at::TensorList weights, const std::vector<Tensor>& biases,
+                  const ActFns<T>& hid, const ActFns<T>& outf, const T* g, int64_t gs0, int64_t gs1,
                   const std::vector<const T*>& hidden, const T* out_preact,
                   const Grads<T>& grads) {
   using Acc = acc_t<T>;
@@ -550,10 +584,20 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const ActFns<T>& hi
     if (l > 0 || want_x) total += net.lout[l] * round_up(net.lin[l], lnr[l]);
     weights_total += net.lin[l] * net.lout[l];
   }
+  // z_0 not saved (fused_mlp_recomputes_z0): layer 0 packed as the forward packs it too, and
+  // its bias, to recompute z_0 and a_0 block by block
+  const bool recompute = L >= 2 && hidden[0] == nullptr;
+  const int nr0 = panel_width<W, NR>(H);
+  const int64_t fwoff = total, fboff = fwoff + net.in * round_up(H, nr0);
+  if (recompute) total = fboff + round_up(H, NR);
   thread_local Scratch pack_scratch;
   Acc* pack = static_cast<Acc*>(pack_scratch.get(sizeof(Acc) * std::max<int64_t>(total, 1)));
   for (int64_t l = 0; l < L; ++l)
     if (l > 0 || want_x) pack_weight_panels<NR, T>(lnr[l], weights[l], false, pack + woff[l]);
+  if (recompute) {
+    pack_weight_panels<NR, T>(nr0, weights[0], true, pack + fwoff);
+    pack_bias<NR, T>(biases, 0, H, pack + fboff);
+  }
 
   // per chunk accumulators: grad_W_l, then grad_b_l. grad_W_l = delta_l^T a_{l-1} (out_l x
   // in_l), or transposed (in_l x out_l, wtrans) when that pads less: e.g. the 100 x 2 weight of
@@ -597,21 +641,27 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const ActFns<T>& hi
     const int64_t r0 = bi * blk.rows_per_block;
     const int64_t n = std::min(blk.rows_per_block, N - r0);
     const int64_t hb = H * static_cast<int64_t>(sizeof(T));
-    if (l >= 2) return gemm::Prefetcher(hidden[l - 2] + r0 * H, n, hb, hb, tiles);
+    if (l >= 2) {
+      if (hidden[l - 2] == nullptr) return gemm::Prefetcher();
+      return gemm::Prefetcher(hidden[l - 2] + r0 * H, n, hb, hb, tiles);
+    }
     if (l == 1) {
-      if (!want_w || net.xs1 != 1 || net.xs0 != net.in) return gemm::Prefetcher();
+      if (!want_w || recompute || net.xs1 != 1 || net.xs0 != net.in) return gemm::Prefetcher();
       const int64_t xb = net.in * static_cast<int64_t>(sizeof(T));
       return gemm::Prefetcher(net.x + r0 * net.in, n, xb, xb, tiles);
     }
     const int64_t r1 = r0 + blk.rows_per_block;
-    if (L < 2 || bi + 1 >= blast) return gemm::Prefetcher();
+    if (L < 2 || bi + 1 >= blast || hidden[L - 2] == nullptr) return gemm::Prefetcher();
     return gemm::Prefetcher(hidden[L - 2] + r1 * H, std::min(blk.rows_per_block, N - r1), hb, hb,
                             tiles);
   };
 
   const auto run_chunks = [&](int64_t c0, int64_t c1) {
-    thread_local Scratch block_scratch;
+    thread_local Scratch block_scratch, z_scratch;
     Acc* base = block_buffer<Acc>(block_scratch, 3 * buf + xbuf + MR * NR);
+    // the block's recomputed z_0 (row stride H)
+    T* Z = recompute ? static_cast<T*>(z_scratch.get(sizeof(T) * blk.rows_per_block * H))
+                     : nullptr;
     gemm::run_isa<I>([&]() FO_INLINE_LAMBDA {
       Acc* P = base;  // a_{l-1}
       Acc* D = base + buf;  // delta_l, then delta_{l-1} in D2
@@ -649,6 +699,17 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const ActFns<T>& hi
                         : 0) +
                 (input_tiles ? ceil_div(K, lnr[l]) * (nrp / MR) : 0);
             gemm::Prefetcher ahead = prefetch_after(bi, blast, l, tiles);
+            if (l == 1 && recompute) {
+              // z_0 and a_0 by the forward's own tiles and epilogue: bitwise what it computed
+              load_input(net, r0, n, X);
+              LayerOut<T> o;
+              o.z = Z;
+              o.ldz = H;
+              o.a = P;
+              o.lda = ld;
+              forward_layer<T, W, MR, NV>(hid, nr0, net.in, H, n, X, net.in, pack + fwoff,
+                                          pack + fboff, o, tile);
+            }
             if (want_b) {
               // (gb is padded to whole vectors, and d's rows to ld >= that)
               Acc* gb = acc + gboff[l];
@@ -661,9 +722,10 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const ActFns<T>& hi
               }
             }
             if (want_w) {
+              // (a recomputed z_0 left the input rows in X and a_0 in P)
               if (l == 0) {
-                load_input(net, r0, n, X);
-              } else {
+                if (!recompute) load_input(net, r0, n, X);
+              } else if (!(recompute && l == 1)) {
                 ActRows<T> e{hidden[l - 1] + r0 * H, H, n, H, P, ld};
                 hid.act(hid.self, e);
               }
@@ -707,7 +769,7 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const ActFns<T>& hi
                   e.ldt = nrl;
                   e.mr = mr;
                   e.nc = nc;
-                  e.z = hidden[l - 1] + (r0 + ip) * H + j0;
+                  e.z = (recompute && l == 1 ? Z + ip * H : hidden[l - 1] + (r0 + ip) * H) + j0;
                   e.ldz = H;
                   e.d = d2 + ip * ld + j0;
                   e.ldd = ld;
@@ -775,7 +837,9 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor> fused_mlp_forward(
   std::vector<Tensor> hidden;
   if (save_for_backward)
     for (int64_t l = 0; l + 1 < d.layers; ++l)
-      hidden.push_back(empty_output({d.N, d.hidden}, opts));
+      hidden.push_back(l == 0 && fused_mlp_recomputes_z0(d, input)
+                           ? at::empty({0}, opts)
+                           : empty_output({d.N, d.hidden}, opts));
   Tensor out_preact = save_for_backward && out_act != "none"
                           ? empty_output({d.N, d.out_features}, opts)
                           : at::empty({0}, opts);
@@ -786,7 +850,7 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor> fused_mlp_forward(
     const ActFns<T>& hid = activation_fns<T>(act);
     const ActFns<T>& outf = activation_fns<T>(out_act);
     std::vector<T*> hp;
-    for (Tensor& h : hidden) hp.push_back(h.mutable_data_ptr<T>());
+    for (Tensor& h : hidden) hp.push_back(h.numel() > 0 ? h.mutable_data_ptr<T>() : nullptr);
     T* op_ = out_preact.numel() > 0 ? out_preact.mutable_data_ptr<T>() : nullptr;
     with_isa([&](auto isa) {
       forward_isa<T, decltype(isa)::value>(net, weights, bias_list, hid, outf,
@@ -820,6 +884,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> fused_mlp_backward(
     for (auto& t : gb) t.zero_();
     return {gi, gw, gb};
   }
+  const std::vector<Tensor> bias_list = fused_mlp_biases(biases);
   std::vector<Tensor> hidden;
   for (const Tensor& h : hidden_in) hidden.push_back(h.contiguous());
   const Tensor out_preact = out_act != "none" ? out_preact_in.contiguous() : out_preact_in;
@@ -835,10 +900,10 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> fused_mlp_backward(
     if (want_b)
       for (auto& t : gb) grads.grad_biases.push_back(t.mutable_data_ptr<T>());
     std::vector<const T*> hp;
-    for (const Tensor& h : hidden) hp.push_back(h.const_data_ptr<T>());
+    for (const Tensor& h : hidden) hp.push_back(h.numel() > 0 ? h.const_data_ptr<T>() : nullptr);
     const T* opp = out_act != "none" ? out_preact.const_data_ptr<T>() : nullptr;
     with_isa([&](auto isa) {
-      backward_isa<T, decltype(isa)::value>(net, weights, hid, outf,
+      backward_isa<T, decltype(isa)::value>(net, weights, bias_list, hid, outf,
                                             grad_output.const_data_ptr<T>(),
                                             grad_output.stride(0), grad_output.stride(1), hp, opp,
                                             grads);

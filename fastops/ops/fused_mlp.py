@@ -4,8 +4,10 @@ torch.ops.fastops.fused_mlp(input, weights, biases, activation, output_activatio
 save_for_backward) runs every layer of a small MLP in one kernel call and returns (output,
 hidden, out_preact): hidden is a list of the hidden layers' pre-activations, one (N, hidden)
 tensor per layer, and out_preact the output layer's (when output_activation is not 'none'),
-both kept for backward only when save_for_backward is true. fused_mlp_backward gives the
-gradients of the input, of every weight and of every bias in one call. The op carries a C++
+both kept for backward only when save_for_backward is true. On the CPU a first layer of at most
+16 inputs is recomputed by the backward instead (hidden[0] is then an empty tensor).
+fused_mlp_backward gives the gradients of the input, of every weight and of every bias in one
+call. The op carries a C++
 autograd node (csrc/autograd_fused_mlp.cpp); FusedMLPFunction is its Python twin, which
 torch.func transforms run.
 """
@@ -50,12 +52,23 @@ def _dims(input, weights):
     return input.shape[0], weights[0].shape[0], weights[-1].shape[0]
 
 
+# On the CPU a first layer of at most this many inputs is recomputed by the backward and not
+# saved (hidden[0] is empty): kFusedMlpRecomputeIn of csrc/fused_mlp_checks.h.
+_RECOMPUTE_IN = 16
+
+
+def _recomputes_z0(input, weights):
+    return input.device.type == "cpu" and len(weights) >= 2 and input.shape[1] <= _RECOMPUTE_IN
+
+
 @torch.library.register_fake("fastops::fused_mlp")
 def _fused_mlp_fake(input, weights, biases, activation, output_activation, save_for_backward):
     n, hidden, out = _dims(input, weights)
     y = input.new_empty((n, out))
     saved_hidden = ([input.new_empty((n, hidden)) for _ in weights[1:]] if save_for_backward
                     else [])
+    if saved_hidden and _recomputes_z0(input, weights):
+        saved_hidden[0] = input.new_empty(0)
     out_preact = (input.new_empty((n, out))
                   if save_for_backward and output_activation != "none" else input.new_empty(0))
     return y, saved_hidden, out_preact
