@@ -159,15 +159,17 @@ struct ActRows {
 };
 
 // One loop per row with every store in it: copies out of a local row would become memcpy calls.
-template <class T, class F, bool kZ, bool kA, bool kY>
+// NC > 0: the tile's width, known at compile time (whole vectors, no loop or tail to run).
+template <class T, class F, bool kZ, bool kA, bool kY, int NC>
 FO_ALWAYS_INLINE void fwd_rows(const FwdTile<T>& e, const F& f) {
   using Acc = acc_t<T>;
+  const int nc = NC > 0 ? NC : e.nc;
   for (int i = 0; i < e.mr; ++i) {
     const Acc* t = e.tile + i * e.ldt;
     T* zo = kZ ? e.z + i * e.ldz : nullptr;
     Acc* ao = kA ? e.a + i * e.lda : nullptr;
     T* yo = kY ? e.y + i * e.ldy : nullptr;
-    for (int j = 0; j < e.nc; ++j) {
+    for (int j = 0; j < nc; ++j) {
       const Acc z = round_to<T>(t[j] + e.bias[j]);
       const Acc a = round_to<T>(static_cast<Acc>(f.forward(z)));
       if constexpr (kZ) zo[j] = static_cast<T>(z);
@@ -178,30 +180,44 @@ FO_ALWAYS_INLINE void fwd_rows(const FwdTile<T>& e, const F& f) {
 }
 
 // A hidden layer's tile writes a (and z when saved), the output layer's y (and z when saved).
-template <class T, class F>
-FO_ALWAYS_INLINE void fwd_tile(const FwdTile<T>& e, const F& f) {
+template <class T, class F, int NC>
+FO_ALWAYS_INLINE void fwd_rows_of(const FwdTile<T>& e, const F& f) {
   const bool z = e.z != nullptr;
   if (e.a != nullptr) {
-    if (z) fwd_rows<T, F, true, true, false>(e, f);
-    else fwd_rows<T, F, false, true, false>(e, f);
+    if (z) fwd_rows<T, F, true, true, false, NC>(e, f);
+    else fwd_rows<T, F, false, true, false, NC>(e, f);
   } else if (z) {
-    fwd_rows<T, F, true, false, true>(e, f);
+    fwd_rows<T, F, true, false, true, NC>(e, f);
   } else {
-    fwd_rows<T, F, false, false, true>(e, f);
+    fwd_rows<T, F, false, false, true, NC>(e, f);
   }
 }
 
-template <class T, class F>
-FO_ALWAYS_INLINE void bwd_tile(const BwdTile<T>& e, const F& f) {
+// Full tiles (NR columns, the common case) run with their width known at compile time.
+template <int NR, class T, class F>
+FO_ALWAYS_INLINE void fwd_tile(const FwdTile<T>& e, const F& f) {
+  if (e.nc == NR) fwd_rows_of<T, F, NR>(e, f);
+  else fwd_rows_of<T, F, 0>(e, f);
+}
+
+template <int NC, class T, class F>
+FO_ALWAYS_INLINE void bwd_rows(const BwdTile<T>& e, const F& f) {
   using Acc = acc_t<T>;
+  const int nc = NC > 0 ? NC : e.nc;
   for (int i = 0; i < e.mr; ++i) {
     const Acc* t = e.tile + i * e.ldt;
     const T* z = e.z + i * e.ldz;
     Acc* d = e.d + i * e.ldd;
-    for (int j = 0; j < e.nc; ++j)
+    for (int j = 0; j < nc; ++j)
       d[j] = round_to<T>(
           static_cast<Acc>(f.backward(static_cast<Acc>(z[j]), round_to<T>(t[j]))));
   }
+}
+
+template <int NR, class T, class F>
+FO_ALWAYS_INLINE void bwd_tile(const BwdTile<T>& e, const F& f) {
+  if (e.nc == NR) bwd_rows<NR>(e, f);
+  else bwd_rows<0>(e, f);
 }
 
 template <class T, class F>
@@ -254,12 +270,16 @@ struct ActFns {
 
 template <class T, Isa I, class F>
 ActFns<T> make_fns(const F* f) {
+  using Cfg = gemm::Config<acc_t<T>, I>;
+  constexpr int NR = Cfg::W * Cfg::NV;
   return {f,
           [](const void* s, const FwdTile<T>& e) {
-            gemm::run_isa<I>([&]() FO_INLINE_LAMBDA { fwd_tile(e, *static_cast<const F*>(s)); });
+            gemm::run_isa<I>(
+                [&]() FO_INLINE_LAMBDA { fwd_tile<NR>(e, *static_cast<const F*>(s)); });
           },
           [](const void* s, const BwdTile<T>& e) {
-            gemm::run_isa<I>([&]() FO_INLINE_LAMBDA { bwd_tile(e, *static_cast<const F*>(s)); });
+            gemm::run_isa<I>(
+                [&]() FO_INLINE_LAMBDA { bwd_tile<NR>(e, *static_cast<const F*>(s)); });
           },
           [](const void* s, const OutDelta<T>& e) {
             gemm::run_isa<I>([&]() FO_INLINE_LAMBDA { out_delta(e, *static_cast<const F*>(s)); });
