@@ -145,6 +145,29 @@ def test_widths(device, width):
     assert_matches(fused, seq, x, torch.randn(25, width, device=device), torch.float32)
 
 
+@pytest.mark.parametrize("out_features", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("hidden", [16, 37])
+def test_narrow_output_layers(device, dtype, out_features, hidden):
+    """On the CPU an output layer of at most a quarter of a vector's lanes (and at least a vector
+    of inputs) runs as dot products along its inputs."""
+    fused, seq = make_mlp(3, out_features, hidden, 2, "gelu", "sigmoid", True, dtype, device)
+    x = torch.randn(203, 3, device=device, dtype=dtype)
+    g = torch.randn(203, out_features, device=device, dtype=dtype)
+    assert_matches(fused, seq, x, g, dtype)
+
+
+def test_narrow_layer_after_a_wider_net():
+    """A narrow layer's dot products read whole vectors of the activation buffer, past the
+    hidden width: what an earlier call of a wider net left there (inf here) must not leak in."""
+    torch.manual_seed(0)
+    wide = [torch.randn(40, 20), torch.randn(40, 40), torch.randn(1, 40)]
+    F.fused_mlp(torch.full((50, 20), float("inf")), wide, None, "relu")
+    fused, seq = make_mlp(20, 1, 33, 1, "relu", "none", True, torch.float32, "cpu")
+    x = torch.randn(50, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), seq(x), **tol(torch.float32))
+
+
 @pytest.mark.parametrize("activation", FUSED_MLP_ACTIVATIONS)
 def test_gradcheck(device, activation):
     torch.manual_seed(0)

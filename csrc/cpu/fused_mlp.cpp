@@ -483,6 +483,122 @@ FO_ALWAYS_INLINE void forward_layer(const ActFns<T>& fns, int nr, int64_t K, int
   }
 }
 
+// ---- narrow layers ------------------------------------------------------------------------------
+
+// A layer of NL <= W / 4 outputs (the spiral net's 100 -> 3, a regression head's 1) would use NL
+// of the W lanes of a broadcast tile. It runs as dot products along k instead: R = W / NL rows
+// at a time, R x NL vector accumulators whose lanes are then summed by a tree of two-vector
+// shuffles that leaves the sum of accumulator p in lane p.
+
+template <int W>
+constexpr int bit_reversed(int p) {
+  int r = 0;
+  for (int b = 1; b < W; b <<= 1, p >>= 1) r = (r << 1) | (p & 1);
+  return r;
+}
+
+// v[p] for p < H from v[2p], v[2p + 1]: per group of 2H lanes, lanes [0, H) of the result hold
+// the pairwise sums of the group in v[2p], lanes [H, 2H) those in v[2p + 1]. From H = W / 2
+// down to 1, lane i of v[0] ends with the sum of the lanes of v[bit_reversed(i)].
+template <class Acc, int W, int H>
+FO_ALWAYS_INLINE void fold_lanes(typename gemm::VecT<Acc, W>::type* v) {
+  using Int = std::conditional_t<sizeof(Acc) == 4, int32_t, int64_t>;
+  using M = typename gemm::VecT<Int, W>::type;
+  M lo, hi;
+#pragma GCC unroll 16
+  for (int i = 0; i < W; ++i) {
+    const int g = i / (2 * H), t = i % (2 * H);
+    lo[i] = t < H ? 2 * H * g + t : W + 2 * H * g + t - H;
+    hi[i] = lo[i] + H;
+  }
+#pragma GCC unroll 16
+  for (int p = 0; p < H; ++p)
+    v[p] = __builtin_shuffle(v[2 * p], v[2 * p + 1], lo) +
+           __builtin_shuffle(v[2 * p], v[2 * p + 1], hi);
+  if constexpr (H > 1) fold_lanes<Acc, W, H / 2>(v);
+}
+
+// out[i * NL + j] = sum_{k < kp} rows[i][k] w[j * kp + k] for i < R = W / NL; one vector store,
+// so out has room for W values. kp is a multiple of W, the columns past the layer's inputs zero
+// in both operands.
+template <class Acc, int W, int NL>
+FO_ALWAYS_INLINE void dot_rows(int64_t kp, const Acc* const* rows, const Acc* w, Acc* out) {
+  using V = typename gemm::VecT<Acc, W>::type;
+  using VU = typename gemm::VecT<Acc, W>::unaligned;
+  constexpr int R = W / NL;
+  V acc[W];
+#pragma GCC unroll 16
+  for (int p = 0; p < W; ++p) acc[p] = V{};
+  for (int64_t k = 0; k < kp; k += W) {
+    V wv[NL];
+#pragma GCC unroll 4
+    for (int j = 0; j < NL; ++j) wv[j] = *reinterpret_cast<const VU*>(w + j * kp + k);
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const V av = *reinterpret_cast<const VU*>(rows[i] + k);
+#pragma GCC unroll 4
+      for (int j = 0; j < NL; ++j) acc[i * NL + j] += av * wv[j];
+    }
+  }
+  V v[W];
+#pragma GCC unroll 16
+  for (int p = 0; p < W; ++p) v[bit_reversed<W>(p)] = acc[p];
+  fold_lanes<Acc, W, W / 2>(v);
+  *reinterpret_cast<VU*>(out) = v[0];
+}
+
+// The layers that run as dot_rows: at most W / 4 outputs, at least W inputs, A from the
+// activation buffers (whose columns past the hidden width hold zeros).
+template <int W>
+FO_ALWAYS_INLINE bool narrow_layer(int64_t l, int64_t in_l, int64_t out_l) {
+  return l > 0 && out_l * 4 <= W && in_l >= W;
+}
+
+// W_l (out_l, in_l) as out_l rows of kp = round_up(in_l, W) values, zero past in_l.
+template <int W, class T, class Acc>
+void pack_rows(const Tensor& w, Acc* out) {
+  const T* p = w.const_data_ptr<T>();
+  const int64_t rows = w.size(0), cols = w.size(1), kp = round_up(cols, W);
+  for (int64_t j = 0; j < rows; ++j)
+    for (int64_t k = 0; k < kp; ++k)
+      out[j * kp + k] = k < cols ? static_cast<Acc>(p[j * w.stride(0) + k * w.stride(1)]) : Acc(0);
+}
+
+// forward_layer for a narrow layer of NL outputs: the block's rows R at a time (the last group
+// repeats row n - 1 and leaves it unstored), one epilogue per tile-buffer of rows (room for
+// `room` values).
+template <class T, int W, int NL>
+FO_ALWAYS_INLINE void forward_narrow(const ActFns<T>& fns, int64_t K, int64_t n,
+                                     const acc_t<T>* A, int64_t lda, const acc_t<T>* wp,
+                                     const acc_t<T>* bias, const LayerOut<T>& o, acc_t<T>* tile,
+                                     int64_t room) {
+  constexpr int R = W / NL;
+  const int64_t kp = round_up(K, W);
+  const int64_t group = (room - W) / NL / R * R;
+  for (int64_t g0 = 0; g0 < n; g0 += group) {
+    const int64_t m = std::min(group, n - g0);
+    for (int64_t i = 0; i < m; i += R) {
+      const acc_t<T>* rows[R];
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) rows[r] = A + std::min<int64_t>(g0 + i + r, n - 1) * lda;
+      dot_rows<acc_t<T>, W, NL>(kp, rows, wp, tile + i * NL);
+    }
+    FwdTile<T> e;
+    e.tile = tile;
+    e.ldt = NL;
+    e.mr = static_cast<int>(m);
+    e.nc = NL;
+    e.bias = bias;
+    e.z = o.z ? o.z + g0 * o.ldz : nullptr;
+    e.ldz = o.ldz;
+    e.a = o.a ? o.a + g0 * o.lda : nullptr;
+    e.lda = o.lda;
+    e.y = o.y ? o.y + g0 * o.ldy : nullptr;
+    e.ldy = o.ldy;
+    fns.fwd(fns.self, e);
+  }
+}
+
 template <class T, Isa I>
 void forward_isa(const Net<T>& net, at::TensorList weights, const std::vector<Tensor>& biases,
                  const ActFns<T>& hid, const ActFns<T>& outf, T* y,
@@ -496,11 +612,16 @@ void forward_isa(const Net<T>& net, at::TensorList weights, const std::vector<Te
   // the packed weights and biases, once per call
   std::vector<int64_t> woff(L), boff(L);
   std::vector<int> lnr(L);  // panel width per layer
+  std::vector<char> narrow(L);
+  bool any_narrow = false;
   int64_t total = 0, weights_total = 0;
   for (int64_t l = 0; l < L; ++l) {
     lnr[l] = panel_width<W, NR>(net.lout[l]);
+    narrow[l] = narrow_layer<W>(l, net.lin[l], net.lout[l]);
+    any_narrow = any_narrow || narrow[l];
     woff[l] = total;
-    total += net.lin[l] * round_up(net.lout[l], lnr[l]);
+    total += narrow[l] ? net.lout[l] * round_up(net.lin[l], W)
+                       : net.lin[l] * round_up(net.lout[l], lnr[l]);
     boff[l] = total;
     total += round_up(net.lout[l], NR);
     weights_total += net.lin[l] * net.lout[l];
@@ -508,7 +629,8 @@ void forward_isa(const Net<T>& net, at::TensorList weights, const std::vector<Te
   thread_local Scratch pack_scratch;
   Acc* pack = static_cast<Acc*>(pack_scratch.get(sizeof(Acc) * std::max<int64_t>(total, 1)));
   for (int64_t l = 0; l < L; ++l) {
-    pack_weight_panels<NR, T>(lnr[l], weights[l], true, pack + woff[l]);
+    if (narrow[l]) pack_rows<W, T>(weights[l], pack + woff[l]);
+    else pack_weight_panels<NR, T>(lnr[l], weights[l], true, pack + woff[l]);
     pack_bias<NR, T>(biases, l, net.lout[l], pack + boff[l]);
   }
 
@@ -522,6 +644,11 @@ void forward_isa(const Net<T>& net, at::TensorList weights, const std::vector<Te
   const auto run_blocks = [&](int64_t b0, int64_t b1) {
     thread_local Scratch block_scratch;
     Acc* cur0 = block_buffer<Acc>(block_scratch, 2 * buf + xbuf + MR * NR);
+    // a narrow layer reads whole vectors of the activations: zeros past the hidden width (which
+    // an earlier call of a wider net may have left otherwise)
+    if (any_narrow)
+      for (int64_t r = 0; r < 2 * blk.rows_per_block; ++r)
+        std::fill(cur0 + r * ld + net.H, cur0 + r * ld + round_up(net.H, W), Acc(0));
     gemm::run_isa<I>([&]() FO_INLINE_LAMBDA {
       Acc* X = cur0 + 2 * buf;  // the input rows, dense
       Acc* tile = X + xbuf;
@@ -546,9 +673,23 @@ void forward_isa(const Net<T>& net, at::TensorList weights, const std::vector<Te
             o.a = nxt;
             o.lda = ld;
           }
-          forward_layer<T, W, MR, NV>(last ? outf : hid, lnr[l], net.lin[l], Nl, n,
-                                      l == 0 ? X : cur, l == 0 ? net.in : ld,
-                                      pack + woff[l], pack + boff[l], o, tile);
+          const ActFns<T>& fns = last ? outf : hid;
+          if (narrow[l]) {
+            const auto run = [&](auto nl) {
+              constexpr int NL = decltype(nl)::value;
+              if constexpr (NL * 4 <= W)
+                forward_narrow<T, W, NL>(fns, net.lin[l], n, cur, ld, pack + woff[l],
+                                         pack + boff[l], o, tile, MR * NR);
+            };
+            if (Nl == 1) run(std::integral_constant<int, 1>{});
+            else if (Nl == 2) run(std::integral_constant<int, 2>{});
+            else if (Nl == 3) run(std::integral_constant<int, 3>{});
+            else run(std::integral_constant<int, 4>{});
+          } else {
+            forward_layer<T, W, MR, NV>(fns, lnr[l], net.lin[l], Nl, n, l == 0 ? X : cur,
+                                        l == 0 ? net.in : ld, pack + woff[l], pack + boff[l], o,
+                                        tile);
+          }
           std::swap(cur, nxt);
         }
       }
