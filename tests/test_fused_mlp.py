@@ -213,9 +213,12 @@ def test_input_shapes(device):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_deterministic(device, threads):
-    fused, _ = make_mlp(5, 3, 64, 3, "relu", "none", True, torch.float32, device)
-    x = torch.randn(5000, 5, device=device)
+@pytest.mark.parametrize("in_features, hidden, layers", [(5, 64, 3), (2, 100, 1)])
+def test_deterministic(device, threads, in_features, hidden, layers):
+    # (2, 100, 1): the spiral net, whose backward takes short row blocks on the CPU
+    fused, _ = make_mlp(in_features, 3, hidden, layers, "relu", "none", True, torch.float32,
+                        device)
+    x = torch.randn(5000, in_features, device=device)
     g = torch.randn(5000, 3, device=device)
     before = torch.get_num_threads()
     try:
