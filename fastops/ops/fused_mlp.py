@@ -7,9 +7,8 @@ tensor per layer, and out_preact the output layer's (when output_activation is n
 both kept for backward only when save_for_backward is true. On the CPU a first layer of at most
 16 inputs is recomputed by the backward instead (hidden[0] is then an empty tensor).
 fused_mlp_backward gives the gradients of the input, of every weight and of every bias in one
-call. The op carries a C++
-autograd node (csrc/autograd_fused_mlp.cpp); FusedMLPFunction is its Python twin, which
-torch.func transforms run.
+call. The op carries a C++ autograd node (csrc/autograd_fused_mlp.cpp); FusedMLPFunction is its
+Python twin, which torch.func transforms run.
 """
 
 import torch
