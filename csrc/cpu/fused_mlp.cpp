@@ -458,6 +458,27 @@ struct LayerOut {
   int64_t ldy = 0;
 };
 
+// The activation's epilogue on a finished tile (row stride ldt) holding rows [i0, i0 + mr) and
+// columns [j0, j0 + nc) of a layer's output o, bias at the layer's first column.
+template <class T>
+FO_ALWAYS_INLINE void finish_tile(const ActFns<T>& fns, const LayerOut<T>& o,
+                                  const acc_t<T>* tile, int ldt, int64_t i0, int mr, int64_t j0,
+                                  int nc, const acc_t<T>* bias) {
+  FwdTile<T> e;
+  e.tile = tile;
+  e.ldt = ldt;
+  e.mr = mr;
+  e.nc = nc;
+  e.bias = bias + j0;
+  e.z = o.z ? o.z + i0 * o.ldz + j0 : nullptr;
+  e.ldz = o.ldz;
+  e.a = o.a ? o.a + i0 * o.lda + j0 : nullptr;
+  e.lda = o.lda;
+  e.y = o.y ? o.y + i0 * o.ldy + j0 : nullptr;
+  e.ldy = o.ldy;
+  fns.fwd(fns.self, e);
+}
+
 // One layer's forward over a block's n rows: tiles of A W_l^T (A row-major, row stride lda; W_l
 // packed in panels of width nr at wp, K = in_l), each finished by the activation's epilogue.
 template <class T, int W, int MR, int NV>
@@ -471,19 +492,8 @@ FO_ALWAYS_INLINE void forward_layer(const ActFns<T>& fns, int nr, int64_t K, int
     const int nc = static_cast<int>(std::min<int64_t>(nr, Nl - j0));
     for (int64_t ip = 0; ip < nrp; ip += MR) {
       row_tile<acc_t<T>, W, MR, NV>(nr, K, A + ip * lda, lda, bp, tile);
-      FwdTile<T> e;
-      e.tile = tile;
-      e.ldt = nr;
-      e.mr = static_cast<int>(std::min<int64_t>(MR, n - ip));
-      e.nc = nc;
-      e.bias = bias + j0;
-      e.z = o.z ? o.z + ip * o.ldz + j0 : nullptr;
-      e.ldz = o.ldz;
-      e.a = o.a ? o.a + ip * o.lda + j0 : nullptr;
-      e.lda = o.lda;
-      e.y = o.y ? o.y + ip * o.ldy + j0 : nullptr;
-      e.ldy = o.ldy;
-      fns.fwd(fns.self, e);
+      finish_tile(fns, o, tile, nr, ip, static_cast<int>(std::min<int64_t>(MR, n - ip)), j0, nc,
+                  bias);
     }
   }
 }
@@ -526,19 +536,7 @@ FO_ALWAYS_INLINE void forward_narrow(const ActFns<T>& fns, int64_t K, int64_t n,
       for (int r = 0; r < R; ++r) rows[r] = A + std::min<int64_t>(g0 + i + r, n - 1) * lda;
       dot_rows<acc_t<T>, W, NL>(kp, rows, wp, tile + i * NL);
     }
-    FwdTile<T> e;
-    e.tile = tile;
-    e.ldt = NL;
-    e.mr = static_cast<int>(m);
-    e.nc = NL;
-    e.bias = bias;
-    e.z = o.z ? o.z + g0 * o.ldz : nullptr;
-    e.ldz = o.ldz;
-    e.a = o.a ? o.a + g0 * o.lda : nullptr;
-    e.lda = o.lda;
-    e.y = o.y ? o.y + g0 * o.ldy : nullptr;
-    e.ldy = o.ldy;
-    fns.fwd(fns.self, e);
+    finish_tile(fns, o, tile, NL, g0, static_cast<int>(m), 0, NL, bias);
   }
 }
 
