@@ -111,12 +111,71 @@ FO_ALWAYS_INLINE void tile_kernel(int64_t kc, const Acc* __restrict a, int64_t l
 
 // ---- activation epilogues ---------------------------------------------------------------------
 
-// A finished forward tile: rows i < mr, columns j < nc of tile (leading dimension ldt).
+// A layer of at most kSmallK inputs (a 2-D point, a 3-D position) costs a few multiply-adds per
+// output, less than storing a tile and reading it back: its epilogue computes the sums itself.
+constexpr int64_t kSmallK = 4;
+
+// The sums of an epilogue's rows: from a finished tile (row stride ldt), or, when tile is null,
+// of a small-K product computed on the spot: row i, column j = sum_{k < kdim} x[i ldx + k]
+// w[k ldw + j], the k in order from zero as tile_kernel adds them (so bitwise its sums).
+template <class Acc>
+struct TileSums {
+  const Acc* tile = nullptr;
+  int ldt = 0;
+  const Acc* x = nullptr;
+  int64_t ldx = 0;
+  int kdim = 0;
+  const Acc* w = nullptr;
+  int ldw = 0;
+};
+
+// The small-K product's row i, columns j < NC, into buf (K known at compile time: the sums
+// stay in registers across the k).
+template <int NC, int K, class Acc>
+FO_ALWAYS_INLINE void small_k_row(const TileSums<Acc>& s, int i, Acc* buf) {
+  const Acc* x = s.x + i * s.ldx;
+  for (int j = 0; j < NC; ++j) buf[j] = Acc(0);
+#pragma GCC unroll 4
+  for (int k = 0; k < K; ++k) {
+    const Acc xk = x[k];
+    const Acc* w = s.w + static_cast<int64_t>(k) * s.ldw;
+    for (int j = 0; j < NC; ++j) buf[j] += xk * w[j];
+  }
+}
+
+template <int NC, class Acc>
+FO_ALWAYS_INLINE void small_k_row(const TileSums<Acc>& s, int i, Acc* buf) {
+  static_assert(kSmallK == 4, "one case per K");
+  switch (s.kdim) {
+    case 1: small_k_row<NC, 1>(s, i, buf); break;
+    case 2: small_k_row<NC, 2>(s, i, buf); break;
+    case 3: small_k_row<NC, 3>(s, i, buf); break;
+    default: small_k_row<NC, 4>(s, i, buf); break;
+  }
+}
+
+// Row i's sums: the tile's row, or (kSmall) the small-K product's row into buf. A panel
+// narrower than NC (or than NR when NC = 0, a run-time width) runs whole: of width ldw =
+// NR / 2 or NR, zeros past its columns (loops of a run-time length would keep the sums in
+// memory).
+template <int NC, int NR, bool kSmall, class Acc>
+FO_ALWAYS_INLINE const Acc* row_sums(const TileSums<Acc>& s, int i, Acc* buf) {
+  if constexpr (!kSmall) {
+    return s.tile + static_cast<int64_t>(i) * s.ldt;
+  } else {
+    if constexpr (NC > 0) small_k_row<NC>(s, i, buf);
+    else if (s.ldw == NR) small_k_row<NR>(s, i, buf);
+    else small_k_row<NR / 2>(s, i, buf);
+    return buf;
+  }
+}
+
+// A finished forward tile: rows i < mr, columns j < nc of its sums.
 template <class T>
 struct FwdTile {
   using Acc = acc_t<T>;
-  const Acc* tile;
-  int ldt, mr, nc;
+  TileSums<Acc> sums;
+  int mr, nc;
   const Acc* bias;  // at the tile's first column
   T* z;             // the pre-activation to save (row stride ldz), or null
   int64_t ldz;
@@ -131,8 +190,8 @@ struct FwdTile {
 template <class T>
 struct BwdTile {
   using Acc = acc_t<T>;
-  const Acc* tile;
-  int ldt, mr, nc;
+  TileSums<Acc> sums;
+  int mr, nc;
   const T* z;  // z_{l-1} at the tile (row stride ldz)
   int64_t ldz;
   Acc* d;
@@ -164,13 +223,15 @@ struct ActRows {
 };
 
 // One loop per row with every store in it: copies out of a local row would become memcpy calls.
-// NC > 0: the tile's width, known at compile time (whole vectors, no loop or tail to run).
-template <class T, class F, bool kZ, bool kA, bool kY, int NC>
+// NC > 0: the tile's width, known at compile time (whole vectors, no loop or tail to run); at
+// most NR columns.
+template <class T, class F, bool kZ, bool kA, bool kY, int NC, int NR, bool kSmall>
 FO_ALWAYS_INLINE void fwd_rows(const FwdTile<T>& e, const F& f) {
   using Acc = acc_t<T>;
   const int nc = NC > 0 ? NC : e.nc;
+  Acc buf[NR];
   for (int i = 0; i < e.mr; ++i) {
-    const Acc* t = e.tile + i * e.ldt;
+    const Acc* t = row_sums<NC, NR, kSmall>(e.sums, i, buf);
     T* zo = kZ ? e.z + i * e.ldz : nullptr;
     Acc* ao = kA ? e.a + i * e.lda : nullptr;
     T* yo = kY ? e.y + i * e.ldy : nullptr;
@@ -184,33 +245,45 @@ FO_ALWAYS_INLINE void fwd_rows(const FwdTile<T>& e, const F& f) {
   }
 }
 
-// A hidden layer's tile writes a (and z when saved), the output layer's y (and z when saved).
-template <class T, class F, int NC>
+// A hidden layer's tile writes a (and z when saved), the output layer's y (and z when saved);
+// small-K products only run in hidden layers (forward_layer).
+template <class T, class F, int NC, int NR, bool kSmall>
 FO_ALWAYS_INLINE void fwd_rows_of(const FwdTile<T>& e, const F& f) {
   const bool z = e.z != nullptr;
-  if (e.a != nullptr) {
-    if (z) fwd_rows<T, F, true, true, false, NC>(e, f);
-    else fwd_rows<T, F, false, true, false, NC>(e, f);
+  if constexpr (kSmall) {
+    if (z) fwd_rows<T, F, true, true, false, NC, NR, kSmall>(e, f);
+    else fwd_rows<T, F, false, true, false, NC, NR, kSmall>(e, f);
+  } else if (e.a != nullptr) {
+    if (z) fwd_rows<T, F, true, true, false, NC, NR, kSmall>(e, f);
+    else fwd_rows<T, F, false, true, false, NC, NR, kSmall>(e, f);
   } else if (z) {
-    fwd_rows<T, F, true, false, true, NC>(e, f);
+    fwd_rows<T, F, true, false, true, NC, NR, kSmall>(e, f);
   } else {
-    fwd_rows<T, F, false, false, true, NC>(e, f);
+    fwd_rows<T, F, false, false, true, NC, NR, kSmall>(e, f);
   }
 }
 
-// Full tiles (NR columns, the common case) run with their width known at compile time.
+// Full tiles (NR columns, the common case) run with their width known at compile time; the
+// sums from a tile, or from a small-K product (tile null).
 template <int NR, class T, class F>
 FO_ALWAYS_INLINE void fwd_tile(const FwdTile<T>& e, const F& f) {
-  if (e.nc == NR) fwd_rows_of<T, F, NR>(e, f);
-  else fwd_rows_of<T, F, 0>(e, f);
+  const bool small = e.sums.tile == nullptr;
+  if (e.nc == NR) {
+    if (small) fwd_rows_of<T, F, NR, NR, true>(e, f);
+    else fwd_rows_of<T, F, NR, NR, false>(e, f);
+  } else {
+    if (small) fwd_rows_of<T, F, 0, NR, true>(e, f);
+    else fwd_rows_of<T, F, 0, NR, false>(e, f);
+  }
 }
 
-template <int NC, class T, class F>
+template <int NC, int NR, bool kSmall, class T, class F>
 FO_ALWAYS_INLINE void bwd_rows(const BwdTile<T>& e, const F& f) {
   using Acc = acc_t<T>;
   const int nc = NC > 0 ? NC : e.nc;
+  Acc buf[NR];
   for (int i = 0; i < e.mr; ++i) {
-    const Acc* t = e.tile + i * e.ldt;
+    const Acc* t = row_sums<NC, NR, kSmall>(e.sums, i, buf);
     const T* z = e.z + i * e.ldz;
     Acc* d = e.d + i * e.ldd;
     for (int j = 0; j < nc; ++j)
@@ -221,8 +294,14 @@ FO_ALWAYS_INLINE void bwd_rows(const BwdTile<T>& e, const F& f) {
 
 template <int NR, class T, class F>
 FO_ALWAYS_INLINE void bwd_tile(const BwdTile<T>& e, const F& f) {
-  if (e.nc == NR) bwd_rows<NR>(e, f);
-  else bwd_rows<0>(e, f);
+  const bool small = e.sums.tile == nullptr;
+  if (e.nc == NR) {
+    if (small) bwd_rows<NR, NR, true>(e, f);
+    else bwd_rows<NR, NR, false>(e, f);
+  } else {
+    if (small) bwd_rows<0, NR, true>(e, f);
+    else bwd_rows<0, NR, false>(e, f);
+  }
 }
 
 template <class T, class F>
@@ -458,15 +537,14 @@ struct LayerOut {
   int64_t ldy = 0;
 };
 
-// The activation's epilogue on a finished tile (row stride ldt) holding rows [i0, i0 + mr) and
-// columns [j0, j0 + nc) of a layer's output o, bias at the layer's first column.
+// The activation's epilogue on the sums of rows [i0, i0 + mr) and columns [j0, j0 + nc) of a
+// layer's output o, bias at the layer's first column.
 template <class T>
 FO_ALWAYS_INLINE void finish_tile(const ActFns<T>& fns, const LayerOut<T>& o,
-                                  const acc_t<T>* tile, int ldt, int64_t i0, int mr, int64_t j0,
+                                  const TileSums<acc_t<T>>& sums, int64_t i0, int mr, int64_t j0,
                                   int nc, const acc_t<T>* bias) {
   FwdTile<T> e;
-  e.tile = tile;
-  e.ldt = ldt;
+  e.sums = sums;
   e.mr = mr;
   e.nc = nc;
   e.bias = bias + j0;
@@ -479,8 +557,34 @@ FO_ALWAYS_INLINE void finish_tile(const ActFns<T>& fns, const LayerOut<T>& o,
   fns.fwd(fns.self, e);
 }
 
+// The sums of a finished tile (row stride ldt).
+template <class Acc>
+FO_ALWAYS_INLINE TileSums<Acc> tile_sums(const Acc* tile, int ldt) {
+  TileSums<Acc> s;
+  s.tile = tile;
+  s.ldt = ldt;
+  return s;
+}
+
+// The sums of a small-K product: A (row stride lda) times a panel of B (row stride ldb).
+template <class Acc>
+FO_ALWAYS_INLINE TileSums<Acc> small_k_sums(const Acc* a, int64_t lda, int64_t K, const Acc* b,
+                                            int ldb) {
+  TileSums<Acc> s;
+  s.x = a;
+  s.ldx = lda;
+  s.kdim = static_cast<int>(K);
+  s.w = b;
+  s.ldw = ldb;
+  return s;
+}
+
 // One layer's forward over a block's n rows: tiles of A W_l^T (A row-major, row stride lda; W_l
-// packed in panels of width nr at wp, K = in_l), each finished by the activation's epilogue.
+// packed in panels of width nr at wp, K = in_l), each finished by the activation's epilogue; at
+// K <= kSmallK a hidden layer's panel, all rows at once, by the epilogue alone, its last panel
+// computed whole (o's rows are padded to whole tiles): a loop of run-time length would do its
+// arithmetic a value at a time. (The padding then holds z = 0 and act(0), a finite value, which
+// the next layer multiplies by zero weights or ignores.)
 template <class T, int W, int MR, int NV>
 FO_ALWAYS_INLINE void forward_layer(const ActFns<T>& fns, int nr, int64_t K, int64_t Nl,
                                     int64_t n, const acc_t<T>* A, int64_t lda,
@@ -490,10 +594,15 @@ FO_ALWAYS_INLINE void forward_layer(const ActFns<T>& fns, int nr, int64_t K, int
   for (int64_t j0 = 0; j0 < Nl; j0 += nr) {
     const acc_t<T>* bp = wp + j0 * K;
     const int nc = static_cast<int>(std::min<int64_t>(nr, Nl - j0));
+    if (K <= kSmallK && o.a != nullptr) {
+      const int ncw = nr == W * NV ? nr : nc;
+      finish_tile(fns, o, small_k_sums(A, lda, K, bp, nr), 0, static_cast<int>(n), j0, ncw, bias);
+      continue;
+    }
     for (int64_t ip = 0; ip < nrp; ip += MR) {
       row_tile<acc_t<T>, W, MR, NV>(nr, K, A + ip * lda, lda, bp, tile);
-      finish_tile(fns, o, tile, nr, ip, static_cast<int>(std::min<int64_t>(MR, n - ip)), j0, nc,
-                  bias);
+      finish_tile(fns, o, tile_sums(tile, nr), ip, static_cast<int>(std::min<int64_t>(MR, n - ip)),
+                  j0, nc, bias);
     }
   }
 }
@@ -536,7 +645,7 @@ FO_ALWAYS_INLINE void forward_narrow(const ActFns<T>& fns, int64_t K, int64_t n,
       for (int r = 0; r < R; ++r) rows[r] = A + std::min<int64_t>(g0 + i + r, n - 1) * lda;
       dot_rows<acc_t<T>, W, NL>(kp, rows, wp, tile + i * NL);
     }
-    finish_tile(fns, o, tile, NL, g0, static_cast<int>(m), 0, NL, bias);
+    finish_tile(fns, o, tile_sums(tile, NL), g0, static_cast<int>(m), 0, NL, bias);
   }
 }
 
@@ -575,9 +684,12 @@ void forward_isa(const Net<T>& net, at::TensorList weights, const std::vector<Te
     pack_bias<NR, T>(biases, l, net.lout[l], pack + boff[l]);
   }
 
-  const Blocking blk = blocking(N, MR, weights_total);
-  // row stride of the activation buffers (row-major, rows_per_block rows each)
-  const int64_t ld = round_up(std::max(net.in, std::max(net.H, net.out)), W);
+  const int64_t fmax = std::max(net.in, std::max(net.H, net.out));
+  const bool thin = weights_total <= kThinNetMacs * fmax;
+  const Blocking blk = blocking(N, MR, weights_total, thin ? kThinPanels : kBlockPanels);
+  // row stride of the activation buffers (row-major, rows_per_block rows each): whole tiles
+  // (forward_layer)
+  const int64_t ld = round_up(std::max(net.in, std::max(net.H, net.out)), NR);
   const int64_t buf = blk.rows_per_block * ld;
   // the dense input rows, and room for the tiles' reads past the last row
   const int64_t xbuf = blk.rows_per_block * net.in + NR + MR;
@@ -585,8 +697,9 @@ void forward_isa(const Net<T>& net, at::TensorList weights, const std::vector<Te
   const auto run_blocks = [&](int64_t b0, int64_t b1) {
     thread_local Scratch block_scratch;
     Acc* cur0 = block_buffer<Acc>(block_scratch, 2 * buf + xbuf + MR * NR);
-    // a narrow layer reads whole vectors of the activations: zeros past the hidden width (which
-    // an earlier call of a wider net may have left otherwise)
+    // a narrow layer reads whole vectors of the activations, and multiplies what lies past the
+    // hidden width by zeros: finite values there (zeros, or a small-K layer's act(0)), where an
+    // earlier call of a wider net may have left anything
     if (any_narrow)
       for (int64_t r = 0; r < 2 * blk.rows_per_block; ++r)
         std::fill(cur0 + r * ld + net.H, cur0 + r * ld + round_up(net.H, W), Acc(0));
@@ -689,6 +802,8 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const std::vector<T
   // z_0 not saved (fused_mlp_recomputes_z0): layer 0 packed as the forward packs it too, and
   // its bias, to recompute z_0 and a_0 block by block
   const bool recompute = L >= 2 && hidden[0] == nullptr;
+  // the row stride of the recomputed z_0: whole tiles (forward_layer)
+  const int64_t ldz0 = round_up(H, NR);
   const int nr0 = panel_width<W, NR>(H);
   const int64_t fwoff = total, fboff = fwoff + net.in * round_up(H, nr0);
   if (recompute) total = fboff + round_up(H, NR);
@@ -766,8 +881,8 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const std::vector<T
   const auto run_chunks = [&](int64_t c0, int64_t c1) {
     thread_local Scratch block_scratch, z_scratch;
     Acc* base = block_buffer<Acc>(block_scratch, 3 * buf + xbuf + MR * NR);
-    // the block's recomputed z_0 (row stride H)
-    T* Z = recompute ? static_cast<T*>(z_scratch.get(sizeof(T) * blk.rows_per_block * H))
+    // the block's recomputed z_0 (row stride ldz0)
+    T* Z = recompute ? static_cast<T*>(z_scratch.get(sizeof(T) * blk.rows_per_block * ldz0))
                      : nullptr;
     gemm::run_isa<I>([&]() FO_INLINE_LAMBDA {
       Acc* P = base;  // a_{l-1}
@@ -811,7 +926,7 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const std::vector<T
               load_input(net, r0, n, X);
               LayerOut<T> o;
               o.z = Z;
-              o.ldz = H;
+              o.ldz = ldz0;
               o.a = P;
               o.lda = ld;
               forward_layer<T, W, MR, NV>(hid, nr0, net.in, H, n, X, net.in, pack + fwoff,
@@ -860,8 +975,32 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const std::vector<T
             if (!input_tiles) break;
             const Acc* wp = pack + woff[l];
             const int nrl = lnr[l];
+            // z_{l-1} at the block's first row (row stride ldzb)
+            const bool from_z = recompute && l == 1;
+            const T* zb = l == 0 ? nullptr : from_z ? Z : hidden[l - 1] + r0 * H;
+            const int64_t ldzb = from_z ? ldz0 : H;
+            const auto finish = [&](const TileSums<Acc>& sums, int64_t ip, int mr, int64_t j0,
+                                    int nc) {
+              BwdTile<T> e;
+              e.sums = sums;
+              e.mr = mr;
+              e.nc = nc;
+              e.z = zb + ip * ldzb + j0;
+              e.ldz = ldzb;
+              e.d = d2 + ip * ld + j0;
+              e.ldd = ld;
+              hid.bwd(hid.self, e);
+            };
             for (int64_t j0 = 0; j0 < K; j0 += nrl) {
               const int nc = static_cast<int>(std::min<int64_t>(nrl, K - j0));
+              if (l > 0 && Nl <= kSmallK) {
+                // with z_0 padded to whole tiles, as forward_layer, so is delta_0 (zeros there)
+                const int ncw = from_z && nrl == NR ? nrl : nc;
+                finish(small_k_sums<Acc>(d, ld, Nl, wp + j0 * Nl, nrl), 0, static_cast<int>(n), j0,
+                       ncw);
+                for (int64_t ip = 0; ip < nrp; ip += MR) ahead.step();
+                continue;
+              }
               for (int64_t ip = 0; ip < nrp; ip += MR) {
                 row_tile<Acc, W, MR, NV>(nrl, Nl, d + ip * ld, ld, wp + j0 * Nl, tile);
                 ahead.step();
@@ -871,16 +1010,7 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const std::vector<T
                   for (int i = 0; i < mr; ++i)
                     for (int j = 0; j < nc; ++j) gi[i * K + j] = static_cast<T>(tile[i * nrl + j]);
                 } else {
-                  BwdTile<T> e;
-                  e.tile = tile;
-                  e.ldt = nrl;
-                  e.mr = mr;
-                  e.nc = nc;
-                  e.z = (recompute && l == 1 ? Z + ip * H : hidden[l - 1] + (r0 + ip) * H) + j0;
-                  e.ldz = H;
-                  e.d = d2 + ip * ld + j0;
-                  e.ldd = ld;
-                  hid.bwd(hid.self, e);
+                  finish(tile_sums<Acc>(tile, nrl), ip, mr, j0, nc);
                 }
               }
             }
