@@ -27,7 +27,7 @@ def make_mlp(in_features, out_features, hidden, layers, activation, output_activ
         for p in fused.parameters():
             p.uniform_(-1.0, 1.0)
             if p.dim() == 2:
-                p.mul_(1.5 / p.shape[1] ** 0.5)
+                p.mul_(1.5 / max(p.shape[1], 1) ** 0.5)
     return fused, fused.to_sequential()
 
 
@@ -162,6 +162,20 @@ def test_few_inputs_are_bitwise_the_tile_path(dtype, activation, in_features, hi
     assert torch.equal(grads[1], grads5[1][:, :k])
     for a, b in zip(grads[2:], grads5[2:]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dims", [(0, 100, 3), (2, 100, 0), (3, 40, 40, 0), (20, 40, 0),
+                                  (2, 0, 3), (0, 0, 0), (0, 16)])
+def test_zero_features(device, dtype, dims):
+    """A layer with no inputs gives its bias, one with no outputs an empty tensor (a 0-wide
+    output layer once crashed the CPU forward, a 0-input layer must not take the small-K
+    path's K = 4)."""
+    fused, seq = make_mlp(dims[0], dims[-1], dims[1] if len(dims) > 2 else 8, len(dims) - 2,
+                          "sigmoid", "none", True, dtype, device)
+    x = torch.randn(37, dims[0], device=device, dtype=dtype)
+    assert_matches(fused, seq, x, torch.randn(37, dims[-1], device=device, dtype=dtype), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -115,6 +115,8 @@ FO_ALWAYS_INLINE void tile_kernel(int64_t kc, const Acc* __restrict a, int64_t l
 // output, less than storing a tile and reading it back: its epilogue computes the sums itself.
 constexpr int64_t kSmallK = 4;
 
+FO_ALWAYS_INLINE bool small_k(int64_t K) { return K >= 1 && K <= kSmallK; }
+
 // The sums of an epilogue's rows: from a finished tile (row stride ldt), or, when tile is null,
 // of a small-K product computed on the spot: row i, column j = sum_{k < kdim} x[i ldx + k]
 // w[k ldw + j], the k in order from zero as tile_kernel adds them (so bitwise its sums).
@@ -594,7 +596,7 @@ FO_ALWAYS_INLINE void forward_layer(const ActFns<T>& fns, int nr, int64_t K, int
   for (int64_t j0 = 0; j0 < Nl; j0 += nr) {
     const acc_t<T>* bp = wp + j0 * K;
     const int nc = static_cast<int>(std::min<int64_t>(nr, Nl - j0));
-    if (K <= kSmallK && o.a != nullptr) {
+    if (small_k(K) && o.a != nullptr) {
       const int ncw = nr == W * NV ? nr : nc;
       finish_tile(fns, o, small_k_sums(A, lda, K, bp, nr), 0, static_cast<int>(n), j0, ncw, bias);
       continue;
@@ -609,11 +611,11 @@ FO_ALWAYS_INLINE void forward_layer(const ActFns<T>& fns, int nr, int64_t K, int
 
 // ---- narrow layers (dot_rows.h) ----------------------------------------------------------------
 
-// The layers that run as dot_rows: at most W / 4 outputs, at least W inputs, A from the
+// The layers that run as dot_rows: 1 to W / 4 outputs, at least W inputs, A from the
 // activation buffers (whose columns past the hidden width hold zeros).
 template <int W>
 FO_ALWAYS_INLINE bool narrow_layer(int64_t l, int64_t in_l, int64_t out_l) {
-  return l > 0 && out_l * 4 <= W && in_l >= W;
+  return l > 0 && out_l >= 1 && out_l * 4 <= W && in_l >= W;
 }
 
 // W_l (out_l, in_l) as out_l rows of kp = round_up(in_l, W) values, zero past in_l.
@@ -993,7 +995,7 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const std::vector<T
             };
             for (int64_t j0 = 0; j0 < K; j0 += nrl) {
               const int nc = static_cast<int>(std::min<int64_t>(nrl, K - j0));
-              if (l > 0 && Nl <= kSmallK) {
+              if (l > 0 && small_k(Nl)) {
                 // with z_0 padded to whole tiles, as forward_layer, so is delta_0 (zeros there)
                 const int ncw = from_z && nrl == NR ? nrl : nc;
                 finish(small_k_sums<Acc>(d, ld, Nl, wp + j0 * Nl, nrl), 0, static_cast<int>(n), j0,
