@@ -156,10 +156,9 @@ FO_ALWAYS_INLINE void small_k_row(const TileSums<Acc>& s, int i, Acc* buf) {
   }
 }
 
-// Row i's sums: the tile's row, or (kSmall) the small-K product's row into buf. A panel
-// narrower than NC (or than NR when NC = 0, a run-time width) runs whole: of width ldw =
-// NR / 2 or NR, zeros past its columns (loops of a run-time length would keep the sums in
-// memory).
+// Row i's sums: the tile's row, or (kSmall) the small-K product's row into buf. With a
+// run-time width (NC = 0) the product runs over its whole panel, of width ldw = NR / 2 or NR
+// with zeros past the real columns: loops of a run-time length would keep the sums in memory.
 template <int NC, int NR, bool kSmall, class Acc>
 FO_ALWAYS_INLINE const Acc* row_sums(const TileSums<Acc>& s, int i, Acc* buf) {
   if constexpr (!kSmall) {
@@ -584,9 +583,9 @@ FO_ALWAYS_INLINE TileSums<Acc> small_k_sums(const Acc* a, int64_t lda, int64_t K
 // One layer's forward over a block's n rows: tiles of A W_l^T (A row-major, row stride lda; W_l
 // packed in panels of width nr at wp, K = in_l), each finished by the activation's epilogue; at
 // K <= kSmallK a hidden layer's panel, all rows at once, by the epilogue alone, its last panel
-// computed whole (o's rows are padded to whole tiles): a loop of run-time length would do its
-// arithmetic a value at a time. (The padding then holds z = 0 and act(0), a finite value, which
-// the next layer multiplies by zero weights or ignores.)
+// computed whole where o's rows have room (the block buffers and the recomputed z_0 do): a loop
+// of run-time length would do its arithmetic a value at a time. (The padding then holds z = 0
+// and act(0), a finite value, which the next layer multiplies by zero weights or ignores.)
 template <class T, int W, int MR, int NV>
 FO_ALWAYS_INLINE void forward_layer(const ActFns<T>& fns, int nr, int64_t K, int64_t Nl,
                                     int64_t n, const acc_t<T>* A, int64_t lda,
@@ -597,7 +596,8 @@ FO_ALWAYS_INLINE void forward_layer(const ActFns<T>& fns, int nr, int64_t K, int
     const acc_t<T>* bp = wp + j0 * K;
     const int nc = static_cast<int>(std::min<int64_t>(nr, Nl - j0));
     if (small_k(K) && o.a != nullptr) {
-      const int ncw = nr == W * NV ? nr : nc;
+      const int64_t room = round_up(Nl, nr);
+      const int ncw = o.lda >= room && (o.z == nullptr || o.ldz >= room) ? nr : nc;
       finish_tile(fns, o, small_k_sums(A, lda, K, bp, nr), 0, static_cast<int>(n), j0, ncw, bias);
       continue;
     }
@@ -612,7 +612,7 @@ FO_ALWAYS_INLINE void forward_layer(const ActFns<T>& fns, int nr, int64_t K, int
 // ---- narrow layers (dot_rows.h) ----------------------------------------------------------------
 
 // The layers that run as dot_rows: 1 to W / 4 outputs, at least W inputs, A from the
-// activation buffers (whose columns past the hidden width hold zeros).
+// activation buffers (whose columns past the hidden width hold finite values: forward_isa).
 template <int W>
 FO_ALWAYS_INLINE bool narrow_layer(int64_t l, int64_t in_l, int64_t out_l) {
   return l > 0 && out_l >= 1 && out_l * 4 <= W && in_l >= W;
@@ -686,12 +686,14 @@ void forward_isa(const Net<T>& net, at::TensorList weights, const std::vector<Te
     pack_bias<NR, T>(biases, l, net.lout[l], pack + boff[l]);
   }
 
+  // a thin net (backward_isa) takes the backward's short blocks: its activation buffers then
+  // stay in L1 (2 x 24 rows of 128 floats for the spiral net)
   const int64_t fmax = std::max(net.in, std::max(net.H, net.out));
   const bool thin = weights_total <= kThinNetMacs * fmax;
   const Blocking blk = blocking(N, MR, weights_total, thin ? kThinPanels : kBlockPanels);
   // row stride of the activation buffers (row-major, rows_per_block rows each): whole tiles
   // (forward_layer)
-  const int64_t ld = round_up(std::max(net.in, std::max(net.H, net.out)), NR);
+  const int64_t ld = round_up(fmax, NR);
   const int64_t buf = blk.rows_per_block * ld;
   // the dense input rows, and room for the tiles' reads past the last row
   const int64_t xbuf = blk.rows_per_block * net.in + NR + MR;
@@ -996,8 +998,9 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const std::vector<T
             for (int64_t j0 = 0; j0 < K; j0 += nrl) {
               const int nc = static_cast<int>(std::min<int64_t>(nrl, K - j0));
               if (l > 0 && small_k(Nl)) {
-                // with z_0 padded to whole tiles, as forward_layer, so is delta_0 (zeros there)
-                const int ncw = from_z && nrl == NR ? nrl : nc;
+                // the whole last panel where the rows have room, as forward_layer (the
+                // recomputed z_0 has; delta is 0 in the padding)
+                const int ncw = std::min(ld, ldzb) >= round_up(K, nrl) ? nrl : nc;
                 finish(small_k_sums<Acc>(d, ld, Nl, wp + j0 * Nl, nrl), 0, static_cast<int>(n), j0,
                        ncw);
                 for (int64_t ip = 0; ip < nrp; ip += MR) ahead.step();
