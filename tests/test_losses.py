@@ -345,7 +345,10 @@ def test_cross_entropy_deterministic():
     t = torch.randint(0, 257, (300,))
     xs = torch.randn(4, 33, 50, requires_grad=True)
     ts = torch.randint(0, 33, (4, 50))
-    for xi, ti in [(x, t), (xs, ts)]:
+    # few classes: rows run 16 at a time in the lanes, several blocks of them per thread task
+    xf = torch.randn(3001, 3, requires_grad=True)
+    tf = torch.randint(0, 3, (3001,))
+    for xi, ti in [(x, t), (xs, ts), (xf, tf)]:
         outs, grads = [], []
         for threads in [1, 2, 1]:
             prev = torch.get_num_threads()

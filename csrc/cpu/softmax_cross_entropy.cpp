@@ -306,6 +306,13 @@ FO_ALWAYS_INLINE void lanes_to_rows(const T* src, int64_t C, int64_t nl, T* dst)
 
 // ---- cross entropy ---------------------------------------------------------------------------
 
+// Blocks of kLanes rows per thread task for rows of C < kLanes classes: about 8192 values. A
+// value costs an exp here, a nanosecond or more, so a task takes microseconds, more than waking
+// a second thread (the 65536 values of the row-at-a-time tasks kept a 3000 x 3 batch on one).
+int64_t small_class_grain(int64_t C) {
+  return std::max<int64_t>(1, 8192 / (kLanes * std::max<int64_t>(1, C)));
+}
+
 struct CEParams {
   Rows r;
   int64_t reduction, ignore_index;
@@ -401,7 +408,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_fwd(const Tensor& self, const T
         constexpr int MODE = decltype(mode_c)::value;
         if (r.S == 1 && r.C < kLanes) {
           const int64_t nblk = (rows + kLanes - 1) / kLanes;
-          const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, r.C));
+          const int64_t grain = small_class_grain(r.C);
           at::parallel_for(0, nblk, grain, [&](int64_t b, int64_t e) {
             dispatch_isa([&]() FO_INLINE_LAMBDA {
               scalar_t xt[kLanes * kLanes], yt[kLanes * kLanes];
@@ -651,7 +658,7 @@ Tensor cross_entropy_bwd(const Tensor& grad_output, const Tensor& self, const Te
           });
         } else if (r.S == 1) {  // fewer classes than lanes
           const int64_t nblk = (rows + kLanes - 1) / kLanes;
-          const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, r.C));
+          const int64_t grain = small_class_grain(r.C);
           at::parallel_for(0, nblk, grain, [&](int64_t b, int64_t e) {
             dispatch_isa([&]() FO_INLINE_LAMBDA {
               scalar_t xt[kLanes * kLanes], yt[kLanes * kLanes], gt[kLanes * kLanes];
