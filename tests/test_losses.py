@@ -340,6 +340,21 @@ def test_cross_entropy_long_row_with_leading_neg_inf():
     _check_vs_torch(L.cross_entropy, F.cross_entropy, x, torch.float64, t, label_smoothing=0.0)
 
 
+@pytest.mark.parametrize("fn", [L.cross_entropy, L.nll_loss])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_class_target_out_of_bounds(fn, weighted):
+    """The first bad target is named, ignore_index is skipped, and a batch that is all good
+    still runs (the check is one branch-free pass, then a second only to name the bad one)."""
+    x = torch.randn(5, 3).log_softmax(1)
+    w = torch.rand(3) if weighted else None
+    for bad in (3, -1):
+        t = torch.tensor([0, -100, 2, bad, 7])
+        with pytest.raises(IndexError, match=rf"target {bad} \(at flat index 3\) is out of bounds"):
+            fn(x, t, weight=w)
+    t = torch.tensor([0, -100, 2, 1, -100])
+    torch.testing.assert_close(fn(x, t, weight=w), getattr(F, fn.__name__)(x, t, weight=w))
+
+
 def test_cross_entropy_deterministic():
     x = torch.randn(300, 257, requires_grad=True)
     t = torch.randint(0, 257, (300,))

@@ -74,19 +74,39 @@ FO_ALWAYS_INLINE v16f vmax16(v16f a, v16f b) { return a > b ? a : b; }
 
 // ---- target checks and sums ----------------------------------------------------------------
 
-// Checks every class target (ignore_index excepted) and returns the total weight, the sum of
-// the weights of the non-ignored targets (their count without weights), summed in order.
+// Checks every class target (ignore_index excepted): one branch-free pass, and only when it
+// finds a bad one a second pass for the first, to name it.
+template <class I>
+void check_targets(const I* t, int64_t n, int64_t C, int64_t ignore_index, const char* op) {
+  bool bad = false;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t ti = static_cast<int64_t>(t[i]);
+    bad |= ti != ignore_index && (ti < 0 || ti >= C);
+  }
+  if (!bad) return;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t ti = static_cast<int64_t>(t[i]);
+    TORCH_CHECK_INDEX(ti == ignore_index || (ti >= 0 && ti < C), op, ": target ", ti,
+                      " (at flat index ", i, ") is out of bounds: expected a class index in [0, ",
+                      C, ") or ignore_index (", ignore_index, ")");
+  }
+}
+
+// check_targets, and the total weight: the sum of the weights of the non-ignored targets
+// (their count without weights), summed in order.
 template <class I, class T>
 double check_targets_total_weight(const I* t, int64_t n, const T* w, int64_t C,
                                   int64_t ignore_index, const char* op) {
+  check_targets(t, n, C, ignore_index, op);
+  if (w == nullptr) {
+    int64_t count = 0;
+    for (int64_t i = 0; i < n; ++i) count += static_cast<int64_t>(t[i]) != ignore_index;
+    return static_cast<double>(count);
+  }
   double total = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t ti = static_cast<int64_t>(t[i]);
-    if (ti == ignore_index) continue;
-    TORCH_CHECK_INDEX(ti >= 0 && ti < C, op, ": target ", ti, " (at flat index ", i,
-                      ") is out of bounds: expected a class index in [0, ", C,
-                      ") or ignore_index (", ignore_index, ")");
-    total += w ? static_cast<double>(w[ti]) : 1.0;
+    if (ti != ignore_index) total += static_cast<double>(w[ti]);
   }
   return total;
 }
@@ -530,7 +550,7 @@ Tensor cross_entropy_bwd(const Tensor& grad_output, const Tensor& self, const Te
     const A gscale = reduction == kMean ? static_cast<A>(static_cast<double>(gp[0]) / tw) : gp[0];
     FO_DISPATCH_TARGET(tg.scalar_type(), [&] {
       const index_t* tp = soft ? nullptr : tg.const_data_ptr<index_t>();
-      if (!soft) check_targets_total_weight(tp, rows, wp, r.C, ignore_index, op);
+      if (!soft) check_targets(tp, rows, r.C, ignore_index, op);
       dispatch_mode(mode, [&](auto mode_c) {
         constexpr int MODE = decltype(mode_c)::value;
         // The lanes of one task: kLanes rows (positions s of one n, or rows of fewer classes than
@@ -763,7 +783,7 @@ Tensor nll_loss_bwd(const Tensor& grad_output, const Tensor& self, const Tensor&
     const A gscale = reduction == kMean ? static_cast<A>(static_cast<double>(gp[0]) / tw) : gp[0];
     FO_DISPATCH_TARGET(tg.scalar_type(), [&] {
       const index_t* tp = tg.const_data_ptr<index_t>();
-      check_targets_total_weight(tp, rows, wp, r.C, ignore_index, op);
+      check_targets(tp, rows, r.C, ignore_index, op);
       // Per n: zero the (C, S) slab, then set the targets.
       const int64_t slab = r.C * r.S;
       at::parallel_for(0, r.N, std::max<int64_t>(1, kElementwiseGrain / std::max<int64_t>(1, slab)),
