@@ -52,8 +52,8 @@ using gemm::Scratch;
 // Row blocks hold up to this many MR-row panels: with MR = 12 (AVX-512 float) 120 rows, whose
 // activations at width 64 (30 KB) stay in L1/L2 next to the layer's packed weights (16 KB).
 constexpr int64_t kBlockPanels = 10;
-// The backward of a thin net (at most kThinNetMacs multiply-adds per row per unit of its widest
-// layer) takes blocks of kThinPanels panels (backward_isa).
+// A thin net (at most kThinNetMacs multiply-adds per row per unit of its widest layer) takes
+// blocks of kThinPanels panels (net_blocking).
 constexpr int64_t kThinNetMacs = 16, kThinPanels = 2;
 // Weight-gradient accumulators: at most this many chunks of row blocks (then summed in order).
 constexpr int64_t kMaxChunks = 16;
@@ -432,7 +432,20 @@ struct Net {
   std::vector<int64_t> lin, lout;  // in_l, out_l
   const T* x;
   int64_t xs0, xs1;
+
+  int64_t widest() const { return std::max(in, std::max(H, out)); }
 };
+
+// The blocks of both passes. A thin net, one hidden layer between narrow ends (2-100-3: 5
+// multiply-adds per row and unit of its widest layer), does little arithmetic per value of its
+// block buffers: blocks of kThinPanels keep those in L1 (2-100-3: the training step 297 -> 277
+// us at 3000 rows, 1377 -> 1151 at 20000). Nets with more work per value lose a little by short
+// blocks.
+template <class T>
+Blocking net_blocking(const Net<T>& net, int64_t mr, int64_t weights_total) {
+  const bool thin = weights_total <= kThinNetMacs * net.widest();
+  return blocking(net.N, mr, weights_total, thin ? kThinPanels : kBlockPanels);
+}
 
 template <class T>
 Net<T> make_net(const FusedMlpDims& d, const Tensor& input) {
@@ -686,14 +699,10 @@ void forward_isa(const Net<T>& net, at::TensorList weights, const std::vector<Te
     pack_bias<NR, T>(biases, l, net.lout[l], pack + boff[l]);
   }
 
-  // a thin net (backward_isa) takes the backward's short blocks: its activation buffers then
-  // stay in L1 (2 x 24 rows of 128 floats for the spiral net)
-  const int64_t fmax = std::max(net.in, std::max(net.H, net.out));
-  const bool thin = weights_total <= kThinNetMacs * fmax;
-  const Blocking blk = blocking(N, MR, weights_total, thin ? kThinPanels : kBlockPanels);
+  const Blocking blk = net_blocking(net, MR, weights_total);
   // row stride of the activation buffers (row-major, rows_per_block rows each): whole tiles
   // (forward_layer)
-  const int64_t ld = round_up(fmax, NR);
+  const int64_t ld = round_up(net.widest(), NR);
   const int64_t buf = blk.rows_per_block * ld;
   // the dense input rows, and room for the tiles' reads past the last row
   const int64_t xbuf = blk.rows_per_block * net.in + NR + MR;
@@ -843,13 +852,8 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const std::vector<T
   }
   acc_size = round_up(std::max<int64_t>(acc_size, 1), 16);
 
-  const int64_t fmax = std::max(net.in, std::max(H, net.out));
-  // A thin net, one hidden layer between narrow ends (2-100-3: 5 multiply-adds per row and unit
-  // of its widest layer), does little arithmetic per value of its block buffers: blocks of
-  // kThinPanels keep those in L1 (2-100-3: the training step 297 -> 277 us at 3000 rows, 1377
-  // -> 1151 at 20000). Nets with more work per value lose a little by short blocks.
-  const bool thin = weights_total <= kThinNetMacs * fmax;
-  const Blocking blk = blocking(N, MR, weights_total, thin ? kThinPanels : kBlockPanels);
+  const int64_t fmax = net.widest();
+  const Blocking blk = net_blocking(net, MR, weights_total);
   // row stride of the row-major buffers: covers a tile's columns (NR) and the A reads of the
   // weight-gradient tile (MR rows of delta^T)
   const int64_t ld = round_up(std::max(round_up(fmax, NR), round_up(fmax, MR)), W);

@@ -74,22 +74,27 @@ FO_ALWAYS_INLINE v16f vmax16(v16f a, v16f b) { return a > b ? a : b; }
 
 // ---- target checks and sums ----------------------------------------------------------------
 
-// Checks every class target (ignore_index excepted): one branch-free pass, and only when it
-// finds a bad one a second pass for the first, to name it.
+// Checks every class target (ignore_index excepted) and returns the count of the non-ignored:
+// one branch-free pass, and only when it finds a bad one a second pass for the first, to name
+// it.
 template <class I>
-void check_targets(const I* t, int64_t n, int64_t C, int64_t ignore_index, const char* op) {
+int64_t check_targets(const I* t, int64_t n, int64_t C, int64_t ignore_index, const char* op) {
   bool bad = false;
+  int64_t count = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t ti = static_cast<int64_t>(t[i]);
-    bad |= ti != ignore_index && (ti < 0 || ti >= C);
+    const bool kept = ti != ignore_index;
+    bad |= kept && (ti < 0 || ti >= C);
+    count += kept;
   }
-  if (!bad) return;
+  if (!bad) return count;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t ti = static_cast<int64_t>(t[i]);
     TORCH_CHECK_INDEX(ti == ignore_index || (ti >= 0 && ti < C), op, ": target ", ti,
                       " (at flat index ", i, ") is out of bounds: expected a class index in [0, ",
                       C, ") or ignore_index (", ignore_index, ")");
   }
+  return count;  // (not reached)
 }
 
 // check_targets, and the total weight: the sum of the weights of the non-ignored targets
@@ -97,12 +102,8 @@ void check_targets(const I* t, int64_t n, int64_t C, int64_t ignore_index, const
 template <class I, class T>
 double check_targets_total_weight(const I* t, int64_t n, const T* w, int64_t C,
                                   int64_t ignore_index, const char* op) {
-  check_targets(t, n, C, ignore_index, op);
-  if (w == nullptr) {
-    int64_t count = 0;
-    for (int64_t i = 0; i < n; ++i) count += static_cast<int64_t>(t[i]) != ignore_index;
-    return static_cast<double>(count);
-  }
+  const int64_t count = check_targets(t, n, C, ignore_index, op);
+  if (w == nullptr) return static_cast<double>(count);
   double total = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t ti = static_cast<int64_t>(t[i]);
@@ -328,7 +329,8 @@ FO_ALWAYS_INLINE void lanes_to_rows(const T* src, int64_t C, int64_t nl, T* dst)
 
 // Blocks of kLanes rows per thread task for rows of C < kLanes classes: about 8192 values. A
 // value costs an exp here, a nanosecond or more, so a task takes microseconds, more than waking
-// a second thread (the 65536 values of the row-at-a-time tasks kept a 3000 x 3 batch on one).
+// a second thread (tasks of 65536 values, the row-at-a-time path's, kept a 3000 x 3 batch on
+// one).
 int64_t small_class_grain(int64_t C) {
   return std::max<int64_t>(1, 8192 / (kLanes * std::max<int64_t>(1, C)));
 }
