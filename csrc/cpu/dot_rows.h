@@ -1,9 +1,10 @@
 // Dot products of a few rows against a few weight rows, every SIMD lane busy.
 //
-// A layer of NL <= W / 4 outputs (the spiral net's 100 -> 3, a regression head's 1) would use NL
+// A layer of a few outputs NL (the spiral net's 100 -> 3, a regression head's 1) would use NL
 // of the W lanes of a broadcast tile (A broadcast, W^T in vectors). dot_rows takes the products
 // along k instead: R = W / NL rows at a time, R x NL vector accumulators whose lanes are then
-// summed by a tree of two-vector shuffles that leaves the sum of accumulator p in lane p.
+// summed by a tree of two-vector shuffles that leaves the sum of accumulator p in lane p (lanes
+// past R x NL hold zeros).
 #pragma once
 
 #include <cstdint>

@@ -39,6 +39,7 @@
 #include "cpu_common.h"
 #include "dot_rows.h"
 #include "gemm.h"
+#include "vec_act.h"
 
 namespace fastops {
 namespace cpu {
@@ -223,12 +224,127 @@ struct ActRows {
   int64_t lda;
 };
 
+// ---- the epilogues in vector code ----
+// A float or double tile of known width NC (whole vectors of W = NR / 2 lanes) whose activation
+// runs on lanes (vec_act.h) keeps its rows in vector registers; the others take the loops below.
+template <class T, class F, int NC>
+constexpr bool kVectorRows = NC > 0 && std::is_same_v<T, acc_t<T>> &&
+                             (std::is_same_v<F, IdentityAct> || vec::kPiecewiseLinear<F>);
+
+// fn(std::integral_constant<int, K>): K the small-K product's kdim, or 0 for a tile's sums.
+template <bool kSmall, class Fn>
+FO_ALWAYS_INLINE void with_sums_k(int kdim, const Fn& fn) {
+  static_assert(kSmallK == 4, "one case per K");
+  if constexpr (!kSmall) {
+    fn(std::integral_constant<int, 0>{});
+  } else {
+    switch (kdim) {
+      case 1: fn(std::integral_constant<int, 1>{}); break;
+      case 2: fn(std::integral_constant<int, 2>{}); break;
+      case 3: fn(std::integral_constant<int, 3>{}); break;
+      default: fn(std::integral_constant<int, 4>{}); break;
+    }
+  }
+}
+
+// The small-K product's weights, NV vectors per k, loaded once per tile (none for K = 0).
+template <int W, int NV, int K, class Acc>
+struct SumWeights {
+  using L = vec::Lanes<Acc, W>;
+  typename L::V w[K > 0 ? K : 1][NV];
+  FO_ALWAYS_INLINE explicit SumWeights(const TileSums<Acc>& s) {
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k)
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) w[k][v] = L::load(s.w + static_cast<int64_t>(k) * s.ldw + v * W);
+  }
+};
+
+// Row i's sums in NV vectors: the tile's row, or the small-K product's (k in order from zero,
+// as tile_kernel adds them).
+template <int W, int NV, int K, class Acc>
+FO_ALWAYS_INLINE void row_vectors(const TileSums<Acc>& s, const SumWeights<W, NV, K, Acc>& sw,
+                                  int i, typename vec::Lanes<Acc, W>::V (&t)[NV]) {
+  using L = vec::Lanes<Acc, W>;
+  if constexpr (K == 0) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) t[v] = L::load(s.tile + static_cast<int64_t>(i) * s.ldt + v * W);
+  } else {
+    const Acc* x = s.x + i * s.ldx;
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) t[v] = typename L::V{};
+#pragma GCC unroll 4
+    for (int k = 0; k < K; ++k) {
+      const typename L::V xk = L::splat(x[k]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) t[v] += xk * sw.w[k][v];
+    }
+  }
+}
+
+template <class T, class F, bool kZ, bool kA, bool kY, int NC, int W, int K>
+FO_ALWAYS_INLINE void fwd_rows_vec(const FwdTile<T>& e, const F& f) {
+  using L = vec::Lanes<T, W>;
+  constexpr int NV = NC / W;
+  const SumWeights<W, NV, K, T> sw(e.sums);
+  typename L::V b[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) b[v] = L::load(e.bias + v * W);
+  // (locals: the vector stores may alias anything, e's fields too, which would be reloaded)
+  const TileSums<T> s = e.sums;
+  const int mr = e.mr;
+  T* zo = e.z;
+  T* ao = e.a;
+  T* yo = e.y;
+  const int64_t ldz = e.ldz, lda = e.lda, ldy = e.ldy;
+  for (int i = 0; i < mr; ++i) {
+    typename L::V t[NV];
+    row_vectors(s, sw, i, t);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const typename L::V z = t[v] + b[v];
+      const typename L::V a = f.forward(L(z)).v;
+      if constexpr (kZ) L::store(zo + i * ldz + v * W, z);
+      if constexpr (kA) L::store(ao + i * lda + v * W, a);
+      if constexpr (kY) L::store(yo + i * ldy + v * W, a);
+    }
+  }
+}
+
+template <class T, class F, int NC, int W, int K>
+FO_ALWAYS_INLINE void bwd_rows_vec(const BwdTile<T>& e, const F& f) {
+  using L = vec::Lanes<T, W>;
+  constexpr int NV = NC / W;
+  const SumWeights<W, NV, K, T> sw(e.sums);
+  const TileSums<T> s = e.sums;  // (locals, as in fwd_rows_vec)
+  const int mr = e.mr;
+  const T* zi = e.z;
+  T* d = e.d;
+  const int64_t ldz = e.ldz, ldd = e.ldd;
+  for (int i = 0; i < mr; ++i) {
+    typename L::V t[NV];
+    row_vectors(s, sw, i, t);
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) {
+      const L z(L::load(zi + i * ldz + v * W));
+      L::store(d + i * ldd + v * W, f.backward(z, L(t[v])).v);
+    }
+  }
+}
+
+// ---- the epilogues in scalar loops ----
 // One loop per row with every store in it: copies out of a local row would become memcpy calls.
 // NC > 0: the tile's width, known at compile time (whole vectors, no loop or tail to run); at
 // most NR columns.
 template <class T, class F, bool kZ, bool kA, bool kY, int NC, int NR, bool kSmall>
 FO_ALWAYS_INLINE void fwd_rows(const FwdTile<T>& e, const F& f) {
   using Acc = acc_t<T>;
+  if constexpr (kVectorRows<T, F, NC>) {
+    with_sums_k<kSmall>(e.sums.kdim, [&](auto k) FO_INLINE_LAMBDA {
+      fwd_rows_vec<T, F, kZ, kA, kY, NC, NR / 2, decltype(k)::value>(e, f);
+    });
+    return;
+  }
   const int nc = NC > 0 ? NC : e.nc;
   Acc buf[NR];
   for (int i = 0; i < e.mr; ++i) {
@@ -264,14 +380,18 @@ FO_ALWAYS_INLINE void fwd_rows_of(const FwdTile<T>& e, const F& f) {
   }
 }
 
-// Full tiles (NR columns, the common case) run with their width known at compile time; the
-// sums from a tile, or from a small-K product (tile null).
+// Full tiles (NR columns, the common case), and one-vector tiles where they run in vector code,
+// run with their width known at compile time; the sums from a tile, or from a small-K product
+// (tile null).
 template <int NR, class T, class F>
 FO_ALWAYS_INLINE void fwd_tile(const FwdTile<T>& e, const F& f) {
   const bool small = e.sums.tile == nullptr;
   if (e.nc == NR) {
     if (small) fwd_rows_of<T, F, NR, NR, true>(e, f);
     else fwd_rows_of<T, F, NR, NR, false>(e, f);
+  } else if (kVectorRows<T, F, NR / 2> && e.nc == NR / 2) {
+    if (small) fwd_rows_of<T, F, NR / 2, NR, true>(e, f);
+    else fwd_rows_of<T, F, NR / 2, NR, false>(e, f);
   } else {
     if (small) fwd_rows_of<T, F, 0, NR, true>(e, f);
     else fwd_rows_of<T, F, 0, NR, false>(e, f);
@@ -281,6 +401,12 @@ FO_ALWAYS_INLINE void fwd_tile(const FwdTile<T>& e, const F& f) {
 template <int NC, int NR, bool kSmall, class T, class F>
 FO_ALWAYS_INLINE void bwd_rows(const BwdTile<T>& e, const F& f) {
   using Acc = acc_t<T>;
+  if constexpr (kVectorRows<T, F, NC>) {
+    with_sums_k<kSmall>(e.sums.kdim, [&](auto k) FO_INLINE_LAMBDA {
+      bwd_rows_vec<T, F, NC, NR / 2, decltype(k)::value>(e, f);
+    });
+    return;
+  }
   const int nc = NC > 0 ? NC : e.nc;
   Acc buf[NR];
   for (int i = 0; i < e.mr; ++i) {
@@ -299,6 +425,9 @@ FO_ALWAYS_INLINE void bwd_tile(const BwdTile<T>& e, const F& f) {
   if (e.nc == NR) {
     if (small) bwd_rows<NR, NR, true>(e, f);
     else bwd_rows<NR, NR, false>(e, f);
+  } else if (kVectorRows<T, F, NR / 2> && e.nc == NR / 2) {
+    if (small) bwd_rows<NR / 2, NR, true>(e, f);
+    else bwd_rows<NR / 2, NR, false>(e, f);
   } else {
     if (small) bwd_rows<0, NR, true>(e, f);
     else bwd_rows<0, NR, false>(e, f);
@@ -551,14 +680,13 @@ struct LayerOut {
   int64_t ldy = 0;
 };
 
-// The activation's epilogue on the sums of rows [i0, i0 + mr) and columns [j0, j0 + nc) of a
-// layer's output o, bias at the layer's first column.
+// The activation's epilogue for rows [i0, i0 + mr) and columns [j0, j0 + nc) of a layer's
+// output o, bias at the layer's first column; the caller sets its sums (set_tile_sums,
+// set_small_k_sums) and calls fns.fwd.
 template <class T>
-FO_ALWAYS_INLINE void finish_tile(const ActFns<T>& fns, const LayerOut<T>& o,
-                                  const TileSums<acc_t<T>>& sums, int64_t i0, int mr, int64_t j0,
-                                  int nc, const acc_t<T>* bias) {
+FO_ALWAYS_INLINE FwdTile<T> fwd_tile_at(const LayerOut<T>& o, int64_t i0, int mr, int64_t j0,
+                                        int nc, const acc_t<T>* bias) {
   FwdTile<T> e;
-  e.sums = sums;
   e.mr = mr;
   e.nc = nc;
   e.bias = bias + j0;
@@ -568,29 +696,28 @@ FO_ALWAYS_INLINE void finish_tile(const ActFns<T>& fns, const LayerOut<T>& o,
   e.lda = o.lda;
   e.y = o.y ? o.y + i0 * o.ldy + j0 : nullptr;
   e.ldy = o.ldy;
-  fns.fwd(fns.self, e);
+  return e;
 }
 
+// The sums set field by field in the tile's own struct: a TileSums built apart and copied in
+// was copied by 16-byte moves from its 4- and 8-byte stores, a store-forwarding stall per
+// epilogue call (a sixth of the spiral net's forward with AVX2).
 // The sums of a finished tile (row stride ldt).
 template <class Acc>
-FO_ALWAYS_INLINE TileSums<Acc> tile_sums(const Acc* tile, int ldt) {
-  TileSums<Acc> s;
+FO_ALWAYS_INLINE void set_tile_sums(TileSums<Acc>& s, const Acc* tile, int ldt) {
   s.tile = tile;
   s.ldt = ldt;
-  return s;
 }
 
 // The sums of a small-K product: A (row stride lda) times a panel of B (row stride ldb).
 template <class Acc>
-FO_ALWAYS_INLINE TileSums<Acc> small_k_sums(const Acc* a, int64_t lda, int64_t K, const Acc* b,
-                                            int ldb) {
-  TileSums<Acc> s;
+FO_ALWAYS_INLINE void set_small_k_sums(TileSums<Acc>& s, const Acc* a, int64_t lda, int64_t K,
+                                       const Acc* b, int ldb) {
   s.x = a;
   s.ldx = lda;
   s.kdim = static_cast<int>(K);
   s.w = b;
   s.ldw = ldb;
-  return s;
 }
 
 // One layer's forward over a block's n rows: tiles of A W_l^T (A row-major, row stride lda; W_l
@@ -611,24 +738,35 @@ FO_ALWAYS_INLINE void forward_layer(const ActFns<T>& fns, int nr, int64_t K, int
     if (small_k(K) && o.a != nullptr) {
       const int64_t room = round_up(Nl, nr);
       const int ncw = o.lda >= room && (o.z == nullptr || o.ldz >= room) ? nr : nc;
-      finish_tile(fns, o, small_k_sums(A, lda, K, bp, nr), 0, static_cast<int>(n), j0, ncw, bias);
+      FwdTile<T> e = fwd_tile_at(o, 0, static_cast<int>(n), j0, ncw, bias);
+      set_small_k_sums(e.sums, A, lda, K, bp, nr);
+      fns.fwd(fns.self, e);
       continue;
     }
     for (int64_t ip = 0; ip < nrp; ip += MR) {
       row_tile<acc_t<T>, W, MR, NV>(nr, K, A + ip * lda, lda, bp, tile);
-      finish_tile(fns, o, tile_sums(tile, nr), ip, static_cast<int>(std::min<int64_t>(MR, n - ip)),
-                  j0, nc, bias);
+      FwdTile<T> e =
+          fwd_tile_at(o, ip, static_cast<int>(std::min<int64_t>(MR, n - ip)), j0, nc, bias);
+      set_tile_sums(e.sums, tile, nr);
+      fns.fwd(fns.self, e);
     }
   }
 }
 
 // ---- narrow layers (dot_rows.h) ----------------------------------------------------------------
 
-// The layers that run as dot_rows: 1 to W / 4 outputs, at least W inputs, A from the
+// The widest layer that runs as dot_rows with W lanes: W / 4 outputs (R >= 4 rows at a time),
+// and with 8 lanes 4 (R = 2): a tile of 8 lanes with 3 or 4 of them used costs a broadcast and
+// a multiply-add per row and input, where dot_rows of 2 rows takes 5 loads and 6 or 8
+// multiply-adds per 8 inputs of 2 rows (the spiral net's 100 -> 3 with AVX2).
+template <int W>
+constexpr int kNarrowMax = W == 8 ? 4 : W / 4;
+
+// The layers that run as dot_rows: 1 to kNarrowMax outputs, at least W inputs, A from the
 // activation buffers (whose columns past the hidden width hold finite values: forward_isa).
 template <int W>
 FO_ALWAYS_INLINE bool narrow_layer(int64_t l, int64_t in_l, int64_t out_l) {
-  return l > 0 && out_l >= 1 && out_l * 4 <= W && in_l >= W;
+  return l > 0 && out_l >= 1 && out_l <= kNarrowMax<W> && in_l >= W;
 }
 
 // W_l (out_l, in_l) as out_l rows of kp = round_up(in_l, W) values, zero past in_l.
@@ -660,7 +798,9 @@ FO_ALWAYS_INLINE void forward_narrow(const ActFns<T>& fns, int64_t K, int64_t n,
       for (int r = 0; r < R; ++r) rows[r] = A + std::min<int64_t>(g0 + i + r, n - 1) * lda;
       dot_rows<acc_t<T>, W, NL>(kp, rows, wp, tile + i * NL);
     }
-    finish_tile(fns, o, tile_sums(tile, NL), g0, static_cast<int>(m), 0, NL, bias);
+    FwdTile<T> e = fwd_tile_at(o, g0, static_cast<int>(m), 0, NL, bias);
+    set_tile_sums(e.sums, tile, NL);
+    fns.fwd(fns.self, e);
   }
 }
 
@@ -744,7 +884,7 @@ void forward_isa(const Net<T>& net, at::TensorList weights, const std::vector<Te
           if (narrow[l]) {
             const auto run = [&](auto nl) {
               constexpr int NL = decltype(nl)::value;
-              if constexpr (NL * 4 <= W)
+              if constexpr (NL <= kNarrowMax<W>)
                 forward_narrow<T, W, NL>(fns, net.lin[l], n, cur, ld, pack + woff[l],
                                          pack + boff[l], o, tile, MR * NR);
             };
@@ -987,17 +1127,16 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const std::vector<T
             const bool from_z = recompute && l == 1;
             const T* zb = l == 0 ? nullptr : from_z ? Z : hidden[l - 1] + r0 * H;
             const int64_t ldzb = from_z ? ldz0 : H;
-            const auto finish = [&](const TileSums<Acc>& sums, int64_t ip, int mr, int64_t j0,
-                                    int nc) {
+            // (sums set field by field in e, as fwd_tile_at's callers do)
+            const auto bwd_tile_at = [&](int64_t ip, int mr, int64_t j0, int nc) {
               BwdTile<T> e;
-              e.sums = sums;
               e.mr = mr;
               e.nc = nc;
               e.z = zb + ip * ldzb + j0;
               e.ldz = ldzb;
               e.d = d2 + ip * ld + j0;
               e.ldd = ld;
-              hid.bwd(hid.self, e);
+              return e;
             };
             for (int64_t j0 = 0; j0 < K; j0 += nrl) {
               const int nc = static_cast<int>(std::min<int64_t>(nrl, K - j0));
@@ -1005,8 +1144,9 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const std::vector<T
                 // the whole last panel where the rows have room, as forward_layer (the
                 // recomputed z_0 has; delta is 0 in the padding)
                 const int ncw = std::min(ld, ldzb) >= round_up(K, nrl) ? nrl : nc;
-                finish(small_k_sums<Acc>(d, ld, Nl, wp + j0 * Nl, nrl), 0, static_cast<int>(n), j0,
-                       ncw);
+                BwdTile<T> e = bwd_tile_at(0, static_cast<int>(n), j0, ncw);
+                set_small_k_sums<Acc>(e.sums, d, ld, Nl, wp + j0 * Nl, nrl);
+                hid.bwd(hid.self, e);
                 for (int64_t ip = 0; ip < nrp; ip += MR) ahead.step();
                 continue;
               }
@@ -1019,7 +1159,9 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const std::vector<T
                   for (int i = 0; i < mr; ++i)
                     for (int j = 0; j < nc; ++j) gi[i * K + j] = static_cast<T>(tile[i * nrl + j]);
                 } else {
-                  finish(tile_sums<Acc>(tile, nrl), ip, mr, j0, nc);
+                  BwdTile<T> e = bwd_tile_at(ip, mr, j0, nc);
+                  set_tile_sums<Acc>(e.sums, tile, nrl);
+                  hid.bwd(hid.self, e);
                 }
               }
             }
