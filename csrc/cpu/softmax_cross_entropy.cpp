@@ -49,28 +49,46 @@ template <class A>
 FO_ALWAYS_INLINE A log_(A v) { return fo_log(v); }
 
 // The running max of 16 lanes in float. GCC does not vectorise `a > b ? a : b` over an array
-// (it is not a MAX_EXPR without -ffast-math), so the max loops hold a vector-extension value.
-typedef float v16f __attribute__((vector_size(64)));
-typedef uint16_t v16u16 __attribute__((vector_size(32)));
-typedef uint32_t v16u32 __attribute__((vector_size(64)));
+// (it is not a MAX_EXPR without -ffast-math), so the max loops hold vector-extension values,
+// two of 8 lanes: a 64-byte vector without AVX-512 is taken apart lane by lane through the stack
+// (with AVX2 that was most of the (3000, 3) cross entropy's forward).
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint16_t v8u16 __attribute__((vector_size(16)));
+typedef uint32_t v8u32 __attribute__((vector_size(32)));
+struct Max16 {
+  v8f h[2];
+};
 
 template <class T>
-FO_ALWAYS_INLINE v16f load16(const T* p) {
-  v16f v;
-  if constexpr (std::is_same_v<T, float>) {
-    __builtin_memcpy(&v, p, sizeof(v));
-  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    v16u16 h;
-    __builtin_memcpy(&h, p, sizeof(h));
-    const v16u32 w = __builtin_convertvector(h, v16u32) << 16;
-    __builtin_memcpy(&v, &w, sizeof(v));
-  } else {
-    for (int j = 0; j < 16; ++j) v[j] = static_cast<float>(p[j]);
+FO_ALWAYS_INLINE Max16 load16(const T* p) {
+  Max16 v;
+  for (int k = 0; k < 2; ++k) {
+    if constexpr (std::is_same_v<T, float>) {
+      __builtin_memcpy(&v.h[k], p + 8 * k, sizeof(v8f));
+    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      v8u16 b;
+      __builtin_memcpy(&b, p + 8 * k, sizeof(b));
+      const v8u32 w = __builtin_convertvector(b, v8u32) << 16;
+      __builtin_memcpy(&v.h[k], &w, sizeof(v8f));
+    } else {
+      for (int j = 0; j < 8; ++j) v.h[k][j] = static_cast<float>(p[8 * k + j]);
+    }
   }
   return v;
 }
 
-FO_ALWAYS_INLINE v16f vmax16(v16f a, v16f b) { return a > b ? a : b; }
+FO_ALWAYS_INLINE void store16(float* p, Max16 v) {
+  for (int k = 0; k < 2; ++k) __builtin_memcpy(p + 8 * k, &v.h[k], sizeof(v8f));
+}
+
+FO_ALWAYS_INLINE Max16 neg_inf16() { return {{v8f{} - INFINITY, v8f{} - INFINITY}}; }
+
+// fmax_ lane by lane
+FO_ALWAYS_INLINE Max16 vmax16(Max16 a, Max16 b) {
+  Max16 r;
+  for (int k = 0; k < 2; ++k) r.h[k] = a.h[k] > b.h[k] ? a.h[k] : b.h[k];
+  return r;
+}
 
 // ---- target checks and sums ----------------------------------------------------------------
 
@@ -157,9 +175,9 @@ FO_ALWAYS_INLINE A max_of(const T* x, int64_t len) {
   int64_t i = 0;
   A m = neg_inf<A>();
   if constexpr (std::is_same_v<A, float>) {
-    v16f mx = v16f{} + neg_inf<float>();
+    Max16 mx = neg_inf16();
     for (; i + kLanes <= len; i += kLanes) mx = vmax16(load16(x + i), mx);
-    for (int j = 0; j < kLanes; ++j) m = fmax_(mx[j], m);
+    for (int j = 0; j < kLanes; ++j) m = fmax_(mx.h[j / 8][j % 8], m);
   } else {
     A mx[kLanes];
     for (int j = 0; j < kLanes; ++j) mx[j] = neg_inf<A>();
@@ -256,12 +274,9 @@ FO_ALWAYS_INLINE void lane_stats(const T* x, const T* y, const T* w, int64_t C, 
     A nm[NL];
     for (int j = 0; j < NL; ++j) nm[j] = M[j];
     if constexpr (std::is_same_v<A, float> && NL == 16) {
-      v16f mv = v16f{} + neg_inf<float>();
+      Max16 mv = neg_inf16();
       for (int64_t c = c0; c < c1; ++c) mv = vmax16(load16(x + c * S), mv);
-      v16f nv;
-      __builtin_memcpy(&nv, nm, sizeof(nv));
-      nv = vmax16(mv, nv);  // fmax_ lane by lane
-      __builtin_memcpy(nm, &nv, sizeof(nv));
+      store16(nm, vmax16(mv, load16(nm)));
     } else {
       for (int64_t c = c0; c < c1; ++c)
         for (int j = 0; j < NL; ++j) nm[j] = fmax_(static_cast<A>(x[c * S + j]), nm[j]);
