@@ -172,17 +172,22 @@ struct Relu {
   template <class T> FO_HD T double_backward(T, T, T) const { return T(0); }
 };
 
+// Both sides are computed and one is selected: a branch that alone read alpha kept the CPU
+// loops from becoming vector code (the read could not be moved out of the branch).
 struct Elu {
   double alpha;
   template <class T> FO_HD T forward(T x) const {
-    return x > T(0) ? x : T(alpha) * (fo_exp(x) - T(1));
+    const T a = T(alpha);
+    return fo_select(x > T(0), x, a * (fo_exp(x) - T(1)));
   }
   // torch's comparisons: a NaN input passes g, and f'' is taken as 0 at x = 0 and at NaN
   template <class T> FO_HD T backward(T x, T g) const {
-    return x <= T(0) ? g * T(alpha) * fo_exp(x) : g;
+    const T a = T(alpha);
+    return fo_select(x <= T(0), g * a * fo_exp(x), g);
   }
   template <class T> FO_HD T double_backward(T x, T g, T gg) const {
-    return x < T(0) ? gg * g * T(alpha) * fo_exp(x) : T(0);
+    const T a = T(alpha);
+    return fo_select(x < T(0), gg * g * a * fo_exp(x), T(0));
   }
 };
 

@@ -486,20 +486,32 @@ template <class T, Isa I, class F>
 ActFns<T> make_fns(const F* f) {
   using Cfg = gemm::Config<acc_t<T>, I>;
   constexpr int NR = Cfg::W * Cfg::NV;
+  // Each epilogue works on a local copy of the functor: its parameters (elu's alpha) then stay
+  // in registers, where read through the pointer they were read again after every store.
   return {f,
           [](const void* s, const FwdTile<T>& e) {
-            gemm::run_isa<I>(
-                [&]() FO_INLINE_LAMBDA { fwd_tile<NR>(e, *static_cast<const F*>(s)); });
+            gemm::run_isa<I>([&]() FO_INLINE_LAMBDA {
+              const F act = *static_cast<const F*>(s);
+              fwd_tile<NR>(e, act);
+            });
           },
           [](const void* s, const BwdTile<T>& e) {
-            gemm::run_isa<I>(
-                [&]() FO_INLINE_LAMBDA { bwd_tile<NR>(e, *static_cast<const F*>(s)); });
+            gemm::run_isa<I>([&]() FO_INLINE_LAMBDA {
+              const F act = *static_cast<const F*>(s);
+              bwd_tile<NR>(e, act);
+            });
           },
           [](const void* s, const OutDelta<T>& e) {
-            gemm::run_isa<I>([&]() FO_INLINE_LAMBDA { out_delta(e, *static_cast<const F*>(s)); });
+            gemm::run_isa<I>([&]() FO_INLINE_LAMBDA {
+              const F act = *static_cast<const F*>(s);
+              out_delta(e, act);
+            });
           },
           [](const void* s, const ActRows<T>& e) {
-            gemm::run_isa<I>([&]() FO_INLINE_LAMBDA { act_rows(e, *static_cast<const F*>(s)); });
+            gemm::run_isa<I>([&]() FO_INLINE_LAMBDA {
+              const F act = *static_cast<const F*>(s);
+              act_rows(e, act);
+            });
           }};
 }
 
