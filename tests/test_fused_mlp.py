@@ -206,6 +206,18 @@ def test_narrow_output_layers(device, dtype, out_features, hidden):
     assert_matches(fused, seq, x, g, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("features", [1, 2, 3, 4])
+@pytest.mark.parametrize("hidden", [5, 16, 24, 40, 57, 100])
+def test_narrow_weight_gradients(dtype, features, hidden):
+    """On the CPU the weight gradient of a layer with at most 4 outputs (or inputs: stored
+    transposed) runs tiles of exactly that many rows and up to 4 vectors, the last tile 1 to 4
+    vectors wide: hidden widths that end each of these tiles, in both layers of a k-h-k net."""
+    fused, seq = make_mlp(features, features, hidden, 1, "elu", "none", True, dtype, "cpu")
+    x = torch.randn(301, features, dtype=dtype)
+    assert_matches(fused, seq, x, torch.randn(301, features, dtype=dtype), dtype)
+
+
 def test_narrow_layer_after_a_wider_net():
     """A narrow layer's dot products read whole vectors of the activation buffer, past the
     hidden width: what an earlier call of a wider net left there (inf here) must not leak in."""

@@ -629,7 +629,7 @@ void pack_weight(const Tensor& w, bool for_forward, Acc* out) {
 
 // Small widths waste little of a tile: a layer whose output (or, backward, input) is at most
 // one vector wide runs tiles of one vector (NR = W), and the weight gradient of a layer with at
-// most kNarrowRows outputs (or inputs) runs tiles of kNarrowRows rows.
+// most kNarrowRows outputs (or inputs) runs tiles of exactly that many rows (narrow_grad_tiles).
 constexpr int kNarrowRows = 4;
 
 // The panel width for n columns: one vector when n fits in one, else the tile's NR.
@@ -762,6 +762,53 @@ FO_ALWAYS_INLINE void forward_layer(const ActFns<T>& fns, int nr, int64_t K, int
       set_tile_sums(e.sums, tile, nr);
       fns.fwd(fns.self, e);
     }
+  }
+}
+
+// The weight-gradient tiles of R <= kNarrowRows rows, c (R x cols, row stride ldc) += A^T B with
+// A(i, k) = a[k lda + i] and B(k, j) = b[k ldb + j], k < kc: tiles of narrow_vecs(R) vectors
+// (the last one narrower), whose R x NV accumulators, NV vectors of B and a broadcast fit in 15
+// of the 16 vector registers of AVX2 (more spilled an accumulator to the stack). Padded to
+// tiles of kNarrowRows x NR, the spiral net's 3 x 100 and (transposed) 2 x 100 weight gradients
+// took 56 vector multiply-adds per row of the batch each (AVX2 float), where these take 39 and
+// 26. One ahead.step() per tile.
+constexpr int narrow_vecs(int64_t rows) {
+  return static_cast<int>(std::min<int64_t>(4, 14 / (rows + 1)));
+}
+
+// fn(std::integral_constant<int, n>) for 1 <= n <= N
+template <int N, class Fn>
+FO_ALWAYS_INLINE void with_vector_count(int64_t n, const Fn& fn) {
+  if constexpr (N > 1)
+    if (n < N) return with_vector_count<N - 1>(n, fn);
+  fn(std::integral_constant<int, N>{});
+}
+
+template <class Acc, int W, int R>
+FO_ALWAYS_INLINE void narrow_grad_row_tiles(int64_t cols, int64_t kc, const Acc* a, int64_t lda,
+                                            const Acc* b, int64_t ldb, Acc* c, int64_t ldc,
+                                            gemm::Prefetcher& ahead) {
+  constexpr int NVm = narrow_vecs(R);
+  for (int64_t j0 = 0; j0 < cols; j0 += NVm * W) {
+    with_vector_count<NVm>(ceil_div(cols - j0, W), [&](auto nv) FO_INLINE_LAMBDA {
+      tile_kernel<Acc, W, R, decltype(nv)::value, false>(kc, a, lda, b + j0, ldb, c + j0, ldc,
+                                                         true);
+    });
+    ahead.step();
+  }
+}
+
+template <class Acc, int W>
+FO_ALWAYS_INLINE void narrow_grad_tiles(int64_t rows, int64_t cols, int64_t kc, const Acc* a,
+                                        int64_t lda, const Acc* b, int64_t ldb, Acc* c,
+                                        int64_t ldc, gemm::Prefetcher& ahead) {
+  static_assert(kNarrowRows == 4, "one case per row count");
+  switch (rows) {
+    case 0: return;
+    case 1: return narrow_grad_row_tiles<Acc, W, 1>(cols, kc, a, lda, b, ldb, c, ldc, ahead);
+    case 2: return narrow_grad_row_tiles<Acc, W, 2>(cols, kc, a, lda, b, ldb, c, ldc, ahead);
+    case 3: return narrow_grad_row_tiles<Acc, W, 3>(cols, kc, a, lda, b, ldb, c, ldc, ahead);
+    default: return narrow_grad_row_tiles<Acc, W, 4>(cols, kc, a, lda, b, ldb, c, ldc, ahead);
   }
 }
 
@@ -983,25 +1030,34 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const std::vector<T
 
   // per chunk accumulators: grad_W_l, then grad_b_l. grad_W_l = delta_l^T a_{l-1} (out_l x
   // in_l), or transposed (in_l x out_l, wtrans) when that pads less: e.g. the 100 x 2 weight of
-  // a 2-D input is 4 x 128 tile cells per row, not 108 x 32. Rows padded to the tile height
-  // (kNarrowRows for at most that many), columns to NR.
-  std::vector<int64_t> gwoff(L), gwld(L), gboff(L), gwmr(L);
+  // a 2-D input is 2 x 112 cells per row, not 102 x 16 (AVX2 float). Rows padded to the tile
+  // height (none for at most kNarrowRows: narrow_grad_tiles), columns to NR.
+  std::vector<int64_t> gwoff(L), gwld(L), gboff(L), gwmr(L), gwrows(L), gwcols(L);
   std::vector<char> wtrans(L);
-  const auto rows_tile = [](int64_t m) -> int64_t { return m <= kNarrowRows ? kNarrowRows : MR; };
+  const auto rows_tile = [](int64_t m) -> int64_t {
+    return m <= kNarrowRows ? std::max<int64_t>(m, 1) : MR;
+  };
   int64_t acc_size = 0;
   for (int64_t l = 0; l < L; ++l) {
     const int64_t in = net.lin[l], out = net.lout[l];
     const int64_t cells = round_up(out, rows_tile(out)) * round_up(in, NR);
     const int64_t cells_t = round_up(in, rows_tile(in)) * round_up(out, NR);
     wtrans[l] = cells_t < cells;
-    const int64_t rows = wtrans[l] ? in : out, cols = wtrans[l] ? out : in;
-    gwmr[l] = rows_tile(rows);
+    gwrows[l] = wtrans[l] ? in : out;
+    gwcols[l] = wtrans[l] ? out : in;
+    gwmr[l] = rows_tile(gwrows[l]);
     gwoff[l] = acc_size;
-    gwld[l] = round_up(cols, NR);
-    acc_size += want_w ? round_up(rows, gwmr[l]) * gwld[l] : 0;
+    gwld[l] = round_up(gwcols[l], NR);
+    acc_size += want_w ? round_up(gwrows[l], gwmr[l]) * gwld[l] : 0;
     gboff[l] = acc_size;
     acc_size += want_b ? round_up(net.lout[l], W) : 0;
   }
+  // the weight-gradient tiles of layer l
+  const auto grad_tiles = [&](int64_t l) -> int64_t {
+    if (gwrows[l] == 0) return int64_t(0);
+    if (gwrows[l] <= kNarrowRows) return ceil_div(gwcols[l], W * narrow_vecs(gwrows[l]));
+    return ceil_div(gwrows[l], MR) * ceil_div(gwcols[l], NR);
+  };
   acc_size = round_up(std::max<int64_t>(acc_size, 1), 16);
 
   const int64_t fmax = net.widest();
@@ -1076,10 +1132,8 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const std::vector<T
           for (int64_t l = L - 1; l >= 0; --l) {
             const int64_t K = net.lin[l], Nl = net.lout[l];
             const bool input_tiles = l > 0 || want_x;
-            const int64_t tiles =
-                (want_w ? ceil_div(wtrans[l] ? K : Nl, gwmr[l]) * ceil_div(wtrans[l] ? Nl : K, NR)
-                        : 0) +
-                (input_tiles ? ceil_div(K, lnr[l]) * (nrp / MR) : 0);
+            const int64_t tiles = (want_w ? grad_tiles(l) : 0) +
+                                  (input_tiles ? ceil_div(K, lnr[l]) * (nrp / MR) : 0);
             gemm::Prefetcher ahead = prefetch_after(bi, blast, l, tiles);
             if (l == 1 && recompute) {
               // z_0 and a_0 by the forward's own tiles and epilogue: bitwise what it computed
@@ -1119,18 +1173,18 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const std::vector<T
               const Acc* A = wtrans[l] ? a_prev : d;
               const Acc* B = wtrans[l] ? d : a_prev;
               const int64_t lda = wtrans[l] ? ld_prev : ld, ldb = wtrans[l] ? ld : ld_prev;
-              const int64_t rows = wtrans[l] ? K : Nl, cols = wtrans[l] ? Nl : K;
+              const int64_t rows = gwrows[l], cols = gwcols[l];
               const int64_t gl = gwld[l];
-              for (int64_t i0 = 0; i0 < rows; i0 += gwmr[l])
-                for (int64_t j0 = 0; j0 < cols; j0 += NR) {
-                  if (gwmr[l] == kNarrowRows)
-                    tile_kernel<Acc, W, kNarrowRows, NV, false>(n, A + i0, lda, B + j0, ldb,
-                                                                gw + i0 * gl + j0, gl, true);
-                  else
+              if (rows <= kNarrowRows) {
+                narrow_grad_tiles<Acc, W>(rows, cols, n, A, lda, B, ldb, gw, gl, ahead);
+              } else {
+                for (int64_t i0 = 0; i0 < rows; i0 += MR)
+                  for (int64_t j0 = 0; j0 < cols; j0 += NR) {
                     tile_kernel<Acc, W, MR, NV, false>(n, A + i0, lda, B + j0, ldb,
                                                        gw + i0 * gl + j0, gl, true);
-                  ahead.step();
-                }
+                    ahead.step();
+                  }
+              }
             }
             if (!input_tiles) break;
             const Acc* wp = pack + woff[l];
