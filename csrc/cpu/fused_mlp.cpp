@@ -132,6 +132,22 @@ struct TileSums {
   int ldw = 0;
 };
 
+// fn(std::integral_constant<int, K>): K the small-K product's kdim, or 0 for a tile's sums.
+template <bool kSmall, class Fn>
+FO_ALWAYS_INLINE void with_sums_k(int kdim, const Fn& fn) {
+  static_assert(kSmallK == 4, "one case per K");
+  if constexpr (!kSmall) {
+    fn(std::integral_constant<int, 0>{});
+  } else {
+    switch (kdim) {
+      case 1: fn(std::integral_constant<int, 1>{}); break;
+      case 2: fn(std::integral_constant<int, 2>{}); break;
+      case 3: fn(std::integral_constant<int, 3>{}); break;
+      default: fn(std::integral_constant<int, 4>{}); break;
+    }
+  }
+}
+
 // The small-K product's row i, columns j < NC, into buf (K known at compile time: the sums
 // stay in registers across the k).
 template <int NC, int K, class Acc>
@@ -148,13 +164,9 @@ FO_ALWAYS_INLINE void small_k_row(const TileSums<Acc>& s, int i, Acc* buf) {
 
 template <int NC, class Acc>
 FO_ALWAYS_INLINE void small_k_row(const TileSums<Acc>& s, int i, Acc* buf) {
-  static_assert(kSmallK == 4, "one case per K");
-  switch (s.kdim) {
-    case 1: small_k_row<NC, 1>(s, i, buf); break;
-    case 2: small_k_row<NC, 2>(s, i, buf); break;
-    case 3: small_k_row<NC, 3>(s, i, buf); break;
-    default: small_k_row<NC, 4>(s, i, buf); break;
-  }
+  with_sums_k<true>(s.kdim, [&](auto k) FO_INLINE_LAMBDA {
+    small_k_row<NC, decltype(k)::value>(s, i, buf);
+  });
 }
 
 // Row i's sums: the tile's row, or (kSmall) the small-K product's row into buf. With a
@@ -230,22 +242,6 @@ struct ActRows {
 template <class T, class F, int NC>
 constexpr bool kVectorRows = NC > 0 && std::is_same_v<T, acc_t<T>> &&
                              (std::is_same_v<F, IdentityAct> || vec::kPiecewiseLinear<F>);
-
-// fn(std::integral_constant<int, K>): K the small-K product's kdim, or 0 for a tile's sums.
-template <bool kSmall, class Fn>
-FO_ALWAYS_INLINE void with_sums_k(int kdim, const Fn& fn) {
-  static_assert(kSmallK == 4, "one case per K");
-  if constexpr (!kSmall) {
-    fn(std::integral_constant<int, 0>{});
-  } else {
-    switch (kdim) {
-      case 1: fn(std::integral_constant<int, 1>{}); break;
-      case 2: fn(std::integral_constant<int, 2>{}); break;
-      case 3: fn(std::integral_constant<int, 3>{}); break;
-      default: fn(std::integral_constant<int, 4>{}); break;
-    }
-  }
-}
 
 // The small-K product's weights, NV vectors per k, loaded once per tile (none for K = 0).
 template <int W, int NV, int K, class Acc>

@@ -1,5 +1,5 @@
-// The piecewise-linear activations of activations.h, and the identity, on GCC vector types:
-// for epilogues that keep a tile's row in vector registers. Their forward, mask and
+// The piecewise-linear activations of activations.h on GCC vector types: for epilogues that
+// keep a tile's row in vector registers. Their forward, mask and
 // backward_masked use only comparisons, !, &&, ||, * and fo_select, which Lanes and LaneMask
 // give lane by lane with the same IEEE operations: the results are bitwise the scalar ones.
 // Left to the compiler, loops of scalar functor calls over a row of known width were unrolled
@@ -21,6 +21,7 @@ template <class S, int W>
 struct Lanes {
   using V = typename gemm::VecT<S, W>::type;
   using U = typename gemm::VecT<S, W>::unaligned;
+  using M = decltype(V{} < V{});  // a comparison's lanes: integers of S's size
   V v;
   FO_ALWAYS_INLINE explicit Lanes(V x) : v(x) {}
   // T(c) in a functor: c in every lane, rounded to S as the scalar T(c) is
@@ -29,16 +30,14 @@ struct Lanes {
   static FO_ALWAYS_INLINE V load(const S* p) { return *reinterpret_cast<const U*>(p); }
   static FO_ALWAYS_INLINE void store(S* p, V x) { *reinterpret_cast<U*>(p) = x; }
   static FO_ALWAYS_INLINE V splat(S c) {
-    using I = decltype(V{} < V{});  // integer lanes of S's size
-    return __builtin_shuffle(V{c}, I{});  // lane 0 into every lane: one broadcast
+    return __builtin_shuffle(V{c}, M{});  // lane 0 into every lane: one broadcast
   }
 };
 
 // A comparison's result: all bits set in the lanes where it holds.
 template <class S, int W>
 struct LaneMask {
-  using M = decltype(typename Lanes<S, W>::V{} < typename Lanes<S, W>::V{});
-  M m;
+  typename Lanes<S, W>::M m;
 };
 
 #define FO_LANES_CMP(op)                                                              \
