@@ -1028,23 +1028,20 @@ void backward_isa(const Net<T>& net, at::TensorList weights, const std::vector<T
   // in_l), or transposed (in_l x out_l, wtrans) when that pads less: e.g. the 100 x 2 weight of
   // a 2-D input is 2 x 112 cells per row, not 102 x 16 (AVX2 float). Rows padded to the tile
   // height (none for at most kNarrowRows: narrow_grad_tiles), columns to NR.
-  std::vector<int64_t> gwoff(L), gwld(L), gboff(L), gwmr(L), gwrows(L), gwcols(L);
+  std::vector<int64_t> gwoff(L), gwld(L), gboff(L), gwrows(L), gwcols(L);
   std::vector<char> wtrans(L);
-  const auto rows_tile = [](int64_t m) -> int64_t {
-    return m <= kNarrowRows ? std::max<int64_t>(m, 1) : MR;
-  };
+  const auto padded_rows = [](int64_t m) { return m <= kNarrowRows ? m : round_up(m, MR); };
   int64_t acc_size = 0;
   for (int64_t l = 0; l < L; ++l) {
     const int64_t in = net.lin[l], out = net.lout[l];
-    const int64_t cells = round_up(out, rows_tile(out)) * round_up(in, NR);
-    const int64_t cells_t = round_up(in, rows_tile(in)) * round_up(out, NR);
+    const int64_t cells = padded_rows(out) * round_up(in, NR);
+    const int64_t cells_t = padded_rows(in) * round_up(out, NR);
     wtrans[l] = cells_t < cells;
     gwrows[l] = wtrans[l] ? in : out;
     gwcols[l] = wtrans[l] ? out : in;
-    gwmr[l] = rows_tile(gwrows[l]);
     gwoff[l] = acc_size;
     gwld[l] = round_up(gwcols[l], NR);
-    acc_size += want_w ? round_up(gwrows[l], gwmr[l]) * gwld[l] : 0;
+    acc_size += want_w ? padded_rows(gwrows[l]) * gwld[l] : 0;
     gboff[l] = acc_size;
     acc_size += want_b ? round_up(net.lout[l], W) : 0;
   }

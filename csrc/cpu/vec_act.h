@@ -1,7 +1,7 @@
 // The piecewise-linear activations of activations.h on GCC vector types: for epilogues that
-// keep a tile's row in vector registers. Their forward, mask and
-// backward_masked use only comparisons, !, &&, ||, * and fo_select, which Lanes and LaneMask
-// give lane by lane with the same IEEE operations: the results are bitwise the scalar ones.
+// keep a tile's row in vector registers. Their forward, mask and backward_masked use only
+// comparisons, !, &&, ||, * and fo_select, which Lanes and LaneMask give lane by lane with the
+// same IEEE operations: the results are bitwise the scalar ones.
 // Left to the compiler, loops of scalar functor calls over a row of known width were unrolled
 // into scalar code (AVX2), or vectorised around a stack copy of the row (AVX-512).
 //
