@@ -137,7 +137,10 @@ def test_few_inputs_are_bitwise_the_tile_path(dtype, activation, in_features, hi
     panels at a time (100 units: the last panel of 4 computed 32 wide, sigmoid(0) = 0.5 in the
     padding), and so does the backward product by a layer of <= 4 outputs. The same net with
     zero inputs added up to 5 runs the tile path, and every value and gradient must agree bit
-    for bit."""
+    for bit. (A thin net, float32 relu with one hidden layer, takes another path on the CPU:
+    test_fused_mlp_thin.py.)"""
+    if dtype == torch.float32 and activation == "relu" and hidden_layers == 1:
+        pytest.skip("a thin net")
     torch.manual_seed(0)
     rows, hidden, k = 999, 100, in_features
     dims = [k] + [hidden] * hidden_layers + [3]

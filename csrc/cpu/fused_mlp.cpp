@@ -38,6 +38,7 @@
 #include "../fused_mlp_checks.h"
 #include "cpu_common.h"
 #include "dot_rows.h"
+#include "fused_mlp_thin.h"
 #include "gemm.h"
 #include "vec_act.h"
 
@@ -1291,6 +1292,10 @@ std::tuple<Tensor, std::vector<Tensor>, Tensor> fused_mlp_forward(
                           ? empty_output({d.N, d.out_features}, opts)
                           : at::empty({0}, opts);
   if (d.N == 0) return {y, hidden, out_preact};
+  if (fused_mlp_thin_applies(d, input, act, out_act)) {
+    fused_mlp_thin_forward(d, input, weights, bias_list, act, y);
+    return {y, hidden, out_preact};
+  }
   FO_DISPATCH_FLOATING(input.scalar_type(), [&] {
     using T = scalar_t;
     const Net<T> net = make_net<T>(d, input);
@@ -1332,6 +1337,14 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> fused_mlp_backward(
     return {gi, gw, gb};
   }
   const std::vector<Tensor> bias_list = fused_mlp_biases(biases);
+  if (fused_mlp_thin_applies(d, input, act, out_act)) {
+    Tensor gi_wanted = output_mask[0] ? gi : Tensor();
+    std::vector<Tensor> gw_wanted = output_mask[1] ? gw : std::vector<Tensor>();
+    std::vector<Tensor> gb_wanted = want_b ? gb : std::vector<Tensor>();
+    fused_mlp_thin_backward(d, grad_output, input, weights, bias_list, act, gi_wanted, gw_wanted,
+                            gb_wanted);
+    return {gi, gw, gb};
+  }
   std::vector<Tensor> hidden;
   for (const Tensor& h : hidden_in) hidden.push_back(h.contiguous());
   const Tensor out_preact = out_act != "none" ? out_preact_in.contiguous() : out_preact_in;
