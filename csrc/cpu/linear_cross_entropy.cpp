@@ -32,6 +32,7 @@
 #include "../linear_cross_entropy_checks.h"
 #include "cpu_common.h"
 #include "gemm.h"
+#include "max_lanes.h"
 
 namespace fastops {
 namespace cpu {
@@ -56,29 +57,6 @@ int64_t chunk_rows(int64_t V) {
 }
 
 // ---- per-row math (the compute type A: float, or double for double) -------------------------
-
-// (64 bytes a step as two 32-byte vectors: a 64-byte vector without AVX-512 is taken apart lane
-// by lane through the stack)
-template <class A>
-FO_ALWAYS_INLINE A row_max(const A* s, int64_t V) {
-  constexpr int L = 32 / sizeof(A);
-  typedef A vec __attribute__((vector_size(32)));
-  vec m[2];
-  for (int k = 0; k < 2; ++k)
-    for (int j = 0; j < L; ++j) m[k][j] = -std::numeric_limits<A>::infinity();
-  int64_t c = 0;
-  for (; c + 2 * L <= V; c += 2 * L)
-    for (int k = 0; k < 2; ++k) {
-      vec v;
-      std::memcpy(&v, s + c + k * L, sizeof(v));
-      m[k] = v > m[k] ? v : m[k];
-    }
-  A r = -std::numeric_limits<A>::infinity();
-  for (int k = 0; k < 2; ++k)
-    for (int j = 0; j < L; ++j) r = m[k][j] > r ? m[k][j] : r;
-  for (; c < V; ++c) r = s[c] > r ? s[c] : r;
-  return r;
-}
 
 // sum_c f(c) with 16 lanes, in a fixed order.
 template <class A, class F>
@@ -117,7 +95,7 @@ FO_ALWAYS_INLINE void softcap_row(A* s, int64_t V, A cap) {
 template <class T, class A>
 FO_ALWAYS_INLINE A row_loss(const RowCtx<T, A>& r, const A* s, int64_t row, A& lse, A& ysum_out) {
   const int64_t V = r.V;
-  const A m = row_max(s, V);
+  const A m = row_max<A>(s, V);
   const A sum = lane_sum<A>(V, [&](int64_t c) FO_INLINE_LAMBDA { return fo_exp(s[c] - m); });
   lse = m + std::log(sum);
   A loss = r.z * lse * lse;

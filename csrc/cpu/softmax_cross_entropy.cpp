@@ -24,6 +24,7 @@
 #include "../loss_checks.h"
 #include "../loss_functors.h"
 #include "cpu_common.h"
+#include "max_lanes.h"
 
 namespace fastops {
 namespace cpu {
@@ -47,48 +48,6 @@ FO_ALWAYS_INLINE A neg_inf() { return -std::numeric_limits<A>::infinity(); }
 // libm's logf is a call per row.
 template <class A>
 FO_ALWAYS_INLINE A log_(A v) { return fo_log(v); }
-
-// The running max of 16 lanes in float. GCC does not vectorise `a > b ? a : b` over an array
-// (it is not a MAX_EXPR without -ffast-math), so the max loops hold vector-extension values,
-// two of 8 lanes: a 64-byte vector without AVX-512 is taken apart lane by lane through the stack
-// (with AVX2 that was most of the (3000, 3) cross entropy's forward).
-typedef float v8f __attribute__((vector_size(32)));
-typedef uint16_t v8u16 __attribute__((vector_size(16)));
-typedef uint32_t v8u32 __attribute__((vector_size(32)));
-struct Max16 {
-  v8f h[2];
-};
-
-template <class T>
-FO_ALWAYS_INLINE Max16 load16(const T* p) {
-  Max16 v;
-  for (int k = 0; k < 2; ++k) {
-    if constexpr (std::is_same_v<T, float>) {
-      __builtin_memcpy(&v.h[k], p + 8 * k, sizeof(v8f));
-    } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      v8u16 b;
-      __builtin_memcpy(&b, p + 8 * k, sizeof(b));
-      const v8u32 w = __builtin_convertvector(b, v8u32) << 16;
-      __builtin_memcpy(&v.h[k], &w, sizeof(v8f));
-    } else {
-      for (int j = 0; j < 8; ++j) v.h[k][j] = static_cast<float>(p[8 * k + j]);
-    }
-  }
-  return v;
-}
-
-FO_ALWAYS_INLINE void store16(float* p, Max16 v) {
-  for (int k = 0; k < 2; ++k) __builtin_memcpy(p + 8 * k, &v.h[k], sizeof(v8f));
-}
-
-FO_ALWAYS_INLINE Max16 neg_inf16() { return {{v8f{} - INFINITY, v8f{} - INFINITY}}; }
-
-// fmax_ lane by lane
-FO_ALWAYS_INLINE Max16 vmax16(Max16 a, Max16 b) {
-  Max16 r;
-  for (int k = 0; k < 2; ++k) r.h[k] = a.h[k] > b.h[k] ? a.h[k] : b.h[k];
-  return r;
-}
 
 // ---- target checks and sums ----------------------------------------------------------------
 
@@ -169,26 +128,6 @@ struct Smooth {
   double eps_c;   // eps / C
 };
 
-// The max of x[0..len) (-inf for none), NaN skipped.
-template <class A, class T>
-FO_ALWAYS_INLINE A max_of(const T* x, int64_t len) {
-  int64_t i = 0;
-  A m = neg_inf<A>();
-  if constexpr (std::is_same_v<A, float>) {
-    Max16 mx = neg_inf16();
-    for (; i + kLanes <= len; i += kLanes) mx = vmax16(load16(x + i), mx);
-    for (int j = 0; j < kLanes; ++j) m = fmax_(mx.h[j / 8][j % 8], m);
-  } else {
-    A mx[kLanes];
-    for (int j = 0; j < kLanes; ++j) mx[j] = neg_inf<A>();
-    for (; i + kLanes <= len; i += kLanes)
-      for (int j = 0; j < kLanes; ++j) mx[j] = fmax_(static_cast<A>(x[i + j]), mx[j]);
-    for (int j = 0; j < kLanes; ++j) m = fmax_(mx[j], m);
-  }
-  for (; i < len; ++i) m = fmax_(static_cast<A>(x[i]), m);
-  return m;
-}
-
 // One contiguous row of C values: x[c], y[c] (soft targets), w[c].
 template <int MODE, class T, class A>
 FO_ALWAYS_INLINE void row_stats(const T* x, const T* y, const T* w, int64_t C, A om_eps, A eps_c,
@@ -201,7 +140,7 @@ FO_ALWAYS_INLINE void row_stats(const T* x, const T* y, const T* w, int64_t C, A
     const int64_t len = std::min(kChunk, C - c0);
     const T* xc = x + c0;
     int64_t i = 0;
-    const A nm = fmax_(max_of<A>(xc, len), M);
+    const A nm = fmax_(row_max<A>(xc, len), M);
     // While the max is -inf, shifting by it would give exp(-inf + inf) = NaN for every value.
     if (nm != neg_inf<A>()) {
       if (nm != M) sum *= fo_exp(M - nm);
@@ -273,10 +212,10 @@ FO_ALWAYS_INLINE void lane_stats(const T* x, const T* y, const T* w, int64_t C, 
     const int64_t c1 = std::min(C, c0 + kClassBlock);
     A nm[NL];
     for (int j = 0; j < NL; ++j) nm[j] = M[j];
-    if constexpr (std::is_same_v<A, float> && NL == 16) {
-      Max16 mv = neg_inf16();
-      for (int64_t c = c0; c < c1; ++c) mv = vmax16(load16(x + c * S), mv);
-      store16(nm, vmax16(mv, load16(nm)));
+    if constexpr (NL == MaxLanes<A>::N) {
+      MaxLanes<A> mv = MaxLanes<A>::neg_inf();
+      for (int64_t c = c0; c < c1; ++c) mv = mv.max_with(MaxLanes<A>::load(x + c * S));
+      MaxLanes<A>::load(nm).max_with(mv).store(nm);
     } else {
       for (int64_t c = c0; c < c1; ++c)
         for (int j = 0; j < NL; ++j) nm[j] = fmax_(static_cast<A>(x[c * S + j]), nm[j]);
@@ -854,7 +793,7 @@ FO_ALWAYS_INLINE A softmax_grad(A g, A y, A s) {
 // a row of -inf, makes the whole row NaN, as in torch.
 template <class A>
 FO_ALWAYS_INLINE void softmax_row(const A* x, A* y, int64_t C) {
-  const A M = max_of<A>(x, C);
+  const A M = row_max<A>(x, C);
   A acc[kLanes];
   for (int j = 0; j < kLanes; ++j) acc[j] = 0;
   int64_t c = 0;
