@@ -1,6 +1,7 @@
 """The CPU fused MLP's path for thin nets (csrc/cpu/fused_mlp_thin.cpp: one hidden layer of relu
-or leaky_relu between 1-4 inputs and 1-4 outputs, no output activation, float32 or float64) against
-torch's Sequential and against the layer loops that every other net takes."""
+or leaky_relu between 1-4 inputs and 1-4 outputs, no output activation, float32 or float64, AVX2
+or AVX-512; with FASTOPS_CPU_ISA=baseline these nets take the layer loops and the same tests hold)
+against torch's Sequential and against the layer loops that every other net takes."""
 
 import pytest
 import torch

@@ -1,7 +1,8 @@
 // The CPU fused MLP's path for thin nets (fused_mlp_thin.cpp): one hidden layer between narrow
 // ends, 1 to 4 inputs and 1 to 4 outputs (the spiral net's 2-100-3, a 2-D or 3-D coordinate
-// net, a small policy), a piecewise-linear hidden activation and no output activation, in float
-// or double. fused_mlp.cpp hands such nets to it; every other net takes the layer loops there.
+// net, a small policy), relu or leaky_relu and no output activation, in float or double, on a
+// CPU with AVX2 or AVX-512. fused_mlp.cpp hands such nets to it; every other net takes the layer
+// loops there.
 #pragma once
 
 #include <ATen/ATen.h>
