@@ -1,4 +1,5 @@
-// CPU kernels of the fully fused MLP (fused_mlp_checks.h describes the op).
+// CPU kernels of the fully fused MLP (fused_mlp_checks.h describes the op). Thin nets, one
+// hidden layer between 1-4 inputs and 1-4 outputs, take their own kernels (fused_mlp_thin.h).
 //
 // The rows are cut into blocks of at most kBlockPanels * MR rows. Each thread task walks one
 // block through every layer with the block's activations in thread-local buffers (L1/L2) and
