@@ -104,6 +104,20 @@ FO_ALWAYS_INLINE void rows_to_lanes(const T* src, int64_t rs, int64_t cs, int64_
   }
 }
 
+// Hidden unit k's S values in lanes at p: W1[k] (K0 vectors), b1[k], W2[:, k] (NL vectors).
+template <class T, int W, int K0, int NL>
+struct UnitWeights {
+  using L = vec::Lanes<T, W>;
+  typename L::V w[K0], b, u[NL];
+  FO_ALWAYS_INLINE explicit UnitWeights(const T* p) {
+#pragma GCC unroll 4
+    for (int i = 0; i < K0; ++i) w[i] = L::load(p + i * W);
+    b = L::load(p + K0 * W);
+#pragma GCC unroll 4
+    for (int j = 0; j < NL; ++j) u[j] = L::load(p + (K0 + 1 + j) * W);
+  }
+};
+
 // ---- forward ----------------------------------------------------------------------------------
 
 // A pair of vectors of rows (two independent chains per output, which hide the latency of its
@@ -123,13 +137,10 @@ FO_ALWAYS_INLINE void forward_pair(const F& f, int64_t H, const T* units, const 
     for (int j = 0; j < NL; ++j) acc[r][j] = V{};
   }
   for (int64_t k = 0; k < H; ++k) {
-    const T* p = units + k * S * W;
-    V w[K0], u[NL];
-#pragma GCC unroll 4
-    for (int i = 0; i < K0; ++i) w[i] = L::load(p + i * W);
-    const V b = L::load(p + K0 * W);
-#pragma GCC unroll 4
-    for (int j = 0; j < NL; ++j) u[j] = L::load(p + (K0 + 1 + j) * W);
+    const UnitWeights<T, W, K0, NL> uw(units + k * S * W);
+    const auto& w = uw.w;
+    const auto& b = uw.b;
+    const auto& u = uw.u;
 #pragma GCC unroll 4
     for (int r = 0; r < RV; ++r) {
       V s = V{};  // (from zero as in the layer loops, where no product is contracted away)
@@ -190,12 +201,10 @@ FO_ALWAYS_INLINE void backward_unit(const F& f, const T* p, const T* xt, const T
   using L = vec::Lanes<T, W>;
   using V = typename L::V;
   using M = typename L::M;
-  V w[K0], u[NL];
-#pragma GCC unroll 4
-  for (int i = 0; i < K0; ++i) w[i] = L::load(p + i * W);
-  const V b = L::load(p + K0 * W);
-#pragma GCC unroll 4
-  for (int j = 0; j < NL; ++j) u[j] = L::load(p + (K0 + 1 + j) * W);
+  const UnitWeights<T, W, K0, NL> uw(p);
+  const auto& w = uw.w;
+  const auto& b = uw.b;
+  const auto& u = uw.u;
   V gw[K0], gb = V{}, gu[NL];
 #pragma GCC unroll 4
   for (int i = 0; i < K0; ++i) gw[i] = V{};
