@@ -39,6 +39,7 @@
 #include "../fused_mlp_checks.h"
 #include "cpu_common.h"
 #include "dot_rows.h"
+#include "fused_mlp_split.h"
 #include "fused_mlp_thin.h"
 #include "gemm.h"
 #include "vec_act.h"
@@ -58,11 +59,6 @@ constexpr int64_t kBlockPanels = 10;
 // A thin net (at most kThinNetMacs multiply-adds per row per unit of its widest layer) takes
 // blocks of kThinPanels panels (net_blocking).
 constexpr int64_t kThinNetMacs = 16, kThinPanels = 2;
-// Weight-gradient accumulators: at most this many chunks of row blocks (then summed in order).
-constexpr int64_t kMaxChunks = 16;
-// Below this many multiply-adds (rows x weights) a call runs on the calling thread: waking a
-// second thread costs microseconds, more than such a call takes.
-constexpr double kSerialWork = 262144.0;
 
 // A compute-type value rounded to the storage type and back (the identity for float, double).
 template <class T, class Acc>

@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "cpu_common.h"
+#include "fused_mlp_split.h"
 #include "gemm.h"
 #include "vec_act.h"
 
@@ -40,11 +41,6 @@ constexpr int64_t kMaxEnds = 4;  // inputs, and outputs, of a thin net
 // Rows per block, a multiple of 2 W for every W: a block's x^T, g^T and grad_x^T (at most 12
 // rows of values, 12 KB of float) stay in L1 while every unit passes over them.
 constexpr int64_t kBlockRows = 256;
-// The backward's lane sums: at most this many chunks of blocks, summed in order.
-constexpr int64_t kMaxChunks = 16;
-// Below this many multiply-adds (rows x weights) a call runs on the calling thread: waking a
-// second thread costs microseconds, more than such a call takes.
-constexpr double kSerialWork = 262144.0;
 
 // The hidden activations of the path: relu and leaky_relu, for which act(z) = act'(z) z, so one
 // mask gives the backward both a and dz. (Each more costs a compilation of every kernel for
