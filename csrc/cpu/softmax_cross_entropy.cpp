@@ -483,7 +483,7 @@ Tensor cross_entropy_bwd(const Tensor& grad_output, const Tensor& self, const Te
   const int mode = ce_mode(p);
   const int64_t rows = r.rows();
   if (x.numel() == 0) return gx;
-  const double tw = total_weight.to(at::kDouble).item<double>();
+  const double tw = total_weight.item<double>();  // any dtype, read as double
 
   FO_DISPATCH_FLOATING(x.scalar_type(), [&] {
     using A = acc_t<scalar_t>;
@@ -729,7 +729,7 @@ Tensor nll_loss_bwd(const Tensor& grad_output, const Tensor& self, const Tensor&
   const Tensor g = grad_output.to(adt).contiguous();
   Tensor gx = empty_output(self);
   if (gx.numel() == 0) return gx;
-  const double tw = total_weight.to(at::kDouble).item<double>();
+  const double tw = total_weight.item<double>();  // any dtype, read as double
   const int64_t rows = r.rows();
   FO_DISPATCH_FLOATING(self.scalar_type(), [&] {
     using A = acc_t<scalar_t>;
