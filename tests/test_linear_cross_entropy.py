@@ -267,6 +267,21 @@ def test_grad_loss_scaling(device):
         torch.testing.assert_close(a, 3.0 * e)
 
 
+
+def test_half_mean_gradient_of_a_large_batch(device):
+    """float16, 'mean' over 4096 rows: a logit's gradient p / N is mostly below float16's
+    smallest value, so the kernels must not round it to float16 with the 1 / N in it (once every
+    entry of the CUDA chunk gradient under about 5e-4 / N flushed to zero and the bias gradient
+    lost about half of each column). Each gradient to float16's rounding of its largest entry."""
+    x, w, b, t = make(4096, 32, 2048, torch.float16, device, bias=True)
+    out = F.linear_cross_entropy(x, w, t, linear_bias=b)
+    got = torch.autograd.grad(out, [x, w, b])
+    ref = [p.detach().double().requires_grad_() for p in (x, w, b)]
+    want = torch.autograd.grad(reference(*ref[:2], t, ref[2]), ref)
+    for a, e in zip(got, want):
+        scale = e.abs().max().item()
+        torch.testing.assert_close(a.double(), e.to(a.device), atol=4e-3 * scale, rtol=4e-3)
+
 # ---- errors ----------------------------------------------------------------------------------
 
 def test_bad_inputs(device):

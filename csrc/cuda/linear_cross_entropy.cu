@@ -123,28 +123,56 @@ struct LogitsEpilogue {
   }
 };
 
-// out[row, col] = v: the rows of grad_input of one chunk.
+// out[row, col] = factor v: the rows of grad_input of one chunk (factor: grad_factor's).
 template <class T>
 struct StoreEpilogue {
   T* out;
   int64_t ld;
+  const acc_t<T>* factor;
   __device__ __forceinline__ void operator()(int64_t row, int64_t col, acc_t<T> v) const {
-    out[row * ld + col] = static_cast<T>(v);
+    out[row * ld + col] = static_cast<T>(v * *factor);
   }
 };
 
-// out[row, col] (+)= v: the weight gradient over the chunks. The GEMM calls the epilogue once
-// per element and the chunks run one after another on one stream: no two writers ever meet.
+// out[row, col] (+)= factor v: the weight gradient over the chunks. The GEMM calls the epilogue
+// once per element and the chunks run one after another on one stream: no two writers ever meet.
 template <class A>
 struct AccumulateEpilogue {
   A* out;
   int64_t ld;
   bool add;  // false for the first chunk
+  const A* factor;
   __device__ __forceinline__ void operator()(int64_t row, int64_t col, A v) const {
     const int64_t o = row * ld + col;
+    v *= *factor;
     out[o] = add ? out[o] + v : v;
   }
 };
+
+// ---- the scalar factor of the gradient -------------------------------------------------------
+
+// For 'mean' and 'sum' the chunk gradient holds the unit-scale values (the incoming gradient
+// taken as 1), and the gradient GEMMs and column sums multiply their float sums by the incoming
+// gradient (over the divisor for 'mean'): a 16-bit chunk gradient then neither flushes to zero
+// (the mean's 1 / N times a small probability is below float16's range) nor overflows (a loss
+// scale). A factor that is not finite (a mean over no weight) is folded into the rows instead,
+// as the unfused ops do, so that the ignored rows keep their zero gradient. 'none' folds each
+// row's own incoming gradient into its row.
+template <class A>
+__device__ __forceinline__ A rows_grad_factor(const GradIn& gi) {
+  const A gn = grad_scale<A>(gi);
+  return isfinite(gn) ? A(1) : gn;
+}
+
+template <class A>
+__global__ void lce_grad_factor(GradIn gi, A* factor) {
+  A f = A(1);
+  if (gi.reduction != kNone) {
+    const A gn = grad_scale<A>(gi);
+    if (isfinite(gn)) f = gn;
+  }
+  *factor = f;
+}
 
 // ---- the mean's divisor and the class weights' sum ---------------------------------------------
 
@@ -212,7 +240,8 @@ __device__ __forceinline__ A soft_term(const RowArgs<T>& p, const T* yr, int64_t
 // is set, the gradient; backward: the gradient from the saved lse. The gradient of logit c is
 //   gn * (exp(z_c - lse) * coef - cw * u_c - [c == t] tterm) * (1 - (z_c / softcap)^2)
 // with u_c = w_c (label smoothing) or the probability target term, gn the incoming gradient of
-// the row (over the divisor for 'mean') and the last factor only with a soft cap. The target
+// the row for 'none' (else 1, the GEMMs' epilogues apply it: lce_grad_factor) and the last
+// factor only with a soft cap. The target
 // logit is read before the first barrier: once every thread has passed it, the gradient may
 // overwrite the logits in place (each thread then reads and writes only its own elements).
 template <class T, int MODE, bool Fwd>
@@ -304,7 +333,7 @@ __global__ void __launch_bounds__(lce::kMaxRowThreads)
   if (gr == nullptr) return;
 
   const A gn = p.gi.reduction == kNone ? load_as<A>(p.gi.g, p.gi.g_kind, row)
-                                       : grad_scale<A>(p.gi);
+                                       : rows_grad_factor<A>(p.gi);
   const A zl2 = p.z_loss != A(0) ? A(2) * p.z_loss * lse : A(0);
   A coef, cw = A(0), tterm = A(0);
   if constexpr (MODE == kHard) {
@@ -339,11 +368,12 @@ __global__ void __launch_bounds__(lce::kMaxRowThreads)
 constexpr int kColTile = 32;  // columns of a block (one per lane)
 constexpr int kRowLanes = 8;  // warps of a block, striding over the rows
 
-// acc[col] (+)= sum over the chunk rows of g[row, col]: each warp sums every 8th row in order,
-// then the 8 partial sums are added in warp order.
+// acc[col] (+)= factor * sum over the chunk rows of g[row, col]: each warp sums every 8th row in
+// order, then the 8 partial sums are added in warp order.
 template <class T>
 __global__ void __launch_bounds__(kColTile * kRowLanes)
-    lce_col_sums(const T* g, int64_t rows, int64_t V, acc_t<T>* acc, bool add) {
+    lce_col_sums(const T* g, int64_t rows, int64_t V, const acc_t<T>* factor, acc_t<T>* acc,
+                 bool add) {
   using A = acc_t<T>;
   __shared__ A sums[kRowLanes][kColTile + 1];
   const int tx = threadIdx.x, ty = threadIdx.y;
@@ -357,6 +387,7 @@ __global__ void __launch_bounds__(kColTile * kRowLanes)
     A total = sums[0][tx];
 #pragma unroll
     for (int i = 1; i < kRowLanes; ++i) total += sums[i][tx];
+    total *= *factor;
     acc[col] = add ? acc[col] + total : total;
   }
 }
@@ -475,7 +506,15 @@ void run_chunks(const KernelScope& scope, Pass& s, const LceParams& prm) {
     } else {
       p.lse_in = s.lse_in.const_data_ptr<A>();
     }
-    if (want_g) p.gi = grad_in(s.grad_in, prm.reduction, s.totals);
+    Tensor factor;
+    const A* fp = nullptr;
+    if (want_g) {
+      p.gi = grad_in(s.grad_in, prm.reduction, s.totals);
+      factor = at::empty({1}, acc_opts);
+      lce_grad_factor<A><<<1, 1, 0, scope.stream>>>(p.gi, factor.mutable_data_ptr<A>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      fp = factor.const_data_ptr<A>();
+    }
 
     const int mode = s.soft ? kSoft : prm.label_smoothing > 0 ? kSmooth : kHard;
     const int threads = lce::row_threads(V);
@@ -503,17 +542,18 @@ void run_chunks(const KernelScope& scope, Pass& s, const LceParams& prm) {
       if (s.gi.defined()) {
         T* out = s.gi.mutable_data_ptr<T>() + r.first * H;
         gemm::gemm<T, true, false>(r.count, H, V, Operand<T>{gp, V}, Operand<T>{wp, H},
-                                   StoreEpilogue<T>{out, H}, scope.stream);
+                                   StoreEpilogue<T>{out, H, fp}, scope.stream);
       }
       // grad_W (+)= G^T x_c: A = G^T mn-major (ld V), B = x_c mn-major (ld H)
       if (s.acc_w.defined()) {
         gemm::gemm<T, false, false>(V, H, r.count, Operand<T>{gp, V}, Operand<T>{xc, H},
-                                    AccumulateEpilogue<A>{s.acc_w.mutable_data_ptr<A>(), H, k > 0},
+                                    AccumulateEpilogue<A>{s.acc_w.mutable_data_ptr<A>(), H, k > 0,
+                                                          fp},
                                     scope.stream);
       }
       if (s.acc_b.defined() && V > 0) {
         lce_col_sums<T><<<col_blocks, dim3(kColTile, kRowLanes), 0, scope.stream>>>(
-            gp, r.count, V, s.acc_b.mutable_data_ptr<A>(), k > 0);
+            gp, r.count, V, fp, s.acc_b.mutable_data_ptr<A>(), k > 0);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
     }
