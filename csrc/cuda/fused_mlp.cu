@@ -423,8 +423,11 @@ bool fused_compiled(Kernel kernel, std::atomic<int> (&cache)[gemm::kMaxCachedDev
 
 template <class Kernel>
 unsigned int fused_grid(Kernel kernel, int64_t smem, int64_t rows) {
+  // The kernel's limit is the device's (the plan is checked against it), not this call's size:
+  // the attribute is per kernel, and another thread launching it for a larger net in between
+  // must not find it lowered.
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)));
+                                      gemm::max_smem_optin()));
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kWarps * 32,
                                                                static_cast<size_t>(smem)));
