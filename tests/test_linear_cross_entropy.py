@@ -267,7 +267,6 @@ def test_grad_loss_scaling(device):
         torch.testing.assert_close(a, 3.0 * e)
 
 
-
 def test_half_mean_gradient_of_a_large_batch(device):
     """float16, 'mean' over 4096 rows: a logit's gradient p / N is mostly below float16's
     smallest value, so the kernels must not round it to float16 with the 1 / N in it (once every
@@ -281,6 +280,7 @@ def test_half_mean_gradient_of_a_large_batch(device):
     for a, e in zip(got, want):
         scale = e.abs().max().item()
         torch.testing.assert_close(a.double(), e.to(a.device), atol=4e-3 * scale, rtol=4e-3)
+
 
 # ---- errors ----------------------------------------------------------------------------------
 

@@ -9,10 +9,11 @@
 //      [rows, V], by the GEMM with the bias / soft cap in its epilogue;
 //   2. one block per row: log-sum-exp (online max and sum of exponentials), the row loss, lse,
 //      and when a gradient is wanted G = dloss/dz_raw in place of the logits (16-bit inputs:
-//      into a second scratch in the storage dtype, which the tensor-core GEMMs read);
+//      into a second scratch in the storage dtype, which the tensor-core GEMMs read); for 'mean'
+//      and 'sum' G is taken at unit scale, and step 3 applies the scalar factor (lce_grad_factor);
 //   3. grad_input_c = G W (rows of the output of their own), grad_W (+)= G^T x_c into a float
 //      accumulator (the weight gradient itself for float / double), grad_b (+)= column sums of
-//      G.
+//      G, each sum times the factor in its epilogue.
 // The forward with with_grad does 1-3 once (the gradients for grad_loss = 1, the mean's divisor
 // known up front from the targets); the backward recomputes 1 from the saved lse and does 2-3
 // for a given grad_loss. Apple's Cut Cross-Entropy keeps each logit tile on chip instead (and
@@ -123,7 +124,7 @@ struct LogitsEpilogue {
   }
 };
 
-// out[row, col] = factor v: the rows of grad_input of one chunk (factor: grad_factor's).
+// out[row, col] = factor v: the rows of grad_input of one chunk (factor: lce_grad_factor's).
 template <class T>
 struct StoreEpilogue {
   T* out;
@@ -240,8 +241,8 @@ __device__ __forceinline__ A soft_term(const RowArgs<T>& p, const T* yr, int64_t
 // is set, the gradient; backward: the gradient from the saved lse. The gradient of logit c is
 //   gn * (exp(z_c - lse) * coef - cw * u_c - [c == t] tterm) * (1 - (z_c / softcap)^2)
 // with u_c = w_c (label smoothing) or the probability target term, gn the incoming gradient of
-// the row for 'none' (else 1, the GEMMs' epilogues apply it: lce_grad_factor) and the last
-// factor only with a soft cap. The target
+// the row for 'none' (else 1, the GEMMs' epilogues applying the factor, or the factor itself
+// when it is not finite: rows_grad_factor) and the last factor only with a soft cap. The target
 // logit is read before the first barrier: once every thread has passed it, the gradient may
 // overwrite the logits in place (each thread then reads and writes only its own elements).
 template <class T, int MODE, bool Fwd>
