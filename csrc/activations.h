@@ -73,6 +73,27 @@ FO_HD float fo_exp(float x) {
 }
 FO_HD double fo_exp(double x) { return exp(x); }
 
+// expm1(x) = exp(x) - 1 without the cancellation near 0 (torch's ELU takes expm1: elu(-1e-8) is
+// -1e-8, not 0). Where fo_exp_in_range's reduction leaves k = 0 (|x| < ln 2 / 2, r = x), its
+// polynomial gives p x^2 + x with no 1 added; elsewhere |exp(x) - 1| > 0.29 and the subtraction
+// costs at most a bit or two.
+FO_HD float fo_expm1(float x) {
+#if defined(__CUDA_ARCH__)
+  return expm1f(x);
+#else
+  float p = 1.9875691500e-4f;
+  p = p * x + 1.3981999507e-3f;
+  p = p * x + 8.3334519073e-3f;
+  p = p * x + 4.1665795894e-2f;
+  p = p * x + 1.6666665459e-1f;
+  p = p * x + 5.0000001201e-1f;
+  const float small = p * x * x + x;
+  // NaN fails both comparisons and takes fo_exp, which keeps it
+  return ((x > -0.34657359f) & (x < 0.34657359f)) ? small : fo_exp(x) - 1.0f;
+#endif
+}
+FO_HD double fo_expm1(double x) { return expm1(x); }
+
 // tanh(x): odd polynomial near 0 (Cephes tanhf), 1 - 2 / (exp(2|x|) + 1) elsewhere.
 FO_HD float fo_tanh(float x) {
 #if defined(__CUDA_ARCH__)
@@ -178,7 +199,7 @@ struct Elu {
   double alpha;
   template <class T> FO_HD T forward(T x) const {
     const T a = T(alpha);
-    return fo_select(x > T(0), x, a * (fo_exp(x) - T(1)));
+    return fo_select(x > T(0), x, a * fo_expm1(x));
   }
   // torch's comparisons: a NaN input passes g, and f'' is taken as 0 at x = 0 and at NaN
   template <class T> FO_HD T backward(T x, T g) const {

@@ -188,6 +188,19 @@ def test_exp_is_finite_up_to_floats_limit(device):
     torch.testing.assert_close(F.elu(-x), TF.elu(-x))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_elu_is_exact_near_zero(dtype, device):
+    """elu(x) = alpha * expm1(x) for x <= 0, as torch computes it: near 0 the value keeps its
+    relative precision (exp(x) - 1 gave 0 for |x| < 3e-8 in float, and 1e-4 relative error at
+    1e-5), and across the switch to exp(x) - 1 at ln 2 / 2 it stays within float's rounding."""
+    tiny = torch.logspace(-30, 0, 301, dtype=torch.float64)
+    x = torch.cat([-tiny, -torch.linspace(0.3, 0.4, 1001, dtype=torch.float64)])
+    x = x.to(device=device, dtype=dtype)
+    want = TF.elu(x.double(), alpha=1.5).to(dtype)
+    rtol = {torch.float64: 1e-15}.get(dtype, 2 * torch.finfo(dtype).eps)
+    torch.testing.assert_close(F.elu(x, alpha=1.5), want, atol=0, rtol=rtol)
+
+
 # ---- softmax losses: a NaN must reach its row, whichever chunk holds it -----------------------
 # Contiguous rows are processed in chunks of 2048 classes, strided rows (S > 1) in blocks of 64
 # classes, rows of fewer than 16 classes 16 rows at a time: rows of -inf with one finite value
