@@ -495,6 +495,18 @@ def test_nll_loss_matches_torch(shape, reduction, weighted, dtype, device):
                     device=device)
 
 
+
+def test_nll_loss_mean_over_weights_that_cancel(device):
+    """Class weights of both signs can sum to 0 over the targets while the weighted sum is not
+    0: nll_loss's mean is then the plain quotient, +-inf as torch gives (cross entropy's is NaN
+    whenever the total weight is 0, as torch's)."""
+    x = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -4.0, -1.0]], device=device)
+    t = torch.tensor([0, 1], device=device)
+    w = torch.tensor([1.0, -1.0, 0.0], device=device)
+    got = L.nll_loss(x, t, weight=w)
+    want = F.nll_loss(x.cpu(), t.cpu(), weight=w.cpu())
+    assert got.item() == want.item() == -float("inf")
+
 def test_nll_loss_log_softmax_compose_and_gradcheck():
     gen = torch.Generator().manual_seed(6)
     x = torch.randn(5, 6, 3, dtype=torch.float64, generator=gen, requires_grad=True)

@@ -106,6 +106,10 @@ struct LossOut {
   T* loss;
   acc_t<T>* total_weight;
   int64_t reduction;
+  // 'mean' over a total weight of 0 is NaN whatever the sum (cross entropy: torch's nll part is
+  // then 0 / 0 even where label smoothing adds to the sum); false: the plain quotient (nll_loss,
+  // whose weights of both signs can sum to 0 under a nonzero sum: +-inf, as in torch)
+  bool zero_weight_is_nan = true;
 };
 
 template <class T>
@@ -113,11 +117,10 @@ __device__ __forceinline__ void write_loss(const LossOut<T>& o, double loss, dou
   using A = acc_t<T>;
   if (o.total_weight != nullptr) o.total_weight[0] = static_cast<A>(weight);
   if (o.loss != nullptr) {
-    // 'mean' over a total weight of 0 (all targets ignored or of weight 0, or no rows) is NaN
-    // as in torch, where the nll part is 0 / 0 even when label smoothing adds to the sum.
     const double v = o.reduction != fastops::loss::kMean ? loss
-                     : weight == 0            ? std::numeric_limits<double>::quiet_NaN()
-                                              : loss / weight;
+                     : weight == 0 && o.zero_weight_is_nan
+                         ? std::numeric_limits<double>::quiet_NaN()
+                         : loss / weight;
     o.loss[0] = static_cast<T>(static_cast<A>(v));
   }
 }

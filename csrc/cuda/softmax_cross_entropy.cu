@@ -1008,7 +1008,7 @@ std::tuple<Tensor, Tensor> nll_loss_cuda(const Tensor& self, const Tensor& targe
                                    reduction == kNone ? loss.mutable_data_ptr<scalar_t>()
                                                       : nullptr};
     const LossOut<scalar_t> out{reduction == kNone ? nullptr : loss.mutable_data_ptr<scalar_t>(),
-                                total_weight.mutable_data_ptr<A>(), reduction};
+                                total_weight.mutable_data_ptr<A>(), reduction, false};
     launch_sum_rows<scalar_t>(terms, r.rows(), out, self.options(), scope.stream);
   });
   return {loss, total_weight};
