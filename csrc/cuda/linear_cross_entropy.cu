@@ -160,19 +160,19 @@ struct AccumulateEpilogue {
 // as the unfused ops do, so that the ignored rows keep their zero gradient. 'none' folds each
 // row's own incoming gradient into its row.
 template <class A>
-__device__ __forceinline__ A rows_grad_factor(const GradIn& gi) {
+struct GradFactor {
+  A rows, sums;  // their product is the factor
+};
+
+template <class A>
+__device__ __forceinline__ GradFactor<A> grad_factor(const GradIn& gi) {
   const A gn = grad_scale<A>(gi);
-  return isfinite(gn) ? A(1) : gn;
+  return isfinite(gn) ? GradFactor<A>{A(1), gn} : GradFactor<A>{gn, A(1)};
 }
 
 template <class A>
 __global__ void lce_grad_factor(GradIn gi, A* factor) {
-  A f = A(1);
-  if (gi.reduction != kNone) {
-    const A gn = grad_scale<A>(gi);
-    if (isfinite(gn)) f = gn;
-  }
-  *factor = f;
+  *factor = gi.reduction == kNone ? A(1) : grad_factor<A>(gi).sums;
 }
 
 // ---- the mean's divisor and the class weights' sum ---------------------------------------------
@@ -242,7 +242,7 @@ __device__ __forceinline__ A soft_term(const RowArgs<T>& p, const T* yr, int64_t
 //   gn * (exp(z_c - lse) * coef - cw * u_c - [c == t] tterm) * (1 - (z_c / softcap)^2)
 // with u_c = w_c (label smoothing) or the probability target term, gn the incoming gradient of
 // the row for 'none' (else 1, the GEMMs' epilogues applying the factor, or the factor itself
-// when it is not finite: rows_grad_factor) and the last factor only with a soft cap. The target
+// when it is not finite: grad_factor) and the last factor only with a soft cap. The target
 // logit is read before the first barrier: once every thread has passed it, the gradient may
 // overwrite the logits in place (each thread then reads and writes only its own elements).
 template <class T, int MODE, bool Fwd>
@@ -334,7 +334,7 @@ __global__ void __launch_bounds__(lce::kMaxRowThreads)
   if (gr == nullptr) return;
 
   const A gn = p.gi.reduction == kNone ? load_as<A>(p.gi.g, p.gi.g_kind, row)
-                                       : rows_grad_factor<A>(p.gi);
+                                       : grad_factor<A>(p.gi).rows;
   const A zl2 = p.z_loss != A(0) ? A(2) * p.z_loss * lse : A(0);
   A coef, cw = A(0), tterm = A(0);
   if constexpr (MODE == kHard) {
