@@ -43,18 +43,22 @@ FO_HD int32_t fo_float_to_bits(float f) {
 // up already rounds to inf), as expf.
 constexpr float kExpMax = 88.7228317f;
 
-// exp(xc) for xc in [-87, kExpMax], about 1 ulp: Cody-Waite range reduction and a degree-6
-// polynomial (Cephes expf). Callers clamp and handle what lies outside.
-FO_HD float fo_exp_in_range(float xc) {
-  const float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
-  const float r = xc - k * 0.693359375f + k * 2.12194440e-4f;
+// p(r) of exp(r) = 1 + r + p(r) r^2 for |r| <= ln 2 / 2 (Cephes expf's polynomial).
+FO_HD float fo_exp_poly(float r) {
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
+  return p * r + 5.0000001201e-1f;
+}
+
+// exp(xc) for xc in [-87, kExpMax], about 1 ulp: Cody-Waite range reduction and a degree-6
+// polynomial (Cephes expf). Callers clamp and handle what lies outside.
+FO_HD float fo_exp_in_range(float xc) {
+  const float k = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest
+  const float r = xc - k * 0.693359375f + k * 2.12194440e-4f;
+  const float y = fo_exp_poly(r) * r * r + r + 1.0f;
   // For xc <= kExpMax, k <= 128, and k = 128 only where r < 0, so y < 1: no exponent overflow.
   return fo_bits_to_float(fo_float_to_bits(y) + (static_cast<int32_t>(k) << 23));
 }
@@ -75,19 +79,13 @@ FO_HD double fo_exp(double x) { return exp(x); }
 
 // expm1(x) = exp(x) - 1 without the cancellation near 0 (torch's ELU takes expm1: elu(-1e-8) is
 // -1e-8, not 0). Where fo_exp_in_range's reduction leaves k = 0 (|x| < ln 2 / 2, r = x), its
-// polynomial gives p x^2 + x with no 1 added; elsewhere |exp(x) - 1| > 0.29 and the subtraction
+// polynomial gives p(x) x^2 + x with no 1 added; elsewhere |exp(x) - 1| > 0.29 and the subtraction
 // costs at most a bit or two.
 FO_HD float fo_expm1(float x) {
 #if defined(__CUDA_ARCH__)
   return expm1f(x);
 #else
-  float p = 1.9875691500e-4f;
-  p = p * x + 1.3981999507e-3f;
-  p = p * x + 8.3334519073e-3f;
-  p = p * x + 4.1665795894e-2f;
-  p = p * x + 1.6666665459e-1f;
-  p = p * x + 5.0000001201e-1f;
-  const float small = p * x * x + x;
+  const float small = fo_exp_poly(x) * x * x + x;
   // NaN fails both comparisons and takes fo_exp, which keeps it
   return ((x > -0.34657359f) & (x < 0.34657359f)) ? small : fo_exp(x) - 1.0f;
 #endif
